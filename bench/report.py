@@ -51,7 +51,9 @@ def _fmt(value: float | None) -> str:
         return f"{value:,.0f}"
     if value >= 10:
         return f"{value:.1f}"
-    return f"{value:.2f}"
+    if value >= 0.1:
+        return f"{value:.2f}"
+    return f"{value:.2g}"
 
 
 def _cell_status(result: Result, key: str, peer: str) -> str | None:
@@ -98,7 +100,7 @@ def markdown(result: Result) -> str:
         med_cells = [_fmt(meds.get(p)) if p in meds else _short_status(result, key, p)
                      for p in peers]
         rat_cells = ["1" if p == GOMA and p in meds else
-                     (f"{rats[p]:.2f}" if p in rats else "-") for p in peers]
+                     (_fmt(rats[p]) if p in rats else "-") for p in peers]
         med_rows.append(f"| {key} | {wl['unit']} | " + " | ".join(med_cells) + " |")
         better = "higher" if wl["higher_is_better"] else "lower"
         ratio_rows.append(f"| {key} | {better} | " + " | ".join(rat_cells) + " |")

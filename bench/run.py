@@ -35,7 +35,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import peers as peers_mod
-from bench import procs, report
+from bench import procs, profiles, report
 from bench import workloads as wl_mod
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--publish", action="store_true",
                         help="copy the result to docs/bench/latest.{json,png}, update the table")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with all logs")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="attach py-spy to goma-pt in each of its cells, profiles in DIR")
     return parser.parse_args(argv)
 
 
@@ -75,8 +77,8 @@ def _version(argv: list[str]) -> str:
         return "missing"
     done = subprocess.run(argv, capture_output=True, timeout=10, check=False)
     text = (done.stdout + done.stderr).decode(errors="replace")
-    match = re.search(r"(?:version|v=|NSD version|iperf)\s*([\w.+~-]+)", text, re.IGNORECASE)
-    return match.group(1) if match else text.strip().splitlines()[-1][:60]
+    match = re.search(r"\d+\.\d+[\w.+~-]*", text)
+    return match.group(0) if match else text.strip().splitlines()[-1][:60]
 
 
 def machine_info() -> dict[str, Any]:
@@ -98,17 +100,21 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_cell(peer: peers_mod.Peer, wl: wl_mod.Workload, params: wl_mod.Params,
-             workdir: Path) -> wl_mod.Measurement:
+             workdir: Path, profile_stem: Path | None = None) -> wl_mod.Measurement:
     """Start the backend and the forwarder, measure, and always stop both."""
     workdir.mkdir(parents=True)
     backend = wl.start_backend(workdir, params)
     try:
         fwd = peers_mod.Forward(wl.proto, procs.free_port(), backend.port, wl.one_response)
         running = peers_mod.start_forwarder(peer, fwd, workdir)
+        spies = []
         try:
+            if profile_stem is not None and peer.name == peers_mod.GOMA and running.proc:
+                spies = profiles.start(running.proc.pid, profile_stem)
             return wl.measure(running, backend, params)
         finally:
             peers_mod.stop_forwarder(running)
+            profiles.stop(spies)
     finally:
         backend.stop()
 
@@ -130,6 +136,7 @@ def new_result(args: argparse.Namespace, params: wl_mod.Params, rounds: int,
         "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "rounds": rounds,
         "quick": args.quick,
+        "profiled": args.profile is not None,
         "params": dataclasses.asdict(params),
         "machine": machine_info(),
         "peers": {p.name: {"note": p.note, "missing": p.missing()} for p in peers},
@@ -143,26 +150,31 @@ def new_result(args: argparse.Namespace, params: wl_mod.Params, rounds: int,
 
 
 def run_rounds(result: dict[str, Any], peers: list[peers_mod.Peer],
-               wls: list[wl_mod.Workload], params: wl_mod.Params, tmp: Path) -> None:
+               wls: list[wl_mod.Workload], params: wl_mod.Params, tmp: Path,
+               profile_dir: Path | None = None) -> None:
     rounds = result["rounds"]
     for rnd in range(rounds):
         order = peers[rnd % len(peers):] + peers[:rnd % len(peers)]
         for wl in wls:
+            if wl.once and rnd > 0:
+                continue
             for peer in order:
                 why = peer.missing() or skip_reason(peer, wl)
                 if why:
                     result["status"][wl.key][peer.name] = why
                     continue
-                record(result, rnd, wl, peer, params, tmp / f"r{rnd + 1}" / wl.key / peer.name)
+                stem = profile_dir / f"{wl.key}-r{rnd + 1}" if profile_dir else None
+                record(result, rnd, wl, peer, params,
+                       tmp / f"r{rnd + 1}" / wl.key / peer.name, stem)
 
 
 def record(result: dict[str, Any], rnd: int, wl: wl_mod.Workload, peer: peers_mod.Peer,
-           params: wl_mod.Params, workdir: Path) -> None:
+           params: wl_mod.Params, workdir: Path, profile_stem: Path | None = None) -> None:
     """Run one cell and store its value (None on error) for this round."""
     began = time.monotonic()
     value: float | None = None
     try:
-        measured = run_cell(peer, wl, params, workdir)
+        measured = run_cell(peer, wl, params, workdir, profile_stem)
         value = measured.value
         result["details"][wl.key].setdefault(peer.name, []).append(measured.detail)
         shown = f"{value:,.2f} {wl.unit}"
@@ -224,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     result = new_result(args, params, rounds, peers, wls)
     tmp = Path(tempfile.mkdtemp(prefix="goma-bench-"))
     try:
-        run_rounds(result, peers, wls, params, tmp)
+        run_rounds(result, peers, wls, params, tmp, args.profile)
     except KeyboardInterrupt:
         print("interrupted: writing the partial result", flush=True)
         result["interrupted"] = True
