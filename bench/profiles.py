@@ -2,7 +2,8 @@
 
 `python bench/run.py --profile DIR --peers goma-pt --workloads bulk_up tcp_rr` attaches
 `py-spy record --format raw` to goma-pt in every cell it runs (never to the peers); the
-collapsed stacks land in DIR/<workload>-r<round>.txt (and a flame graph .svg).
+collapsed stacks land in DIR/<workload>-r<round>.txt (one sampler, to disturb the least;
+any flame graph tool that reads collapsed stacks can draw them).
 A profiled run's numbers are slowed by the sampling: read its profiles, not its table.
 
   python bench/profiles.py DIR/*.txt [--top 25]
@@ -25,19 +26,34 @@ from pathlib import Path
 PY_SPY = "py-spy"
 RATE = 250  # samples per second
 
+# Python frames whose own time is (almost all) one system call made from that line: a
+# sample on top of them is time in the kernel, not in Python. Approximate by design.
+SYSCALL_FRAMES = {
+    "Connection.doRead (tcp.py)": "recv",
+    "untilConcludes (util.py)": "send",
+    "EPollReactor.doPoll (epollreactor.py)": "epoll_wait",
+    "EPollReactor._add (epollreactor.py)": "epoll_ctl",
+    "EPollReactor._remove (epollreactor.py)": "epoll_ctl",
+    "BaseClient.doConnect (tcp.py)": "connect",
+    "Connection._closeWriteConnection (tcp.py)": "shutdown",
+    "_SocketCloser._closeSocket (tcp.py)": "close",
+    "socket._real_close (socket.py)": "close",
+    "socket.accept (socket.py)": "accept",
+    "socket.__init__ (socket.py)": "socket",
+    "Port.doRead (udp.py)": "recvfrom",
+    "Port.write (udp.py)": "sendto",
+}
+
 
 def start(pid: int, out_stem: Path) -> list[subprocess.Popen[bytes]]:
-    """Attach py-spy to `pid` (raw stacks and a flame graph); empty if py-spy is missing."""
+    """Attach py-spy to `pid` (collapsed stacks); empty if py-spy is missing."""
     if shutil.which(PY_SPY) is None:
         print("py-spy not installed: no profile (pip install '.[bench]')", file=sys.stderr)
         return []
     out_stem.parent.mkdir(parents=True, exist_ok=True)
-    spies = []
-    for fmt, suffix in (("raw", ".txt"), ("flamegraph", ".svg")):
-        argv = [PY_SPY, "record", "--pid", str(pid), "--rate", str(RATE), "--nonblocking",
-                "--format", fmt, "--output", str(out_stem.with_suffix(suffix))]
-        spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    return spies
+    argv = [PY_SPY, "record", "--pid", str(pid), "--rate", str(RATE), "--nonblocking",
+            "--format", "raw", "--output", str(out_stem.with_suffix(".txt"))]
+    return [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
 
 
 def stop(spies: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
@@ -79,11 +95,21 @@ def summarise(path: Path) -> tuple[int, Counter[str], Counter[str]]:
     return total, own, inclusive
 
 
+def split_kernel(own: Counter[str]) -> Counter[str]:
+    """Leaf samples grouped as syscalls (by SYSCALL_FRAMES) or `python` for the rest."""
+    groups = Counter[str]()
+    for name, count in own.items():
+        groups[SYSCALL_FRAMES.get(name, "python")] += count
+    return groups
+
+
 def render(path: Path, top: int) -> str:
     total, own, inclusive = summarise(path)
     if not total:
         return f"{path}: no samples"
-    lines = [f"== {path.name}: {total} samples",
+    split = ", ".join(f"{name} {100 * n / total:.1f}%"
+                      for name, n in split_kernel(own).most_common())
+    lines = [f"== {path.name}: {total} samples", f"  by kind (approx.): {split}",
              "  self%  function (top of stack)"]
     lines += [f"  {100 * n / total:5.1f}  {name}" for name, n in own.most_common(top)]
     lines.append("  incl%  function (anywhere on the stack)")

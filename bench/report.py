@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 from bench.peers import GOMA
 
 Result = dict[str, Any]
-NA = "n/a"
+CHART_RANGE = (0.05, 20.0)  # ratios outside are clipped, with their value written on the bar
 
 
 def medians(samples: dict[str, dict[str, list[float | None]]]) -> dict[str, dict[str, float]]:
@@ -108,10 +108,21 @@ def markdown(result: Result) -> str:
             + "\n\nRatio goma-pt / peer (same run):\n\n" + "\n".join(ratio_rows) + "\n")
 
 
+def machine_markdown(result: Result) -> str:
+    """The machine and tool versions of a run, as a markdown list."""
+    m = result["machine"]
+    versions = ", ".join(f"{name} {ver}" for name, ver in m["versions"].items())
+    return (f"- {m['nproc']} cores ({m['cpu']}), Linux {m['kernel']}, "
+            f"RLIMIT_NOFILE hard limit {m['nofile_hard_limit']}\n"
+            f"- Python {m['python']}, Twisted {m['twisted']}\n- {versions}\n")
+
+
 def _short_status(result: Result, key: str, peer: str) -> str:
     why = _cell_status(result, key, peer) or "-"
-    return "missing" if why.startswith("missing") else ("error" if why.startswith("error")
-                                                        else why)
+    for short in ("missing", "error", "n/a"):
+        if why.startswith(short):
+            return short
+    return why
 
 
 def chart(result: Result, path: Path) -> Path | None:
@@ -128,21 +139,27 @@ def chart(result: Result, path: Path) -> Path | None:
              and any(p in result["ratios"].get(k, {}) for k in keys)]
     if not keys or not peers:
         return None
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.4 * len(keys)), 5.0))
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.5 * len(keys)), 5.0))
     width = 0.8 / len(peers)
     for i, peer in enumerate(peers):
         xs = [j + (i - (len(peers) - 1) / 2) * width for j in range(len(keys))]
-        ys = [result["ratios"][k].get(peer, 0.0) for k in keys]
-        ax.bar(xs, ys, width, label=peer)
+        ys = [result["ratios"][k].get(peer) for k in keys]
+        shown = [min(max(y, CHART_RANGE[0]), CHART_RANGE[1]) if y else 0.0 for y in ys]
+        ax.bar(xs, shown, width, label=peer)
+        for x, y, bar in zip(xs, ys, shown, strict=True):
+            if y and bar != y:  # clipped: print the real ratio on the bar
+                ax.text(x, bar, f"{y:.2g}", rotation=90, fontsize=6, ha="center",
+                        va="top" if y > 1 else "bottom")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
+    ax.set_ylim(*CHART_RANGE)
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels([k + ("\n(lower is better)" if not result["workloads"][k]
                              ["higher_is_better"] else "") for k in keys], fontsize=8)
     ax.set_ylabel("goma-pt / peer (median)")
     ax.set_title(f"goma-pt relative to each peer ({result['rounds']} rounds, "
                  f"{result['machine'].get('nproc')} cores, {result['started']})", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -41,7 +41,8 @@ from bench import workloads as wl_mod
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 DOCS_DIR = BENCH_DIR.parent / "docs"
-TABLE_START, TABLE_END = "<!-- bench:table:start -->", "<!-- bench:table:end -->"
+TABLE = ("<!-- bench:table:start -->", "<!-- bench:table:end -->")
+MACHINE = ("<!-- bench:machine:start -->", "<!-- bench:machine:end -->")
 
 VERSION_COMMANDS: dict[str, list[str]] = {
     "nginx": ["nginx", "-v"],
@@ -198,21 +199,28 @@ def finish(result: dict[str, Any], out: Path) -> None:
 
 
 def publish(result: dict[str, Any], out: Path) -> None:
-    """Copy the result to docs/bench/latest.* and refresh the table in docs/benchmarks.md."""
+    """Copy the result to docs/bench/latest.* and refresh the tables in docs/benchmarks.md."""
     target = DOCS_DIR / "bench"
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy(out, target / "latest.json")
     if out.with_suffix(".png").exists():
         shutil.copy(out.with_suffix(".png"), target / "latest.png")
     doc = DOCS_DIR / "benchmarks.md"
-    if doc.exists() and TABLE_START in doc.read_text():
-        text = doc.read_text()
-        head, rest = text.split(TABLE_START, 1)
-        tail = rest.split(TABLE_END, 1)[1]
-        block = f"Run of {result['started']}, {result['rounds']} rounds.\n\n" \
-            + report.markdown(result)
-        doc.write_text(f"{head}{TABLE_START}\n{block}{TABLE_END}{tail}")
+    if doc.exists():
+        text = _replace_block(doc.read_text(), MACHINE, report.machine_markdown(result))
+        text = _replace_block(text, TABLE, f"Run of {result['started']}, "
+                              f"{result['rounds']} rounds.\n\n" + report.markdown(result))
+        doc.write_text(text)
     print(f"published to {target} and {doc}")
+
+
+def _replace_block(text: str, markers: tuple[str, str], block: str) -> str:
+    """Replace what stands between two marker comments (left alone if they are absent)."""
+    start, end = markers
+    if start not in text or end not in text:
+        return text
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{block}{end}{rest.split(end, 1)[1]}"
 
 
 def _sigterm(_signum: int, _frame: object) -> None:
