@@ -157,8 +157,6 @@ def run_rounds(result: dict[str, Any], peers: list[peers_mod.Peer],
     for rnd in range(rounds):
         order = peers[rnd % len(peers):] + peers[:rnd % len(peers)]
         for wl in wls:
-            if wl.once and rnd > 0:
-                continue
             for peer in order:
                 why = peer.missing() or skip_reason(peer, wl)
                 if why:

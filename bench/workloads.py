@@ -60,7 +60,6 @@ class Workload:
     measure: Measure
     one_response: bool = False  # UDP: ask forwarders to end a session after one reply
     needs_forwarder: bool = False  # meaningless for `direct`
-    once: bool = False  # deterministic enough to run in the first round only
 
 
 def _iperf3(reverse: bool) -> Measure:
@@ -194,10 +193,10 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("udp_churn", "UDP session churn, new source port per query (-> nsd)", "udp",
              "q/s", True, _backend(backends.nsd), _udp_churn, one_response=True),
     Workload("idle_mem", "Memory per idle proxied TCP connection", "tcp", "KB/conn", False,
-             _backend(backends.hold_server), _idle_memory, needs_forwarder=True, once=True),
+             _backend(backends.hold_server), _idle_memory, needs_forwarder=True),
     Workload("slow_mem", "Peak RSS growth, bulk into a slow reader", "tcp", "MB", False,
              lambda workdir, p: backends.slow_server(workdir, p.slow_rate, p.slow_seconds + 5),
-             _slow_reader_memory, needs_forwarder=True, once=True),
+             _slow_reader_memory, needs_forwarder=True),
 )
 
 
