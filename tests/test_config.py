@@ -15,6 +15,7 @@ from goma_twisted.config import (
     ConfigError,
     Forward,
     Target,
+    format_address,
     load_config,
     parse_config,
     parse_target,
@@ -292,3 +293,16 @@ def test_an_unreadable_file(tmp_path: Path) -> None:
 )
 def test_targets(text: str, host: str, port: int) -> None:
     assert parse_target(text) == (Target(host, port), "")
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "shown"),
+    [
+        ("127.0.0.1", 80, "127.0.0.1:80"),
+        ("::1", 53, "[::1]:53"),
+        ("::ffff:192.0.2.1", 5000, "192.0.2.1:5000"),
+        ("srv1.example.com", 22, "srv1.example.com:22"),
+    ],
+)
+def test_addresses_as_logs_show_them(host: str, port: int, shown: str) -> None:
+    assert format_address(host, port) == shown

@@ -256,3 +256,38 @@ def test_a_slow_reader_bounds_the_forwarders_memory(tmp_path: Path) -> None:
     listener.close()
     assert received == total
     assert peak - baseline < 64 * 1024, f"grew by {(peak - baseline) // 1024} MB"
+
+
+def _free_privileged_port() -> int:
+    for port in range(1023, 600, -1):
+        try:
+            with socket.socket() as t, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                t.bind(("127.0.0.1", port))
+                u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port below 1024")
+
+
+def test_binds_a_privileged_port_then_drops_to_nobody(tmp_path: Path, backend: int) -> None:
+    if os.geteuid() != 0:
+        message = "binding a port below 1024 needs root"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    port = _free_privileged_port()
+    forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    log = tmp_path / "goma.log"
+    command = twistd_command(
+        "-n", "--pidfile=", "--logfile=-", "--uid=nobody", "--gid=nogroup",
+        "goma-pt", "--config", str(config),
+    )  # fmt: skip
+    with running(command, log, env=twistd_env()) as proc:
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        assert uids == ["65534"] * 4
+        assert tcp_roundtrip(port, b"low port") == b"low port"
+        assert udp_roundtrip(port, b"low port") == b"udp:low port"
