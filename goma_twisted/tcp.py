@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import error
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IAddress,
@@ -46,6 +46,10 @@ CONNECT_REFUSED = "connect refused"
 RESOLVE_FAILED = "resolve failed"
 CONNECT_FAILED = "connect failed"
 SHUTDOWN = "shutdown"
+
+# After a timeout or a stop, how long a side may take to flush what it
+# holds before its connection is cut.
+CLOSE_GRACE = 2.0
 
 
 def connect_failure_reason(failure: Failure) -> str:
@@ -181,6 +185,7 @@ class Relay:
         self._pending: Deferred[Any] | None = None
         self._connectTimer: IDelayedCall | None = None
         self._idleTimer: IDelayedCall | None = None
+        self._abortTimer: IDelayedCall | None = None
         self._clientGone = False
         self._targetGone = True
         self._finished = False
@@ -275,7 +280,11 @@ class Relay:
         self.close(IDLE_TIMEOUT)
 
     def close(self, reason: str) -> None:
-        """End both sides now, for a timeout or a stop."""
+        """
+        End both sides, for a timeout or a stop: each flushes what it holds
+        and closes with a FIN; a side that will not take its bytes is cut
+        after L{CLOSE_GRACE} seconds.
+        """
         self.reason = self.reason or reason
         pending, self._pending = self._pending, None
         if pending is not None:
@@ -283,9 +292,22 @@ class Relay:
         connector, self._connector = self._connector, None
         if connector is not None:
             connector.stopConnecting()
-        for side in (self.client, self.target):
-            if side is not None and side.transport is not None:
-                side.transport.abortConnection()
+        for side in self._sides():
+            side.transport.unregisterProducer()
+            side.transport.loseConnection()
+        if self._abortTimer is None and not self._finished:
+            self._abortTimer = self.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abortTimer = None
+        for side in self._sides():
+            side.transport.abortConnection()
+
+    def _sides(self) -> list[_RelaySide]:
+        sides: list[_RelaySide] = [self.client]
+        if self.target is not None:
+            sides.append(self.target)
+        return [side for side in sides if side.transport is not None]
 
     def sideLost(self, side: _RelaySide, reason: Failure) -> None:
         if side is self.client:
@@ -304,9 +326,10 @@ class Relay:
             return
         self._finished = True
         self._cancelConnectTimer()
-        if self._idleTimer is not None and self._idleTimer.active():
-            self._idleTimer.cancel()
-        self._idleTimer = None
+        for timer in (self._idleTimer, self._abortTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idleTimer = self._abortTimer = None
         self.factory.relayEnded(self)
         log.info(
             _FAILED_FORMAT if self.failureDetail else _ENDED_FORMAT,
@@ -349,9 +372,35 @@ class TCPForwardFactory(Factory):
     def relayEnded(self, relay: Relay) -> None:
         self.relays.discard(relay)
 
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Fire once every live relay has ended on its own, closing those still
+        open after C{timeout} seconds (all of them at once for 0).
+        """
+        if not self.relays:
+            return succeed(None)
+        ended: Deferred[Any] = DeferredList([relay.done for relay in self.relays])
+        if timeout <= 0:
+            self.closeAll()
+        else:
+            deadline = self.clock.callLater(timeout, self.closeAll)
+            ended.addBoth(_cancelling(deadline))
+        return ended.addCallback(lambda _: None)
+
     def closeAll(self) -> Deferred[Any]:
         """End every live relay; fires when all have reported their end."""
         done = [relay.done for relay in self.relays]
         for relay in list(self.relays):
             relay.close(SHUTDOWN)
         return DeferredList(done)
+
+
+def _cancelling(call: IDelayedCall) -> Any:
+    """A callback that cancels C{call} if it is still pending."""
+
+    def cancel(result: Any) -> Any:
+        if call.active():
+            call.cancel()
+        return result
+
+    return cancel

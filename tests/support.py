@@ -49,9 +49,11 @@ def forward(
 
 
 def start_service(
-    *forwards: Forward, reactor: Any = None, clock: Any = None
+    *forwards: Forward, reactor: Any = None, clock: Any = None, drain_timeout: float = 0
 ) -> PassThroughService:
-    service = PassThroughService(GatewayConfig("test", forwards), reactor=reactor, clock=clock)
+    """A running service; it closes live connections at once when stopped, unless told."""
+    config = GatewayConfig("test", forwards)
+    service = PassThroughService(config, reactor=reactor, clock=clock, drain_timeout=drain_timeout)
     service.startService()
     return service
 

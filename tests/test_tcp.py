@@ -477,3 +477,37 @@ def test_connect_failure_reasons(exception: str, reason: str) -> None:
     from twisted.python.failure import Failure
 
     assert tcp.connect_failure_reason(Failure(getattr(error, exception)())) == reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_is_cut_after_the_close_grace(
+    reactor: Any,
+) -> None:
+    sources: list[Source] = []
+
+    def build() -> Source:
+        sources.append(Source(FIFTY_MB))
+        return sources[-1]
+
+    factory = protocol.Factory()
+    factory.protocol = build  # type: ignore[assignment]
+    target = listen_tcp(reactor, factory)
+    clock = Clock()
+    service = start_service(forward(target=("127.0.0.1", target.getHost().port)), clock=clock)
+    client = Hasher()
+    connect(reactor, bound_port(service), client)
+    await finished(reactor, client.connected_d)
+    client.transport.pauseProducing()  # type: ignore[union-attr]
+    while not sources or sources[0].remaining == FIFTY_MB:
+        await deferLater(reactor, 0.01)
+    await deferLater(reactor, 0.2)  # the buffers on the way fill up
+    stopped = service.stopService()
+    await deferLater(reactor, 0.1)
+    assert not stopped.called  # the relay cannot flush to a client that does not read
+    clock.advance(tcp.CLOSE_GRACE)
+    await finished(reactor, stopped, 5)
+    client.transport.resumeProducing()  # type: ignore[union-attr]
+    await finished(reactor, client.lost, 5)
+    target.stopListening()
+    assert client.count < FIFTY_MB
+    assert clock.getDelayedCalls() == []

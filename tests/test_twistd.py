@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -291,3 +292,143 @@ def test_binds_a_privileged_port_then_drops_to_nobody(tmp_path: Path, backend: i
         assert uids == ["65534"] * 4
         assert tcp_roundtrip(port, b"low port") == b"low port"
         assert udp_roundtrip(port, b"low port") == b"udp:low port"
+
+
+def _forward(port: int, target: int) -> dict[str, Any]:
+    return {
+        "protocol": "tcp",
+        "port": port,
+        "address": "127.0.0.1",
+        "target": f"127.0.0.1:{target}",
+    }
+
+
+def _echoes(conn: socket.socket, payload: bytes) -> bool:
+    conn.sendall(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received == payload
+
+
+def test_sighup_reloads_and_a_broken_file_keeps_the_running_set(
+    tmp_path: Path, backend: int
+) -> None:
+    kept, removed, added = free_port(), free_port(), free_port()
+    config = write_config(
+        tmp_path / "goma.yml", [_forward(kept, backend), _forward(removed, backend)]
+    )
+    log = tmp_path / "goma.log"
+    command = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
+    with running(command, log, env=twistd_env()) as proc:
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        live = socket.create_connection(("127.0.0.1", kept), timeout=5)
+        assert _echoes(live, b"before")
+        write_config(config, [_forward(kept, backend), _forward(added, backend)])
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "Reloaded" in log.read_text(), what="the reload")
+        assert "1 listeners added, 1 removed, 0 changed, 2 in all" in log.read_text()
+        assert _echoes(live, b"across the reload")
+        assert tcp_roundtrip(added, b"added") == b"added"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", removed), timeout=5)
+
+        config.write_text("gateway: {entryPoints: {passThrough: {forwards: [{port: 1}]}}}\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "Reload rejected" in log.read_text(), what="the rejection")
+        assert "forwards[0].protocol: missing" in log.read_text()
+        assert _echoes(live, b"after a broken file")
+        assert tcp_roundtrip(added, b"still added") == b"still added"
+        assert proc.poll() is None
+        live.close()
+
+
+def test_sigterm_closes_a_lingering_connection_at_the_drain_deadline(
+    tmp_path: Path, backend: int
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "goma.yml", [_forward(port, backend)])
+    log = tmp_path / "goma.log"
+    command = twistd_command(
+        "-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config), "--drain=1.5"
+    )
+    with running(command, log, env=twistd_env()) as proc:
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        live = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert _echoes(live, b"hello")
+        stopped_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "may finish within 1.5s" in log.read_text(), what="the drain")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert _echoes(live, b"still served while draining")
+        assert live.recv(1) == b""  # closed at the deadline
+        closed_after = time.monotonic() - stopped_at
+        live.close()
+        proc.wait(10)
+    assert 1.3 <= closed_after < 6, closed_after
+    assert "shutdown; 32 bytes sent, 32 received" in log.read_text()
+
+
+def test_sigterm_exits_as_soon_as_live_connections_finish(tmp_path: Path, backend: int) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "goma.yml", [_forward(port, backend)])
+    log = tmp_path / "goma.log"
+    command = twistd_command(
+        "-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config), "--drain=60"
+    )
+    with running(command, log, env=twistd_env()) as proc:
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        live = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert _echoes(live, b"hello")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "may finish within 60.0s" in log.read_text(), what="the drain")
+        assert _echoes(live, b"last words")
+        stopped_at = time.monotonic()
+        live.close()
+        proc.wait(30)
+        exited_after = time.monotonic() - stopped_at
+    assert exited_after < 20, exited_after
+    assert "client closed; 15 bytes sent, 15 received" in log.read_text()
+
+
+def test_check_prints_the_forwards_and_exits(tmp_path: Path) -> None:
+    result = run_twistd("goma-pt", "--config", str(ROOT / "etc" / "goma-full.yaml"), "--check")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("goma-full.yaml: OK, 3 forwards")
+    assert lines[1].split() == [
+        "protocol", "listen", "target", "connect", "idle", "udp", "idle", "max", "sessions"
+    ]  # fmt: skip
+    assert lines[2].split() == ["tcp", "*:61557", "srv1.example.com:22", "5s", "5s", "-", "-"]
+    assert lines[3].split() == ["tcp/udp", "*:53", "10.25.10.15:53", "10s", "none", "300s", "auto"]
+    broken = tmp_path / "broken.yml"
+    broken.write_text("gateway: {entryPoints: {passThrough: {forwards: [{port: 1}]}}}\n")
+    result = run_twistd("goma-pt", "--config", str(broken), "--check")
+    assert result.returncode == 1
+    assert "forwards[0].protocol: missing" in result.stderr
+
+
+def test_a_privileged_port_without_privileges_is_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "goma.yml", [_forward(_free_privileged_port(), 9)])
+    # Without CAP_NET_BIND_SERVICE, as an unprivileged user is (root keeps
+    # its files, so twistd under /root still runs).
+    setpriv = ["setpriv", "--inh-caps=-all", "--bounding-set=-net_bind_service"]
+    result = subprocess.run(
+        [
+            *setpriv,
+            *twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config)),
+        ],
+        env=twistd_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in output
+    assert "Permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE" in output
