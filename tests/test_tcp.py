@@ -490,7 +490,7 @@ async def test_a_client_that_stops_reading_is_cut_after_the_close_grace(
         return sources[-1]
 
     factory = protocol.Factory()
-    factory.protocol = build  # type: ignore[assignment]
+    factory.protocol = build
     target = listen_tcp(reactor, factory)
     clock = Clock()
     service = start_service(forward(target=("127.0.0.1", target.getHost().port)), clock=clock)
