@@ -1,0 +1,103 @@
+"""nsd through a `tcp/udp` forward: UDP, TCP, a 3 KB EDNS answer over UDP, and
+dig's fallback to TCP on a truncated answer, over IPv4 and IPv6."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from . import procs
+from .goma import Route
+from .peers import (
+    WWW_A,
+    ZONE,
+    DigResult,
+    big_txt_records,
+    nsd_conf,
+    parse_dig,
+    txt_value,
+    zone_file,
+)
+from .procs import LOOPBACK4, LOOPBACK6, Launcher, require_binary, run
+
+pytestmark = pytest.mark.e2e
+
+FAMILIES = pytest.mark.parametrize("host", [LOOPBACK4, LOOPBACK6], ids=["ipv4", "ipv6"])
+BIG = big_txt_records()
+
+
+@dataclass(frozen=True)
+class Nsd:
+    port: int
+    dig_bin: str
+
+    def dig(self, host: str, port: int, name: str, rtype: str, *options: str) -> DigResult:
+        """One query, one try, bounded: dig's own retries would hide lost datagrams."""
+        argv = [self.dig_bin, f"@{host}", "-p", str(port), "+tries=1", "+time=3"]
+        out = run([*argv, *options, name, rtype], timeout=20)
+        return parse_dig(out.stdout.decode())
+
+
+@pytest.fixture
+def nsd(launcher: Launcher, tmp_path: Path) -> Iterator[Nsd]:
+    """Authoritative nsd for e2e.test. on 127.0.0.1 and ::1, UDP and TCP."""
+    nsd_bin, dig_bin = require_binary("nsd"), require_binary("dig")
+    d = tmp_path / "nsd"
+    d.mkdir()
+    (d / "e2e.test.zone").write_text(zone_file(big=BIG))
+    port = procs.free_port("tcp/udp", [LOOPBACK4, LOOPBACK6])
+    cfg = d / "nsd.conf"
+    cfg.write_text(nsd_conf(port, [LOOPBACK4, LOOPBACK6], d, "e2e.test.zone"))
+    proc = launcher.start("nsd", [nsd_bin, "-d", "-c", str(cfg)])
+    procs.wait_for_log(proc, "nsd started")
+    procs.wait_for_tcp(proc, LOOPBACK4, port)
+    yield Nsd(port, dig_bin)
+
+
+def assert_big_complete(res: DigResult) -> None:
+    assert res.status == "NOERROR"
+    assert sorted(txt_value(r) for r in res.rdata("TXT")) == sorted(BIG)
+
+
+@FAMILIES
+def test_dns_answers_over_udp_and_tcp(nsd: Nsd, route: Route, host: str) -> None:
+    dial_host, port = route("tcp/udp", host, nsd.port)
+    www = f"www.{ZONE}"
+
+    udp = nsd.dig(dial_host, port, www, "A")
+    assert (udp.transport, udp.status, "aa" in udp.flags) == ("UDP", "NOERROR", True)
+    assert udp.answers == [(www, "A", WWW_A)]
+
+    tcp = nsd.dig(dial_host, port, www, "AAAA", "+tcp")
+    assert (tcp.transport, tcp.status) == ("TCP", "NOERROR")
+    assert tcp.answers == [(www, "AAAA", "::42")]
+
+    missing = nsd.dig(dial_host, port, f"nope.{ZONE}", "A")
+    assert (missing.status, missing.answers) == ("NXDOMAIN", [])
+
+
+@FAMILIES
+def test_dns_edns_answer_over_512_bytes_by_udp(nsd: Nsd, route: Route, host: str) -> None:
+    """A 3 KB answer in one UDP datagram: +ignore keeps dig from quietly using TCP."""
+    dial_host, port = route("tcp/udp", host, nsd.port)
+    res = nsd.dig(dial_host, port, f"big.{ZONE}", "TXT", "+bufsize=4096", "+ignore")
+    assert res.transport == "UDP"
+    assert "tc" not in res.flags
+    assert not res.retried_tcp
+    assert res.size > 1232  # over plain DNS's 512 and the usual EDNS default
+    assert_big_complete(res)
+
+
+@FAMILIES
+def test_dns_truncated_udp_answer_retries_over_tcp(nsd: Nsd, route: Route, host: str) -> None:
+    """Without EDNS the answer does not fit 512 bytes: nsd sets TC, dig asks again
+    over TCP on the same forward, and gets every record."""
+    dial_host, port = route("tcp/udp", host, nsd.port)
+    res = nsd.dig(dial_host, port, f"big.{ZONE}", "TXT", "+noedns")
+    assert res.retried_tcp
+    assert res.transport == "TCP"
+    assert "tc" not in res.flags
+    assert_big_complete(res)
