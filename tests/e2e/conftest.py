@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from . import procs
-from .goma import READY, REPO_ROOT, Route, config_yaml, forward, twistd_argv
+from .goma import READY, REPO_ROOT, GomaPt, Route, config_yaml, forward, twistd_argv
 from .procs import STARTED, Launcher, Proc
 
 
@@ -40,7 +40,6 @@ def launcher(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Launche
         la.stop_all()
 
 
-GomaPt = Callable[..., Proc]
 CLEAN = (0, -signal.SIGTERM)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
 
-from .procs import bracket
+from .procs import Proc, bracket
 
 # The checkout under test; GOMA_PT_E2E_ROOT points the suite at another one.
 REPO_ROOT = Path(os.environ.get("GOMA_PT_E2E_ROOT") or Path(__file__).resolve().parents[2])
@@ -61,6 +61,10 @@ def twistd_argv(config: Path) -> list[str]:
         "--config",
         str(config),
     ]
+
+
+# goma_pt(forward(...), ...) -> the running goma-pt
+GomaPt = Callable[..., Proc]
 
 
 class Route(Protocol):
