@@ -1,0 +1,52 @@
+"""
+The twistd plugin: C{twistd goma-pt --config FILE}.
+
+Config errors are found here, before twistd daemonizes or binds anything,
+and shown as sentences rather than tracebacks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from .config import ConfigError, GatewayConfig, load_config
+from .service import PassThroughService
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE"
+    longdesc = (
+        "Forward TCP and UDP ports as listed under gateway.entryPoints.passThrough.forwards "
+        "of a Goma Gateway config file. The rest of the file (routes, middlewares, other "
+        "entry points) is accepted and left alone."
+    )
+    optParameters = [
+        [
+            "config",
+            "c",
+            None,
+            "Goma Gateway config file (YAML) whose passThrough forwards to serve.",
+        ],
+    ]
+
+    config: GatewayConfig
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError(
+                "no config file given; use --config FILE, a Goma Gateway YAML file with "
+                "gateway.entryPoints.passThrough.forwards (see etc/goma-pt.yaml)"
+            )
+        try:
+            self.config = load_config(self["config"])
+        except ConfigError as e:
+            # SystemExit with a message: twistd prints it and exits 1,
+            # without a traceback or a page of usage text.
+            raise SystemExit(f"goma-pt: {e}") from None
+
+
+def makeService(options: dict[str, Any]) -> IService:
+    return PassThroughService(options.config)  # type: ignore[attr-defined]

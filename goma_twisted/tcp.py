@@ -1,0 +1,357 @@
+"""
+The TCP relay: a pair of protocols in the manner of
+L{twisted.protocols.portforward}, which also pass a half-close through,
+time out connects and idle pairs, and say why each connection ended.
+
+L{ClientSide} is the accepted connection, L{TargetSide} the one we open to
+the forward's target. Each transport is registered as the producer of the
+other, so a slow reader on one side pauses reading on the other and memory
+stays bounded by the socket buffers plus one read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IConsumer,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    ITCPTransport,
+)
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._reactor import reactor_or_global
+from .config import Forward, format_address
+
+log = Logger(namespace="goma_pt.tcp")
+
+# Why a connection ended, as the end-of-connection event reports it.
+CLIENT_CLOSED = "client closed"
+TARGET_CLOSED = "target closed"
+CLIENT_RESET = "client reset"
+TARGET_RESET = "target reset"
+IDLE_TIMEOUT = "idle timeout"
+CONNECT_TIMEOUT = "connect timeout"
+CONNECT_REFUSED = "connect refused"
+RESOLVE_FAILED = "resolve failed"
+CONNECT_FAILED = "connect failed"
+SHUTDOWN = "shutdown"
+
+
+def connect_failure_reason(failure: Failure) -> str:
+    """Name the way an upstream connection attempt failed."""
+    if failure.check(error.ConnectionRefusedError):
+        return CONNECT_REFUSED
+    if failure.check(error.TimeoutError, error.TCPTimedOutError):
+        return CONNECT_TIMEOUT
+    if failure.check(error.DNSLookupError):
+        return RESOLVE_FAILED
+    return CONNECT_FAILED
+
+
+_ENDED_FORMAT = (
+    "{forward} {client} -> {target}: {reason}; "
+    "{bytesToTarget} bytes sent, {bytesToClient} received, {duration:.3f}s"
+)
+_FAILED_FORMAT = "{forward} {client} -> {target}: {reason} ({detail}); {duration:.3f}s"
+
+
+def _address(address: IAddress) -> str:
+    return format_address(address.host, address.port)  # type: ignore[attr-defined]
+
+
+class _TCPTransport(ITCPTransport, IPushProducer, IConsumer):
+    """What a relay needs of a TCP transport: it is a producer and a consumer too."""
+
+
+@implementer(IHalfCloseableProtocol)
+class _RelaySide(Protocol):
+    """
+    What both ends of a relayed pair do alike: copy bytes to the peer and
+    pass each half-close on.
+    """
+
+    peer: _RelaySide | None = None
+    relay: Relay
+    transport: _TCPTransport
+    readDone = False
+    writeDone = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relay.activity(self, len(data))
+        if self.peer is not None:
+            self.peer.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        # Our sender is done: stop it from pausing or resuming us, and
+        # finish the peer's write side once its buffer is flushed.
+        self.readDone = True
+        self.relay.halfClosed(self)
+        peer = self.peer
+        if peer is not None:
+            peer.transport.unregisterProducer()
+            peer.transport.loseWriteConnection()
+        if self.writeDone:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.writeDone = True
+        if self.readDone:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        peer, self.peer = self.peer, None
+        self.relay.sideLost(self, reason)
+        if peer is not None:
+            peer.peer = None
+            peer.transport.unregisterProducer()
+            peer.transport.loseConnection()
+
+
+class TargetSide(_RelaySide):
+    """Our connection to the forward's target."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def connectionMade(self) -> None:
+        self.relay.targetConnected(self)
+
+
+class _TargetFactory(ClientFactory):
+    """Builds the one L{TargetSide} of a relay and reports a failed connect."""
+
+    noisy = False
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def buildProtocol(self, addr: IAddress | None) -> TargetSide:
+        return TargetSide(self.relay)
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.relay.targetFailed(reason)
+
+
+class ClientSide(_RelaySide):
+    """
+    An accepted client connection. It reads nothing until the target is
+    connected, so the bytes a client sends early wait in the kernel.
+    """
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        self.relay.clientConnected(self)
+
+
+class Relay:
+    """
+    The life of one relayed connection: connecting, timers, counters, and
+    the single event that reports its end.
+    """
+
+    client: ClientSide
+    target: TargetSide | None = None
+    reason: str | None = None
+
+    def __init__(self, factory: TCPForwardFactory) -> None:
+        self.factory = factory
+        self.forward = factory.forward
+        self.reactor = factory.reactor
+        self.clock = factory.clock
+        self.started = self.clock.seconds()
+        self.lastActivity = self.started
+        self.bytesToTarget = 0
+        self.bytesToClient = 0
+        self.targetAddress = ""
+        self._connector: IConnector | None = None
+        self._pending: Deferred[Any] | None = None
+        self._connectTimer: IDelayedCall | None = None
+        self._idleTimer: IDelayedCall | None = None
+        self._clientGone = False
+        self._targetGone = True
+        self._finished = False
+        self.failureDetail: str | None = None
+        self.done: Deferred[None] = Deferred()
+
+    # Connecting
+
+    def clientConnected(self, client: ClientSide) -> None:
+        self.client = client
+        client.transport.setTcpKeepAlive(True)
+        client.transport.setTcpNoDelay(True)
+        target = self.forward.target
+        timeout = self.forward.connect_timeout
+        factory = _TargetFactory(self)
+        if target.is_hostname:
+            endpoint = HostnameEndpoint(self.reactor, target.host, target.port, timeout=timeout)
+            self._pending = endpoint.connect(factory)
+            self._pending.addErrback(self._hostnameFailed)
+            self._connectTimer = self.clock.callLater(timeout, self._connectTimedOut)
+        else:
+            self._connector = self.reactor.connectTCP(
+                target.host, target.port, factory, timeout=timeout
+            )
+
+    def _hostnameFailed(self, failure: Failure) -> None:
+        self._pending = None
+        self.targetFailed(failure)
+
+    def _connectTimedOut(self) -> None:
+        self._connectTimer = None
+        self.reason = self.reason or CONNECT_TIMEOUT
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+
+    def targetConnected(self, target: TargetSide) -> None:
+        self._cancelConnectTimer()
+        self._pending = None
+        self._connector = None
+        if self._clientGone:
+            target.transport.loseConnection()
+            return
+        self.target = target
+        self._targetGone = False
+        client = self.client
+        client.peer, target.peer = target, client
+        self.targetAddress = _address(target.transport.getPeer())
+        target.transport.setTcpKeepAlive(True)
+        target.transport.setTcpNoDelay(True)
+        target.transport.registerProducer(client.transport, True)
+        client.transport.registerProducer(target.transport, True)
+        client.transport.resumeProducing()
+        if self.forward.idle_timeout is not None:
+            self.lastActivity = self.clock.seconds()
+            self._idleTimer = self.clock.callLater(self.forward.idle_timeout, self._idleCheck)
+
+    def targetFailed(self, failure: Failure) -> None:
+        self._cancelConnectTimer()
+        self._connector = None
+        self.reason = self.reason or connect_failure_reason(failure)
+        self.failureDetail = failure.getErrorMessage()
+        if not self._clientGone:
+            self.client.transport.loseConnection()
+
+    def _cancelConnectTimer(self) -> None:
+        if self._connectTimer is not None and self._connectTimer.active():
+            self._connectTimer.cancel()
+        self._connectTimer = None
+
+    # Relaying
+
+    def activity(self, side: _RelaySide, count: int) -> None:
+        if side is self.client:
+            self.bytesToTarget += count
+        else:
+            self.bytesToClient += count
+        self.lastActivity = self.clock.seconds()
+
+    def halfClosed(self, side: _RelaySide) -> None:
+        if self.reason is None:
+            self.reason = CLIENT_CLOSED if side is self.client else TARGET_CLOSED
+
+    def _idleCheck(self) -> None:
+        idle = self.forward.idle_timeout
+        assert idle is not None
+        remaining = self.lastActivity + idle - self.clock.seconds()
+        if remaining > 0:
+            self._idleTimer = self.clock.callLater(remaining, self._idleCheck)
+            return
+        self._idleTimer = None
+        self.close(IDLE_TIMEOUT)
+
+    def close(self, reason: str) -> None:
+        """End both sides now, for a timeout or a stop."""
+        self.reason = self.reason or reason
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+        connector, self._connector = self._connector, None
+        if connector is not None:
+            connector.stopConnecting()
+        for side in (self.client, self.target):
+            if side is not None and side.transport is not None:
+                side.transport.abortConnection()
+
+    def sideLost(self, side: _RelaySide, reason: Failure) -> None:
+        if side is self.client:
+            self._clientGone = True
+            if self.reason is None:
+                self.reason = CLIENT_CLOSED if reason.check(error.ConnectionDone) else CLIENT_RESET
+        else:
+            self._targetGone = True
+            if self.reason is None:
+                self.reason = TARGET_CLOSED if reason.check(error.ConnectionDone) else TARGET_RESET
+        if self._clientGone and self._targetGone and self._connector is None:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._cancelConnectTimer()
+        if self._idleTimer is not None and self._idleTimer.active():
+            self._idleTimer.cancel()
+        self._idleTimer = None
+        self.factory.relayEnded(self)
+        log.info(
+            _FAILED_FORMAT if self.failureDetail else _ENDED_FORMAT,
+            forward=self.forward.name,
+            client=_address(self.client.transport.getPeer()),
+            target=str(self.forward.target),
+            targetAddress=self.targetAddress,
+            bytesToTarget=self.bytesToTarget,
+            bytesToClient=self.bytesToClient,
+            duration=self.clock.seconds() - self.started,
+            reason=self.reason,
+            detail=self.failureDetail,
+        )
+        self.done.callback(None)
+
+
+class TCPForwardFactory(Factory):
+    """
+    Accepts clients for one forward and keeps the live relays, so that a
+    stop can end them.
+
+    @param reactor: accepts and connects.
+    @param clock: runs the timers (the reactor unless a test gives a
+        L{twisted.internet.task.Clock}).
+    """
+
+    noisy = False
+
+    def __init__(self, forward: Forward, reactor: Any = None, clock: Any = None) -> None:
+        self.forward = forward
+        self.reactor = reactor = reactor_or_global(reactor)
+        self.clock = clock if clock is not None else reactor
+        self.relays: set[Relay] = set()
+
+    def buildProtocol(self, addr: IAddress | None) -> ClientSide:
+        relay = Relay(self)
+        self.relays.add(relay)
+        return ClientSide(relay)
+
+    def relayEnded(self, relay: Relay) -> None:
+        self.relays.discard(relay)
+
+    def closeAll(self) -> Deferred[Any]:
+        """End every live relay; fires when all have reported their end."""
+        done = [relay.done for relay in self.relays]
+        for relay in list(self.relays):
+            relay.close(SHUTDOWN)
+        return DeferredList(done)
