@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from . import procs
-from .goma import Route
+from .goma import GomaPt, Route, forward
 from .peers import (
     WWW_A,
     ZONE,
@@ -101,3 +101,27 @@ def test_dns_truncated_udp_answer_retries_over_tcp(nsd: Nsd, route: Route, host:
     assert res.transport == "TCP"
     assert "tc" not in res.flags
     assert_big_complete(res)
+
+
+def _assert_www_both_ways(nsd: Nsd, host: str, port: int) -> None:
+    www = f"www.{ZONE}"
+    for options, transport in (((), "UDP"), (("+tcp",), "TCP")):
+        res = nsd.dig(host, port, www, "A", *options)
+        assert (res.transport, res.answers) == (transport, [(www, "A", WWW_A)])
+
+
+def test_dns_forward_without_address_takes_ipv4_and_ipv6(nsd: Nsd, goma_pt: GomaPt) -> None:
+    """An operator's forward names no address: goma-pt listens on every address,
+    and IPv4 (to a dual-stack socket) and IPv6 clients both get answers."""
+    port = procs.free_port("tcp/udp", ["0.0.0.0", "::"])
+    goma_pt(forward("tcp/udp", port, LOOPBACK4, nsd.port))
+    for host in (LOOPBACK4, LOOPBACK6):
+        _assert_www_both_ways(nsd, host, port)
+
+
+def test_dns_hostname_target(nsd: Nsd, goma_pt: GomaPt) -> None:
+    """A target named by hostname is resolved per connection and per UDP session;
+    nsd listens on both loopbacks, so either address `localhost` gives will do."""
+    port = procs.free_port("tcp/udp")
+    goma_pt(forward("tcp/udp", port, "localhost", nsd.port, address=LOOPBACK4))
+    _assert_www_both_ways(nsd, LOOPBACK4, port)
