@@ -9,7 +9,6 @@ forwarder is at fault, not the peer or the test.
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from . import procs
-from .goma import READY, REPO_ROOT, GomaPt, Route, config_yaml, forward, twistd_argv
+from .goma import CLEAN, READY, REPO_ROOT, GomaPt, Route, config_yaml, forward, twistd_argv
 from .procs import STARTED, Launcher, Proc
 
 
@@ -40,17 +39,13 @@ def launcher(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Launche
         la.stop_all()
 
 
-CLEAN = (0, -signal.SIGTERM)
-
-
 @pytest.fixture
 def goma_pt(launcher: Launcher, tmp_path: Path) -> Iterator[GomaPt]:
     """Factory: goma_pt(forward(...), ...) writes a config, starts twistd goma-pt
     and returns once it logs that every forward listens.
 
-    At teardown each instance gets SIGTERM and must stop by itself, cleanly: exit
-    0, or death by that same SIGTERM, which stock twistd re-raises on purpose after
-    its shutdown (twisted.application.app), and which systemd counts as a clean stop.
+    At teardown each instance still running gets SIGTERM and must stop by itself,
+    cleanly (see CLEAN).
     """
     mine: list[Proc] = []
     env = dict(os.environ)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,10 @@ from .procs import Proc, bracket
 # The checkout under test; GOMA_PT_E2E_ROOT points the suite at another one.
 REPO_ROOT = Path(os.environ.get("GOMA_PT_E2E_ROOT") or Path(__file__).resolve().parents[2])
 READY = "goma-pt ready"
+# A clean stop on SIGTERM: exit 0, or death by that same SIGTERM, which stock
+# twistd re-raises on purpose once it has shut down (twisted.application.app),
+# and which systemd counts as a clean stop too.
+CLEAN = (0, -signal.SIGTERM)
 
 # `python -m twisted` runs `twist`, not `twistd` (no -n, no --pidfile), so call
 # twistd's entry point directly: this is the `twistd` an operator runs.

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import pwd
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from . import procs
-from .goma import Route
+from .goma import CLEAN, GomaPt, Route, forward
 from .peers import known_hosts_line, ssh_options, sshd_config
 from .procs import LOOPBACK4, LOOPBACK6, Launcher, bracket, require_binary, run
 
@@ -30,8 +31,9 @@ class Sshd:
     ssh_bin: str
     scp_bin: str
 
-    def ssh(self, host: str, port: int, command: str) -> list[str]:
-        return [self.ssh_bin, *self.options, "-p", str(port), f"{self.user}@{host}", command]
+    def ssh(self, host: str, port: int, command: str, *options: str) -> list[str]:
+        argv = [self.ssh_bin, *self.options, *options, "-p", str(port)]
+        return [*argv, f"{self.user}@{host}", command]
 
     def scp(self, port: int, src: str, dst: str) -> list[str]:
         return [self.scp_bin, *self.options, "-q", "-P", str(port), src, dst]
@@ -105,3 +107,40 @@ def test_scp_5mb_each_way(sshd: Sshd, route: Route, tmp_path: Path) -> None:
     assert hashlib.sha256(remote.read_bytes()).hexdigest() == digest
     run(sshd.scp(port, sshd.remote(host, remote), str(back)))
     assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
+
+
+IDLE = 2  # the forward's `timeout`: TCP connect and idle timeout
+
+
+def test_ssh_idle_timeout_and_keepalives(sshd: Sshd, goma_pt: GomaPt) -> None:
+    """With `timeout: 2` a session silent for 4 s is cut at about 2 s; the same
+    session with ssh's keepalives every second lives on."""
+    port = procs.free_port("tcp")
+    proc = goma_pt(forward("tcp", port, LOOPBACK4, sshd.port, address=LOOPBACK4, timeout=IDLE))
+    quiet = 'sleep 4; echo "still-here"'
+
+    kept = run(sshd.ssh(LOOPBACK4, port, quiet, "-o", "ServerAliveInterval=1"))
+    assert kept.stdout.strip() == b"still-here"
+
+    start = time.monotonic()
+    cut = run(sshd.ssh(LOOPBACK4, port, quiet), check=False)
+    elapsed = time.monotonic() - start
+    assert cut.returncode == 255  # ssh's own "connection lost"
+    assert b"still-here" not in cut.stdout
+    assert IDLE * 0.9 <= elapsed < IDLE + 1.5
+    procs.wait_for_log(proc, "idle timeout", timeout=2)
+
+
+def test_sigterm_ends_a_live_ssh_session(sshd: Sshd, goma_pt: GomaPt, launcher: Launcher) -> None:
+    """A stop does not wait for clients: goma-pt closes the live session and
+    exits within a few seconds, and the ssh client learns its session is gone."""
+    port = procs.free_port("tcp")
+    proc = goma_pt(forward("tcp", port, LOOPBACK4, sshd.port, address=LOOPBACK4))
+    client = launcher.start("ssh-client", sshd.ssh(LOOPBACK4, port, "echo started; sleep 30"))
+    procs.wait_for_log(client, "started")
+
+    start = time.monotonic()
+    assert procs.stop(proc, timeout=5) in CLEAN
+    assert time.monotonic() - start < 5
+    assert client.popen.wait(10) == 255
+    assert "shutdown" in proc.log_text()
