@@ -62,4 +62,7 @@ def test_iperf3_udp(iperf3: Iperf3, route: Route, length: int) -> None:
     expected_packets = UDP_RATE * SECONDS // (8 * length)
     assert res.packets >= 0.9 * expected_packets
     assert res.received_bytes >= 0.9 * UDP_RATE * SECONDS / 8
-    assert res.lost_percent <= 1.0, f"{res.lost_packets} of {res.packets} datagrams lost"
+    # At most 1 %, and one datagram whatever the size (a 64 KB one is 2.6 % here).
+    assert res.lost_packets <= max(1, res.packets // 100), (
+        f"{res.lost_packets} of {res.packets} datagrams lost"
+    )
