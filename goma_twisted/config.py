@@ -136,7 +136,12 @@ class GatewayConfig:
 
 
 def format_address(host: str, port: int) -> str:
-    """C{host:port}, with IPv6 literals in brackets."""
+    """
+    C{host:port}, with IPv6 literals in brackets and IPv4 clients of a
+    dual-stack listener (C{::ffff:192.0.2.1}) shown as the IPv4 they are.
+    """
+    if host.startswith("::ffff:") and isIPAddress(host[7:]):
+        host = host[7:]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

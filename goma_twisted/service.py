@@ -25,8 +25,12 @@ log = Logger(namespace="goma_pt")
 RESERVED_FDS = 64
 
 
-class StartError(Exception):
-    """A forward cannot start listening; the message says which and why."""
+class ListenError(Exception):
+    """
+    A forward cannot start listening. The message leads with the address
+    and the reason, as twistd shows only its first 100 bytes when a daemon
+    fails to start.
+    """
 
 
 class _Listener:
@@ -44,13 +48,13 @@ class _Listener:
         try:
             super().privilegedStartService()  # type: ignore[misc]
         except CannotListenError as e:
-            raise StartError(_cannot_listen(self.forward, self.protocol, e)) from None
+            raise ListenError(_cannot_listen(self.forward, self.protocol, e)) from None
 
     def startService(self) -> None:
         try:
             super().startService()  # type: ignore[misc]
         except CannotListenError as e:
-            raise StartError(_cannot_listen(self.forward, self.protocol, e)) from None
+            raise ListenError(_cannot_listen(self.forward, self.protocol, e)) from None
 
 
 class TCPForwardServer(_Listener, internet.TCPServer):
@@ -108,7 +112,7 @@ class PassThroughService(MultiService):
         self._sizeSessionTables()
         try:
             super().privilegedStartService()
-        except StartError:
+        except ListenError:
             self._unbind()
             raise
 
@@ -116,7 +120,7 @@ class PassThroughService(MultiService):
         self._sizeSessionTables()
         try:
             super().startService()
-        except StartError:
+        except ListenError:
             self.running = False
             self._unbind()
             raise
@@ -170,8 +174,7 @@ def _cannot_listen(forward: Forward, protocol: str, e: CannotListenError) -> str
     hint = ""
     if isinstance(e.socketError, OSError) and e.socketError.errno == 13 and forward.port < 1024:
         hint = " (ports below 1024 need root; run as root with --uid/--gid to drop privileges)"
-    name = f"forward {forward.name} -> {forward.target}"
-    return f"{name}: cannot listen on {protocol} {where}: {why}{hint}"
+    return f"{protocol} {where}: {why}{hint}; forward to {forward.target}"
 
 
 def default_interface() -> str:

@@ -7,13 +7,14 @@ and shown as sentences rather than tracebacks.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
 from .config import ConfigError, GatewayConfig, load_config
-from .service import PassThroughService
+from .service import ListenError, PassThroughService
 
 
 class Options(usage.Options):
@@ -49,4 +50,22 @@ class Options(usage.Options):
 
 
 def makeService(options: dict[str, Any]) -> IService:
+    _show_without_traceback(ListenError)
     return PassThroughService(options.config)  # type: ignore[attr-defined]
+
+
+def _show_without_traceback(*errors: type[BaseException]) -> None:
+    """
+    twistd lets a failure to start escape to the top, as a traceback. For
+    errors that are the operator's to fix (a port in use, a privileged
+    port), one line says it all.
+    """
+    previous = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, errors):
+            print(f"goma-pt: cannot start: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+
+    sys.excepthook = excepthook

@@ -10,10 +10,12 @@ logged once until the table has room again.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import base, udp
 from twisted.internet.abstract import isIPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, MessageLengthError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
@@ -41,10 +43,18 @@ _SEND_ERRORS = (OSError, MessageLengthError)
 
 class SessionPort(udp.Port):
     """
-    A session's socket. Sessions come and go by the thousand, so unlike
-    L{udp.Port} it does not log its opening and closing: the session's own
-    end event says all of it.
+    A session's socket, connected to the target.
+
+    Two things differ from L{udp.Port}. Sessions come and go by the
+    thousand, so it does not log its opening and closing: the session's end
+    event says all of it. And an ICMP error from the target (port
+    unreachable while the backend restarts) makes epoll report the socket
+    in error with nothing to read, which the reactor takes for a lost
+    connection; here that is reported to the session as refused, and the
+    socket goes on reading.
     """
+
+    _closing = False
 
     def _bindSocket(self) -> None:
         try:
@@ -57,7 +67,15 @@ class SessionPort(udp.Port):
         self.socket = skt
         self.fileno = skt.fileno  # type: ignore[method-assign]
 
+    def stopListening(self) -> Deferred[None] | None:
+        self._closing = True
+        return super().stopListening()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self._closing and self._pendingError():
+            self.protocol.connectionRefused()
+            self.startReading()
+            return
         self._realPortNumber = None
         self.maxThroughput = -1
         base.BasePort.connectionLost(self, reason)
@@ -65,6 +83,16 @@ class SessionPort(udp.Port):
         self.socket.close()
         del self.socket
         del self.fileno
+        if hasattr(self, "d"):
+            self.d.callback(None)
+            del self.d
+
+    def _pendingError(self) -> int:
+        """Read (and so clear) the socket's pending error, 0 if none."""
+        try:
+            return self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            return 0
 
 
 class UDPSession(DatagramProtocol):
@@ -87,6 +115,8 @@ class UDPSession(DatagramProtocol):
         self.datagramsToClient = 0
         self.targetAddress = ""
         self.reason: str | None = None
+        self.refusals = 0
+        self.detail: str | None = None
         self._queue: list[bytes] | None = []
         self._timer: IDelayedCall | None = None
 
@@ -143,7 +173,11 @@ class UDPSession(DatagramProtocol):
     def connectionRefused(self) -> None:
         # The target's ICMP "port unreachable": nobody listens there now.
         # Keep the session; the next datagram tries again.
-        self.refused = getattr(self, "refused", 0) + 1
+        self.refusals += 1
+
+    def stopProtocol(self) -> None:
+        # The socket is gone without a close() of ours: end the session too.
+        self.close(SOCKET_FAILED)
 
     def _idleCheck(self) -> None:
         remaining = self.lastActivity + self.forward.config.udp_idle_timeout - self.clock.seconds()
@@ -178,7 +212,7 @@ class UDPSession(DatagramProtocol):
             datagramsToClient=self.datagramsToClient,
             duration=self.clock.seconds() - self.started,
             reason=reason,
-            detail=getattr(self, "detail", None),
+            detail=self.detail,
         )
 
 

@@ -1,0 +1,293 @@
+"""
+goma-pt as operators run it: real twistd processes, foreground and daemon,
+the .tac example, and what they print when something is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .support import ROOT, free_port, running, twistd_command, twistd_env, wait_for, write_config
+
+
+class _EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+class _UDPEchoHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(b"udp:" + data, self.client_address)
+
+
+@pytest.fixture
+def backend() -> Iterator[int]:
+    """A TCP and a UDP echo server on one loopback port, in threads."""
+    port = free_port()
+    tcp = socketserver.ThreadingTCPServer(("127.0.0.1", port), _EchoHandler)
+    tcp.daemon_threads = True
+    udp = socketserver.UDPServer(("127.0.0.1", port), _UDPEchoHandler)
+    for server in (tcp, udp):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield port
+    for server in (tcp, udp):
+        server.shutdown()
+        server.server_close()
+
+
+def tcp_roundtrip(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def udp_roundtrip(port: int, payload: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(payload, ("127.0.0.1", port))
+        return s.recv(65535)
+
+
+def run_twistd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        twistd_command(*args),
+        env=twistd_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_twistd_lists_the_plugin_and_explains_its_options() -> None:
+    listing = run_twistd("--help")
+    assert listing.returncode == 0
+    assert "goma-pt" in listing.stdout
+    help_text = run_twistd("goma-pt", "--help")
+    assert help_text.returncode == 0
+    assert "--config=" in help_text.stdout
+    assert "passThrough" in help_text.stdout
+
+
+def test_without_config_it_says_how_to_give_one() -> None:
+    result = run_twistd("-n", "--pidfile=", "goma-pt")
+    assert result.returncode != 0
+    assert "no config file given; use --config FILE" in result.stdout + result.stderr
+
+
+def test_a_broken_config_is_one_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "goma.yml"
+    config.write_text(
+        "gateway:\n"
+        "  entryPoints:\n"
+        "    passThrough:\n"
+        "      forwards:\n"
+        "        - protocol: tcp\n"
+        "          port: 99999\n"
+        "          target: backend\n"
+    )
+    result = run_twistd("-n", "--pidfile=", "goma-pt", "--config", str(config))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in output
+    assert (
+        f"{config}:6:17: forwards[0].port: got an integer ('99999'); expected 1 to 65535" in output
+    )
+    assert f"{config}:7:19: forwards[0].target: no port in 'backend'" in output
+
+
+def test_a_port_in_use_is_one_line_and_nothing_stays_bound(tmp_path: Path) -> None:
+    first, taken = free_port(), free_port()
+    config = write_config(
+        tmp_path / "goma.yml",
+        [
+            {"protocol": "tcp", "port": first, "address": "127.0.0.1", "target": "127.0.0.1:9"},
+            {"protocol": "tcp", "port": taken, "address": "127.0.0.1", "target": "127.0.0.1:9"},
+        ],
+    )
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", taken))
+        blocker.listen()
+        result = run_twistd("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in output
+    assert f"cannot start: tcp 127.0.0.1:{taken}: Address already in use" in output
+
+
+def test_foreground_forwards_tcp_and_udp_on_one_port(tmp_path: Path, backend: int) -> None:
+    port = free_port()
+    forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    log = tmp_path / "goma.log"
+    command = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
+    with running(command, log, env=twistd_env()):
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        assert tcp_roundtrip(port, b"over tcp") == b"over tcp"
+        assert udp_roundtrip(port, b"over udp") == b"udp:over udp"
+    text = log.read_text()
+    assert f"Forwarding tcp 127.0.0.1:{port} to 127.0.0.1:{backend}" in text
+    assert f"Forwarding udp 127.0.0.1:{port} to 127.0.0.1:{backend}" in text
+    assert "client closed; 8 bytes sent, 8 received" in text
+    assert "shutdown; 1 datagrams (8 bytes) sent, 1 (12 bytes) received" in text
+
+
+def test_daemon_with_pidfile_starts_forwards_and_stops_on_sigterm(
+    tmp_path: Path, backend: int
+) -> None:
+    tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
+    config = write_config(
+        tmp_path / "goma.yml",
+        [
+            {"protocol": "tcp", "port": tcp_port, "target": f"127.0.0.1:{backend}"},
+            {"protocol": "udp", "port": udp_port, "target": f"127.0.0.1:{backend}"},
+        ],
+    )
+    pidfile, logfile = tmp_path / "goma-pt.pid", tmp_path / "goma-pt.log"
+    started = run_twistd(
+        f"--pidfile={pidfile}", f"--logfile={logfile}", "goma-pt", "--config", str(config)
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="pidfile"))
+    try:
+        wait_for(lambda: "goma-pt ready" in logfile.read_text(), what="goma-pt ready")
+        assert tcp_roundtrip(tcp_port, b"daemon tcp") == b"daemon tcp"
+        assert udp_roundtrip(udp_port, b"daemon udp") == b"udp:daemon udp"
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not _alive(pid), what="the daemon to exit")
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert not pidfile.exists()
+    text = logfile.read_text()
+    assert "Received SIGTERM, shutting down." in text
+    assert "Server Shut Down." in text
+    assert "client closed; 10 bytes sent, 10 received" in text
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); its state in /proc says it is done.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_tac_composes_the_service_into_an_application(tmp_path: Path, backend: int) -> None:
+    port = free_port()
+    forward = {"protocol": "tcp", "port": port, "target": f"127.0.0.1:{backend}"}
+    config = write_config(tmp_path / "goma.yml", [forward])
+    log = tmp_path / "tac.log"
+    env = twistd_env() | {"GOMA_PT_CONFIG": str(config)}
+    command = twistd_command("-ny", str(ROOT / "etc" / "goma-pt.tac"), "--pidfile=", "--logfile=-")
+    with running(command, log, env=env, cwd=tmp_path):
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        assert tcp_roundtrip(port, b"from a tac") == b"from a tac"
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _blast(listener: socket.socket, total: int) -> None:
+    """Accept one connection and send it C{total} bytes as fast as it takes them."""
+    conn, _ = listener.accept()
+    chunk = b"x" * (1024 * 1024)
+    sent = 0
+    with conn:
+        while sent < total:
+            conn.sendall(chunk)
+            sent += len(chunk)
+
+
+def test_a_slow_reader_bounds_the_forwarders_memory(tmp_path: Path) -> None:
+    """512 MB from a fast target to a slow client grow goma-pt by < 64 MB."""
+    total = 512 * 1024 * 1024
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    target = listener.getsockname()[1]
+    threading.Thread(target=_blast, args=(listener, total), daemon=True).start()
+    port = free_port()
+    forward = {"protocol": "tcp", "port": port, "target": f"127.0.0.1:{target}"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    log = tmp_path / "goma.log"
+    command = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
+    with running(command, log, env=twistd_env()) as proc:
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        baseline = _rss_kb(proc.pid)
+        peak = baseline
+        received = 0
+        deadline = time.monotonic() + 120
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            while received < total and time.monotonic() < deadline:
+                data = client.recv(256 * 1024)
+                if not data:
+                    break
+                received += len(data)
+                if received % (8 * 1024 * 1024) < len(data):
+                    peak = max(peak, _rss_kb(proc.pid))
+                    time.sleep(0.02)  # the slow part: the target is far faster
+    listener.close()
+    assert received == total
+    assert peak - baseline < 64 * 1024, f"grew by {(peak - baseline) // 1024} MB"
+
+
+def _free_privileged_port() -> int:
+    for port in range(1023, 600, -1):
+        try:
+            with socket.socket() as t, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                t.bind(("127.0.0.1", port))
+                u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port below 1024")
+
+
+def test_binds_a_privileged_port_then_drops_to_nobody(tmp_path: Path, backend: int) -> None:
+    if os.geteuid() != 0:
+        message = "binding a port below 1024 needs root"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    port = _free_privileged_port()
+    forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    log = tmp_path / "goma.log"
+    command = twistd_command(
+        "-n", "--pidfile=", "--logfile=-", "--uid=nobody", "--gid=nogroup",
+        "goma-pt", "--config", str(config),
+    )  # fmt: skip
+    with running(command, log, env=twistd_env()) as proc:
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        assert uids == ["65534"] * 4
+        assert tcp_roundtrip(port, b"low port") == b"low port"
+        assert udp_roundtrip(port, b"low port") == b"udp:low port"
