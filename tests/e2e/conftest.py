@@ -8,15 +8,15 @@ forwarder is at fault, not the peer or the test.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ..support import twistd_command, twistd_env, write_config
 from . import procs
-from .goma import CLEAN, READY, REPO_ROOT, GomaPt, Route, config_yaml, forward, twistd_argv
+from .goma import CLEAN, READY, GomaPt, Route, forward
 from .procs import STARTED, Launcher, Proc
 
 
@@ -48,15 +48,11 @@ def goma_pt(launcher: Launcher, tmp_path: Path) -> Iterator[GomaPt]:
     cleanly (see CLEAN).
     """
     mine: list[Proc] = []
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
-    )
 
     def start(*forwards: dict[str, Any]) -> Proc:
-        cfg = tmp_path / f"goma-pt-{len(mine)}.yml"
-        cfg.write_text(config_yaml(forwards))
-        proc = launcher.start("goma-pt", twistd_argv(cfg), env=env, cwd=tmp_path)
+        cfg = write_config(tmp_path / f"goma-pt-{len(mine)}.yml", list(forwards))
+        argv = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(cfg))
+        proc = launcher.start("goma-pt", argv, env=twistd_env(), cwd=tmp_path)
         mine.append(proc)
         procs.wait_for_log(proc, READY, timeout=10)
         return proc
