@@ -21,7 +21,7 @@ from .peers import (
     txt_value,
     zone_file,
 )
-from .procs import LOOPBACK4, LOOPBACK6, Launcher, require_binary, run
+from .procs import LOOPBACK4, LOOPBACK6, Launcher, Proc, require_binary, run
 
 pytestmark = pytest.mark.e2e
 
@@ -33,12 +33,23 @@ BIG = big_txt_records()
 class Nsd:
     port: int
     dig_bin: str
+    argv: list[str]  # to start it again
+    proc: Proc
 
-    def dig(self, host: str, port: int, name: str, rtype: str, *options: str) -> DigResult:
+    def dig(
+        self, host: str, port: int, name: str, rtype: str, *options: str, check: bool = True
+    ) -> DigResult:
         """One query, one try, bounded: dig's own retries would hide lost datagrams."""
-        argv = [self.dig_bin, f"@{host}", "-p", str(port), "+tries=1", "+time=3"]
-        out = run([*argv, *options, name, rtype], timeout=20)
+        argv = [self.dig_bin, f"@{host}", "-p", str(port), "+tries=1", "+time=2"]
+        out = run([*argv, *options, name, rtype], timeout=20, check=check)
         return parse_dig(out.stdout.decode())
+
+
+def start_nsd(launcher: Launcher, argv: list[str], port: int) -> Proc:
+    proc = launcher.start("nsd", argv)
+    procs.wait_for_log(proc, "nsd started")
+    procs.wait_for_tcp(proc, LOOPBACK4, port)
+    return proc
 
 
 @pytest.fixture
@@ -51,10 +62,8 @@ def nsd(launcher: Launcher, tmp_path: Path) -> Iterator[Nsd]:
     port = procs.free_port("tcp/udp", [LOOPBACK4, LOOPBACK6])
     cfg = d / "nsd.conf"
     cfg.write_text(nsd_conf(port, [LOOPBACK4, LOOPBACK6], d, "e2e.test.zone"))
-    proc = launcher.start("nsd", [nsd_bin, "-d", "-c", str(cfg)])
-    procs.wait_for_log(proc, "nsd started")
-    procs.wait_for_tcp(proc, LOOPBACK4, port)
-    yield Nsd(port, dig_bin)
+    argv = [nsd_bin, "-d", "-c", str(cfg)]
+    yield Nsd(port, dig_bin, argv, start_nsd(launcher, argv, port))
 
 
 def assert_big_complete(res: DigResult) -> None:
@@ -125,3 +134,33 @@ def test_dns_hostname_target(nsd: Nsd, goma_pt: GomaPt) -> None:
     port = procs.free_port("tcp/udp")
     goma_pt(forward("tcp/udp", port, "localhost", nsd.port, address=LOOPBACK4))
     _assert_www_both_ways(nsd, LOOPBACK4, port)
+
+
+def test_dns_udp_session_expires_and_comes_back(nsd: Nsd, goma_pt: GomaPt) -> None:
+    """With `timeout: 1` a client's UDP session ends after a second of silence; the
+    same client address (dig -b pins the source port) then gets a fresh session."""
+    port = procs.free_port("tcp/udp")
+    proc = goma_pt(forward("tcp/udp", port, LOOPBACK4, nsd.port, address=LOOPBACK4, timeout=1))
+    source = ("-b", f"{LOOPBACK4}#{procs.free_port('udp')}")
+    www = f"www.{ZONE}"
+    assert nsd.dig(LOOPBACK4, port, www, "A", *source).rdata("A") == [WWW_A]
+    procs.wait_for_log(proc, "idle timeout", timeout=5)
+    assert nsd.dig(LOOPBACK4, port, www, "A", *source).rdata("A") == [WWW_A]
+
+
+def test_dns_udp_session_survives_a_target_restart(
+    nsd: Nsd, goma_pt: GomaPt, launcher: Launcher
+) -> None:
+    """nsd restarts under a live UDP session: queries while it is down go
+    unanswered (ICMP port unreachable on the session's socket), and once it is
+    back the same client, on the same session, is answered again."""
+    port = procs.free_port("tcp/udp")
+    goma_pt(forward("tcp/udp", port, LOOPBACK4, nsd.port, address=LOOPBACK4))
+    source = ("-b", f"{LOOPBACK4}#{procs.free_port('udp')}")
+    www = f"www.{ZONE}"
+    assert nsd.dig(LOOPBACK4, port, www, "A", *source).rdata("A") == [WWW_A]
+
+    procs.stop(nsd.proc)
+    assert nsd.dig(LOOPBACK4, port, www, "A", *source, check=False).answers == []
+    start_nsd(launcher, nsd.argv, nsd.port)
+    assert nsd.dig(LOOPBACK4, port, www, "A", *source).rdata("A") == [WWW_A]

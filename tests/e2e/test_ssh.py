@@ -127,7 +127,7 @@ def test_ssh_idle_timeout_and_keepalives(sshd: Sshd, goma_pt: GomaPt) -> None:
     elapsed = time.monotonic() - start
     assert cut.returncode == 255  # ssh's own "connection lost"
     assert b"still-here" not in cut.stdout
-    assert IDLE * 0.9 <= elapsed < IDLE + 1.5
+    assert IDLE * 0.9 <= elapsed < 4  # cut while the command still slept
     procs.wait_for_log(proc, "idle timeout", timeout=2)
 
 
