@@ -112,6 +112,7 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    stopped: bool = False  # by `stop`, whose second call must not signal anything
 
     def log_text(self) -> str:
         try:
@@ -188,7 +189,11 @@ def stop(proc: Proc, timeout: float = 5.0) -> int:
     """SIGTERM, then SIGKILL after `timeout`; then clear its process group.
 
     Returns the exit status of the SIGTERM (negative: killed by that signal).
+    Stopping a stopped process only returns its status again.
     """
+    if proc.stopped:
+        return proc.popen.returncode
+    proc.stopped = True
     if proc.running:
         proc.popen.send_signal(signal.SIGTERM)
     try:
@@ -198,7 +203,7 @@ def stop(proc: Proc, timeout: float = 5.0) -> int:
             os.killpg(proc.popen.pid, signal.SIGKILL)
         proc.popen.wait(timeout)
         rc = -signal.SIGKILL
-    # Leftover children of our own group only (the group id is the child's pid).
+    # Leftover children of its own group only (the group id is the child's pid).
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.popen.pid, signal.SIGKILL)
     return rc
