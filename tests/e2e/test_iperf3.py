@@ -37,8 +37,11 @@ def iperf3(launcher: Launcher) -> Iterator[Iperf3]:
     """One server per test: an iperf3 server runs one test at a time."""
     binary = require_binary("iperf3")
     port = procs.free_port("tcp/udp")
-    proc = launcher.start("iperf3-server", [binary, "-s", "-B", LOOPBACK4, "-p", str(port)])
-    procs.wait_for_tcp(proc, LOOPBACK4, port)
+    argv = [binary, "-s", "-B", LOOPBACK4, "-p", str(port), "--forceflush"]
+    proc = launcher.start("iperf3-server", argv)
+    # Not a TCP probe: iperf3 would take it for a client, fail that "test", and
+    # may reset the real client that connects meanwhile.
+    procs.wait_for_log(proc, f"Server listening on {port}")
     yield Iperf3(port, binary)
 
 
