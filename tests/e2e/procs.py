@@ -215,13 +215,10 @@ def run(
     timeout: float = 60.0,
     input: bytes | None = None,
     check: bool = True,
-    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a client to completion within `timeout`; on failure show its output."""
     try:
-        done = subprocess.run(
-            list(argv), input=input, capture_output=True, timeout=timeout, cwd=cwd
-        )
+        done = subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise PeerError(
             f"{argv[0]} took over {timeout:g} s\nstdout: {e.stdout!r:.2000}\n"
