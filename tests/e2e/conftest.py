@@ -51,7 +51,11 @@ def goma_pt(launcher: Launcher, tmp_path: Path) -> Iterator[GomaPt]:
 
     def start(*forwards: dict[str, Any]) -> Proc:
         cfg = write_config(tmp_path / f"goma-pt-{len(mine)}.yml", list(forwards))
-        argv = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(cfg))
+        # A short drain: a test's last client may still be connected at
+        # teardown, and the stop must finish well inside procs.stop's wait.
+        argv = twistd_command(
+            "-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(cfg), "--drain=1"
+        )  # fmt: skip
         proc = launcher.start("goma-pt", argv, env=twistd_env(), cwd=tmp_path)
         mine.append(proc)
         procs.wait_for_log(proc, READY, timeout=10)
