@@ -178,8 +178,11 @@ def test_default_bounds_never_exceed_the_limit(
     limit: int, in_use: int, tcp: list[None], udp: list[None]
 ) -> None:
     budget = plan_budget(limit, in_use, list(tcp), list(udp))
-    if budget.usable >= policy.MIN_DEFAULT_BOUND * 2 * (len(tcp) + len(udp)):
+    # Whenever the limit leaves room for the smallest default bound of
+    # each forward, the derived bounds all fit.
+    if budget.usable >= policy.MIN_DEFAULT_BOUND * 2 * (2 * len(tcp) + len(udp)):
         assert not budget.overcommitted
+    assert all(bound >= policy.MIN_DEFAULT_BOUND for bound, _ in budget.tcp + budget.udp)
 
 
 def test_refusal_log_is_rate_limited() -> None:
