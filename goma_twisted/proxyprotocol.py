@@ -131,6 +131,8 @@ class HeaderReader:
             raise ProxyHeaderError("the header was already read")
         self.buffer += data
         buffer = self.buffer
+        if not buffer:
+            return None
         if buffer[:1] == V2_SIGNATURE[:1]:
             result = self._v2(buffer)
         elif buffer[:1] == V1_PREFIX[:1]:
