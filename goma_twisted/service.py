@@ -253,4 +253,3 @@ def open_fd_count() -> int:
         except OSError:
             continue
     return 0
-

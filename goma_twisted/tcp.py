@@ -478,13 +478,13 @@ class TCPForwardFactory(Factory):
         """
         host = str(getattr(addr, "host", ""))
         port = int(getattr(addr, "port", 0))
-        if self.bounds.full():
-            self.refused(format_address(host, port), policy.AT_BOUND)
-            return None
         relay = Relay(self)
         if relay.expectHeader:
             if not matches_trusted(parse_ip(host), self.forward):
                 self.refused(format_address(host, port), policy.UNTRUSTED)
+                return None
+            if self.bounds.full():
+                self.refused(format_address(host, port), policy.AT_BOUND)
                 return None
             # Counted in the total now; allow/deny and the per-address
             # bound wait for the header to name the real client.
