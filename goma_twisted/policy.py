@@ -241,7 +241,7 @@ class RefusalLog:
     @param clock: gives C{seconds()} (the reactor, or a test's Clock).
     """
 
-    FORMAT = "{forward}: refused {client}: {refusal}{suppressedNote}"
+    FORMAT = "{forward}: refused {client}: {refusal}{detailNote}{suppressedNote}"
 
     def __init__(self, emit: Callable[..., Any], clock: Any, interval: float = 10.0) -> None:
         self.emit = emit
@@ -250,7 +250,14 @@ class RefusalLog:
         self._last: dict[tuple[str, str], float] = {}
         self._suppressed: dict[tuple[str, str], int] = {}
 
-    def refused(self, forward: str, client: str, refusal: str, **fields: Any) -> None:
+    def refused(
+        self, forward: str, client: str, refusal: str, detail: str = "", **fields: Any
+    ) -> None:
+        """
+        Log a refusal unless one of its kind was logged within the
+        interval. The key is the forward and the refusal only, never the
+        detail, which may come from a peer's bytes.
+        """
         key = (forward, refusal)
         now = self.clock.seconds()
         last = self._last.get(key)
@@ -267,6 +274,8 @@ class RefusalLog:
             forward=forward,
             client=client,
             refusal=refusal,
+            detail=detail,
+            detailNote=f" ({detail})" if detail else "",
             suppressed=suppressed,
             suppressedNote=note,
             **fields,

@@ -509,9 +509,7 @@ class TCPForwardFactory(Factory):
 
     def refused(self, client: str, refusal: str, detail: str = "") -> None:
         self.refusedCounts[refusal] += 1
-        self.refusalLog.refused(
-            self.forward.name, client, refusal + (f" ({detail})" if detail else "")
-        )
+        self.refusalLog.refused(self.forward.name, client, refusal, detail)
 
     def relayEnded(self, relay: Relay) -> None:
         if relay in self.relays:

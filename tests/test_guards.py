@@ -28,7 +28,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from goma_twisted import policy, tcp
-from goma_twisted.proxyprotocol import HeaderReader, ProxyHeaderError, encode_v1, encode_v2
+from goma_twisted.proxyprotocol import (
+    V2_SIGNATURE,
+    HeaderReader,
+    ProxyHeaderError,
+    encode_v1,
+    encode_v2,
+)
 
 from .support import (
     Recorder,
@@ -397,10 +403,18 @@ async def test_default_bounds_come_from_the_descriptor_limit(
 
 
 @pytest.mark.parametrize("version", [1, 2])
-@pytest.mark.parametrize(("source", "listen"), [("127.0.0.2", "127.0.0.1"), ("::1", "::1")])
+@pytest.mark.parametrize(
+    ("source", "listen", "host"),
+    [
+        ("127.0.0.2", "127.0.0.1", "127.0.0.1"),
+        ("::1", "::1", "::1"),
+        # A dual-stack listener sees ::ffff:127.0.0.2; the header says IPv4.
+        ("127.0.0.2", "::", "127.0.0.1"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_proxy_header_sent_to_the_target(
-    reactor: Any, cleanup: list[Any], version: int, source: str, listen: str
+    reactor: Any, cleanup: list[Any], version: int, source: str, listen: str, host: str
 ) -> None:
     target, target_port = backend(reactor, cleanup, expect_header=True)
     service = serve(
@@ -408,7 +422,7 @@ async def test_proxy_header_sent_to_the_target(
     )
     port = bound_port(service)
     client = Recorder(send=b"first bytes", halfClose=True)
-    connect_from(reactor, source, port, client, host=listen)
+    connect_from(reactor, source, port, client, host=host)
     await finished(reactor, client.connected_d)
     client_port = client.transport.getHost().port  # type: ignore[union-attr]
     assert await finished(reactor, client.lost) == b"first bytes"
@@ -419,10 +433,15 @@ async def test_proxy_header_sent_to_the_target(
         client_port,
     )
     assert (ipaddress.ip_address(info.destination.host), info.destination.port) == (
-        ipaddress.ip_address(listen),
+        ipaddress.ip_address(host),
         port,
     )
-    assert info.header.startswith(b"PROXY TCP" if version == 1 else b"\r\n\r\n\x00")
+    family = ipaddress.ip_address(host).version
+    assert info.header.startswith(
+        f"PROXY TCP{family} ".encode() if version == 1 else V2_SIGNATURE + b"\x21"
+    )
+    if version == 2:
+        assert info.header[13] == (0x11 if family == 4 else 0x21)
     assert conn.received == b"first bytes"
 
 
@@ -521,7 +540,10 @@ async def test_untrusted_or_malformed_headers_are_refused(
     assert target.connections == []
     factory = service.listeners[0].factory
     assert factory.refusedCounts == {refusal: 1}
-    assert [e["refusal"].split(" (")[0] for e in refusals(logs)] == [refusal]
+    [event] = refusals(logs)
+    assert event["refusal"] == refusal
+    assert event["client"].startswith(f"{source}:")
+    assert bool(event["detail"]) is (refusal == policy.BAD_HEADER)
     assert logs.ends() == [] and factory.bounds.open == 0
 
 

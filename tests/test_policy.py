@@ -200,3 +200,15 @@ def test_refusal_log_is_rate_limited() -> None:
     refusals.refused("tcp 22", "192.0.2.9:5000", policy.DENIED)
     assert (events[-1]["client"], events[-1]["suppressed"]) == ("192.0.2.9:5000", 999)
     assert events[-1]["suppressedNote"] == " (999 more not logged in the last 10s)"
+
+
+def test_refusal_details_do_not_escape_the_rate_limit() -> None:
+    # The detail of a bad header comes from the peer's bytes: a flood of
+    # different ones is still one event per interval.
+    clock = Clock()
+    events: list[dict[str, Any]] = []
+    refusals = RefusalLog(lambda fmt, **kw: events.append(kw), clock, interval=10)
+    for i in range(100):
+        refusals.refused("tcp 443", "192.0.2.1:5000", policy.BAD_HEADER, f"detail {i}")
+    assert [e["detail"] for e in events] == ["detail 0"]
+    assert events[0]["detailNote"] == " (detail 0)"
