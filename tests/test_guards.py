@@ -263,6 +263,28 @@ async def test_udp_allow_and_deny(reactor: Any, cleanup: list[Any]) -> None:
     assert len(refusals(logs)) == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_udp_dual_stack_listener_matches_ipv4_clients_as_ipv4(
+    reactor: Any, cleanup: list[Any]
+) -> None:
+    target_port = udp_echo(reactor, cleanup)
+    service = serve(
+        cleanup,
+        forward(("udp",), ("127.0.0.1", target_port), address="::", deny=nets("127.0.0.3/32")),
+    )
+    listen = bound_port(service, "udp")
+    allowed = udp_client(reactor, cleanup, "127.0.0.2")
+    denied = udp_client(reactor, cleanup, "127.0.0.3")
+    denied.transport.write(b"no", ("127.0.0.1", listen))
+    allowed.transport.write(b"yes", ("127.0.0.1", listen))
+    await until(reactor, lambda: allowed.replies)
+    await deferLater(reactor, 0.1)
+    assert (allowed.replies, denied.replies) == ([b"yes"], [])
+    relay = udp_relay(service)
+    assert [addr[0] for addr in relay.sessions] == ["::ffff:127.0.0.2"]
+    assert relay.refusedCounts == {policy.DENIED: 1}
+
+
 # Connection and session bounds
 
 
