@@ -5,6 +5,7 @@ per forward and protocol, under one L{MultiService}.
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import socket
@@ -18,13 +19,11 @@ from twisted.logger import Logger
 
 from ._reactor import reactor_or_global
 from .config import ConfigError, Forward, GatewayConfig, format_address, load_config
+from .policy import Budget, plan_budget
 from .tcp import TCPForwardFactory
 from .udp import MAX_DATAGRAM, UDPForward
 
 log = Logger(namespace="goma_pt")
-
-# File descriptors kept aside for the process itself (logs, DNS, listeners).
-RESERVED_FDS = 64
 
 
 class ListenError(Exception):
@@ -77,7 +76,8 @@ class TCPForwardServer(_Listener, internet.TCPServer):
 
     def update(self, forward: Forward) -> None:
         """New settings for new connections; live ones keep theirs."""
-        self.forward = self.factory.forward = forward
+        self.forward = forward
+        self.factory.reconfigure(forward)
 
 
 class UDPForwardServer(_Listener, internet.UDPServer):
@@ -90,7 +90,8 @@ class UDPForwardServer(_Listener, internet.UDPServer):
 
     def update(self, forward: Forward) -> None:
         """New settings for new sessions; open ones keep their target."""
-        self.forward = self.relay.config = forward
+        self.forward = forward
+        self.relay.reconfigure(forward)
 
 
 Listener = TCPForwardServer | UDPForwardServer
@@ -158,7 +159,7 @@ class PassThroughService(MultiService):
     def privilegedStartService(self) -> None:
         # Runs as root under twistd --uid/--gid: bind low ports here, and
         # stop what was bound if a later forward cannot listen.
-        self._sizeSessionTables()
+        self._sizeBounds()
         try:
             super().privilegedStartService()
         except ListenError:
@@ -166,7 +167,7 @@ class PassThroughService(MultiService):
             raise
 
     def startService(self) -> None:
-        self._sizeSessionTables()
+        self._sizeBounds()
         try:
             super().startService()
         except ListenError:
@@ -297,7 +298,7 @@ class PassThroughService(MultiService):
             self._listeners[listener.key] = listener
             _announce(listener)
         self.config = config
-        self._sizeSessionTables()
+        self._sizeBounds(replan=True)
         log.info(
             "Reloaded {source}: {added} listeners added, {removed} removed, "
             "{changed} changed, {count} in all",
@@ -322,15 +323,60 @@ class PassThroughService(MultiService):
                 listener._port.stopListening()
                 listener._port = None
 
-    def _sizeSessionTables(self) -> None:
-        relays = [
-            listener.relay for listener in self.listeners if isinstance(listener, UDPForwardServer)
-        ]
-        if not relays:
+    budget: Budget | None = None
+
+    def _sizeBounds(self, replan: bool = False) -> None:
+        """
+        Raise the descriptor limit, then give each forward without a
+        configured bound its share of it; log the figures. At start this
+        is done once; a reload (C{replan}) shares the limit again among the
+        forwards it leaves, counting the descriptors open at start, not the
+        live connections', which their bounds already count.
+        """
+        if self.budget is not None and not replan:
             return
-        bound = default_max_sessions(raise_fd_limit(), len(relays))
-        for relay in relays:
-            relay.max_sessions = relay.config.max_sessions or bound
+        soft_before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = raise_fd_limit()
+        in_use = self.budget.in_use if self.budget is not None else open_fd_count()
+        tcp = [lst for lst in self.listeners if isinstance(lst, TCPForwardServer)]
+        udp = [lst for lst in self.listeners if isinstance(lst, UDPForwardServer)]
+        self.budget = budget = plan_budget(
+            limit,
+            in_use,
+            [lst.forward.max_connections for lst in tcp],
+            [lst.forward.max_sessions for lst in udp],
+        )
+        for listener, (bound, _) in zip(tcp, budget.tcp, strict=True):
+            listener.factory.bounds.total = bound
+        for udp_listener, (bound, _) in zip(udp, budget.udp, strict=True):
+            udp_listener.relay.max_sessions = bound
+        shares = [
+            f"{lst.forward.name} {bound} connections" + (" (derived)" if derived else "")
+            for lst, (bound, derived) in zip(tcp, budget.tcp, strict=True)
+        ] + [
+            f"{lst.forward.name} {bound} sessions" + (" (derived)" if derived else "")
+            for lst, (bound, derived) in zip(udp, budget.udp, strict=True)
+        ]
+        raised = f" (raised from {soft_before})" if soft_before != limit else ""
+        log.info(
+            "File descriptors: limit {limit}{raised}, {inUse} open, {reserved} kept aside; "
+            "bounds: {shares}",
+            limit=limit,
+            raised=raised,
+            softBefore=soft_before,
+            inUse=budget.in_use,
+            reserved=budget.reserved,
+            shares="; ".join(shares) or "none",
+            needed=budget.needed,
+        )
+        if budget.overcommitted:
+            log.warn(
+                "The configured bounds need {needed} file descriptors with every connection "
+                "and session open, more than the {usable} available: raise the limit "
+                "(ulimit -n, systemd LimitNOFILE=) or lower maxConnections/maxSessions",
+                needed=budget.needed,
+                usable=budget.usable,
+            )
 
 
 def _keys(forward: Forward) -> list[ListenKey]:
@@ -400,11 +446,11 @@ def raise_fd_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def default_max_sessions(fd_limit: int, udp_forwards: int) -> int:
-    """
-    The session bound of each UDP forward when the config gives none: half
-    of the process's descriptors, shared by its UDP forwards, the other half
-    left to TCP connections (two descriptors each).
-    """
-    usable = max(fd_limit - RESERVED_FDS, 32)
-    return max(16, min(65536, usable // 2 // max(udp_forwards, 1)))
+def open_fd_count() -> int:
+    """How many file descriptors the process has open now (0 if it cannot tell)."""
+    for directory in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(directory))
+        except OSError:
+            continue
+    return 0

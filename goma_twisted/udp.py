@@ -11,6 +11,7 @@ logged once until the table has room again.
 from __future__ import annotations
 
 import socket
+from collections import Counter
 from typing import Any
 
 from twisted.internet import base, udp
@@ -22,8 +23,10 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import policy
 from ._reactor import reactor_or_global
 from .config import Forward, format_address
+from .policy import Bounds, IPAddress, RefusalLog, parse_ip
 from .resolve import resolve_host
 
 log = Logger(namespace="goma_pt.udp")
@@ -117,6 +120,7 @@ class UDPSession(DatagramProtocol):
         self.reason: str | None = None
         self.refusals = 0
         self.detail: str | None = None
+        self.clientIP: IPAddress | None = None
         self._queue: list[bytes] | None = []
         self._timer: IDelayedCall | None = None
 
@@ -239,6 +243,19 @@ class UDPForward(DatagramProtocol):
         self.refusedAtBound = 0
         self.dropped = 0
         self._full = False
+        self.policy = config.policy
+        # Sessions per client address (maxSessionsPerIp); the total is
+        # len(self.sessions) against max_sessions.
+        self.bounds = Bounds(None, config.max_sessions_per_ip)
+        # Refusals by reason (see goma_twisted.policy); logged rate-limited.
+        self.refusedCounts: Counter[str] = Counter()
+        self.refusalLog = RefusalLog(log.warn, self.clock)
+
+    def reconfigure(self, config: Forward) -> None:
+        """New settings for new sessions (a reload); open ones keep their target."""
+        self.config = config
+        self.policy = config.policy
+        self.bounds.per_ip = config.max_sessions_per_ip
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         session = self.sessions.get(addr)
@@ -246,7 +263,14 @@ class UDPForward(DatagramProtocol):
             if len(self.sessions) >= self.max_sessions:
                 self._refuse(addr)
                 return
+            client = parse_ip(addr[0])
+            why = policy.DENIED if not self.policy.permits(client) else self.bounds.admit(client)
+            if why is not None:
+                self.refusedCounts[why] += 1
+                self.refusalLog.refused(self.config.name, format_address(*addr[:2]), why)
+                return
             session = self.sessions[addr] = UDPSession(self, addr)
+            session.clientIP = client
             session.start()
             if session.reason is not None:
                 return
@@ -254,6 +278,7 @@ class UDPForward(DatagramProtocol):
 
     def _refuse(self, addr: tuple[str, int]) -> None:
         self.refusedAtBound += 1
+        self.refusedCounts[policy.AT_BOUND] += 1
         if not self._full:
             self._full = True
             log.warn(
@@ -276,6 +301,7 @@ class UDPForward(DatagramProtocol):
     def sessionEnded(self, session: UDPSession) -> None:
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
+            self.bounds.release(session.clientIP)
         if self._full and len(self.sessions) < self.max_sessions:
             self._full = False
             log.info(

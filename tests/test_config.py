@@ -5,6 +5,7 @@ and errors that name the line and the field.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,81 @@ def test_targets(text: str, host: str, port: int) -> None:
 )
 def test_addresses_as_logs_show_them(host: str, port: int, shown: str) -> None:
     assert format_address(host, port) == shown
+
+
+def test_guard_keys() -> None:
+    config = parse_config(
+        forwards(
+            "{protocol: tcp/udp, port: 1, target: 'a:1', allow: [10.0.0.0/8, '2001:db8::/32'],"
+            " deny: 10.9.9.9, maxConnections: 100, maxConnectionsPerIp: 5, maxSessions: 50,"
+            " maxSessionsPerIp: 2, proxyProtocol: 2,"
+            " acceptProxyProtocol: ['::ffff:192.0.2.0/120']}",
+            "{protocol: tcp, port: 2, target: 'a:1'}",
+        )
+    )
+    a, b = config.forwards
+    assert a.allow == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
+    assert a.deny == (ipaddress.ip_network("10.9.9.9/32"),)
+    assert (a.max_connections, a.max_connections_per_ip) == (100, 5)
+    assert (a.max_sessions, a.max_sessions_per_ip) == (50, 2)
+    assert a.proxy_protocol == 2
+    # An IPv4-mapped block is the IPv4 block it names: clients match as IPv4.
+    assert a.accept_proxy_protocol == (ipaddress.ip_network("192.0.2.0/24"),)
+    assert a.policy.permits(ipaddress.ip_address("10.1.2.3"))
+    assert not a.policy.permits(ipaddress.ip_address("10.9.9.9"))
+    assert (b.allow, b.deny, b.accept_proxy_protocol) == ((), (), ())
+    assert (b.max_connections, b.max_connections_per_ip, b.proxy_protocol) == (None, None, None)
+    assert not b.policy
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        (
+            "allow: [10.0.0.0/8, 10.0.0.1/8]",
+            "goma.yml:5:71: forwards[0].allow[1]: '10.0.0.1/8' has bits set after the prefix; "
+            "did you mean 10.0.0.0/8?",
+        ),
+        (
+            "deny: [example.com]",
+            "forwards[0].deny[0]: 'example.com' is not an IP address or CIDR block",
+        ),
+        ("deny: ['10.0.0.0/33']", "forwards[0].deny[0]: '10.0.0.0/33' is not an IP address"),
+        ("allow: []", "forwards[0].allow: the list is empty"),
+        ("allow: {a: 1}", "forwards[0].allow: got a mapping; expected a list of IP addresses"),
+        ("allow: [1]", "forwards[0].allow[0]: got an integer ('1'); expected a list of IP"),
+        (
+            "maxConnections: 0",
+            "forwards[0].maxConnections: got an integer ('0'); expected a whole",
+        ),
+        ("maxConnectionsPerIp: -1", "forwards[0].maxConnectionsPerIp: got an integer ('-1')"),
+        ("proxyProtocol: 3", "forwards[0].proxyProtocol: got an integer ('3'); expected 1 (text"),
+        ("proxyProtocol: v2", "forwards[0].proxyProtocol: got a string ('v2'); expected 1"),
+        ("acceptProxyProtocol: true", "forwards[0].acceptProxyProtocol: got a boolean ('true')"),
+        (
+            "maxSessions: 10",
+            "forwards[0].maxSessions: applies to udp forwards only; this forward is tcp "
+            "(use protocol: tcp/udp for both)",
+        ),
+        ("maxSessionsPerIp: 10", "forwards[0].maxSessionsPerIp: applies to udp forwards only"),
+        ("maxConnectioms: 10", "forwards[0].maxConnectioms: unknown key; did you mean"),
+    ],
+)
+def test_guard_key_errors(item: str, expected: str) -> None:
+    found = errors(forwards(f"{{protocol: tcp, port: 1, target: 'a:1', {item}}}"))
+    assert any(expected in problem for problem in found), found
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "maxConnections: 1",
+        "maxConnectionsPerIp: 1",
+        "proxyProtocol: 1",
+        "acceptProxyProtocol: ['::1']",
+    ],
+)
+def test_tcp_keys_on_a_udp_forward_are_errors(item: str) -> None:
+    key = item.split(":")[0]
+    found = errors(forwards(f"{{protocol: udp, port: 1, target: 'a:1', {item}}}"))
+    assert [f"forwards[0].{key}: applies to tcp forwards only" in p for p in found] == [True]

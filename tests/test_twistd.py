@@ -6,6 +6,8 @@ the .tac example, and what they print when something is wrong.
 from __future__ import annotations
 
 import os
+import re
+import resource
 import signal
 import socket
 import socketserver
@@ -432,3 +434,70 @@ def test_a_privileged_port_without_privileges_is_one_line(tmp_path: Path) -> Non
     assert result.returncode == 1
     assert "Traceback" not in output
     assert "Permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE" in output
+
+
+def _low_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 256))
+
+
+def _served(s: socket.socket) -> bool:
+    """Whether goma-pt relays on this connection (an echo comes back) or closed it."""
+    try:
+        s.sendall(b"ping")
+        return s.recv(16) == b"ping"
+    except OSError:
+        return False
+
+
+def test_descriptor_limit_sizes_the_bounds_and_a_flood_never_hits_emfile(
+    tmp_path: Path, backend: int
+) -> None:
+    port = free_port()
+    forward = {
+        "protocol": "tcp/udp",
+        "port": port,
+        "address": "127.0.0.1",
+        "target": f"127.0.0.1:{backend}",
+        "deny": ["127.0.0.3"],
+    }
+    config = write_config(tmp_path / "goma.yml", [forward])
+    log = tmp_path / "goma.log"
+    command = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
+    with running(command, log, env=twistd_env(), preexec_fn=_low_fd_limit):
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        text = log.read_text()
+        assert "File descriptors: limit 256 (raised from 128)" in text
+        found = re.search(r"(\d+) connections \(derived\); .* (\d+) sessions \(derived\)", text)
+        assert found, text
+        bound, sessions = int(found[1]), int(found[2])
+        assert bound >= 16 and 2 * bound + sessions < 256
+        clients = []
+        try:
+            for _ in range(bound + 30):
+                s = socket.create_connection(
+                    ("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)
+                )
+                s.settimeout(2)
+                clients.append(s)
+            assert sum(_served(s) for s in clients) == bound
+            # A flood of UDP source ports, more than the session bound.
+            for _ in range(sessions + 100):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.bind(("127.0.0.2", 0))
+                    u.sendto(b"flood", ("127.0.0.1", port))
+            with socket.create_connection(
+                ("127.0.0.1", port), timeout=5, source_address=("127.0.0.3", 0)
+            ) as denied:
+                denied.settimeout(5)
+                assert not _served(denied)
+            # The served connections still work.
+            assert all(_served(s) for s in clients[:bound])
+        finally:
+            for s in clients:
+                s.close()
+        wait_for(lambda: log.read_text().count("client closed") >= bound, what="clients closed")
+    text = log.read_text()
+    assert "Too many open files" not in text and "EMFILE" not in text
+    assert "refused 127.0.0.3:" in text and ": denied" in text
+    assert "refused 127.0.0.2:" in text and ": at bound" in text
+    assert "sessions open, the bound; dropping datagrams" in text
