@@ -22,6 +22,8 @@ import yaml
 from attrs import frozen
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 
+from .policy import AddressPolicy, IPNetwork, parse_network
+
 # Goma Gateway's own defaults when a forward gives no timeout.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_UDP_IDLE_TIMEOUT = 300.0
@@ -42,7 +44,20 @@ FORWARD_KEYS = (
     "connectTimeout",
     "idleTimeout",
     "maxSessions",
+    "allow",
+    "deny",
+    "maxConnections",
+    "maxConnectionsPerIp",
+    "maxSessionsPerIp",
+    "proxyProtocol",
+    "acceptProxyProtocol",
 )
+# Keys that act on one protocol only; giving one to a forward without
+# that protocol is an error, as it would silently do nothing.
+TCP_ONLY_KEYS = ("maxConnections", "maxConnectionsPerIp", "proxyProtocol", "acceptProxyProtocol")
+UDP_ONLY_KEYS = ("maxSessions", "maxSessionsPerIp")
+# Bound on each address list, so a pasted list cannot slow every accept.
+MAX_LIST_ENTRIES = 10_000
 PASSTHROUGH_KEYS = ("forwards",)
 
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
@@ -113,6 +128,18 @@ class Forward:
     idle_timeout: float | None = None
     udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT
     max_sessions: int | None = None
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+    max_connections: int | None = None
+    max_connections_per_ip: int | None = None
+    max_sessions_per_ip: int | None = None
+    proxy_protocol: int | None = None
+    accept_proxy_protocol: tuple[IPNetwork, ...] = ()
+
+    @property
+    def policy(self) -> AddressPolicy:
+        """Who may use this forward: its C{allow} and C{deny} lists."""
+        return AddressPolicy(self.allow, self.deny)
 
     @property
     def protocol(self) -> str:
@@ -136,7 +163,12 @@ class GatewayConfig:
 
 
 def format_address(host: str, port: int) -> str:
-    """C{host:port}, with IPv6 literals in brackets."""
+    """
+    C{host:port}, with IPv6 literals in brackets and IPv4 clients of a
+    dual-stack listener (C{::ffff:192.0.2.1}) shown as the IPv4 they are.
+    """
+    if host.startswith("::ffff:") and isIPAddress(host[7:]):
+        host = host[7:]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -366,6 +398,15 @@ class _Checker:
         connect_timeout = self.seconds(entries.get("connectTimeout"), path)
         idle_timeout = self.seconds(entries.get("idleTimeout"), path)
         max_sessions = self.positive_int(entries.get("maxSessions"), path)
+        allow = self.networks(entries.get("allow"), path)
+        deny = self.networks(entries.get("deny"), path)
+        max_connections = self.positive_int(entries.get("maxConnections"), path)
+        per_ip = self.positive_int(entries.get("maxConnectionsPerIp"), path)
+        sessions_per_ip = self.positive_int(entries.get("maxSessionsPerIp"), path)
+        proxy_protocol = self.proxy_version(entries.get("proxyProtocol"), path)
+        accept_proxy = self.networks(entries.get("acceptProxyProtocol"), path)
+        if protocols is not None:
+            self.protocol_keys(entries, protocols, path)
         if len(self.problems) > before or protocols is None or port is None or target is None:
             return None
         tcp_idle = idle_timeout if idle_timeout is not None else timeout
@@ -379,6 +420,13 @@ class _Checker:
             idle_timeout=tcp_idle,
             udp_idle_timeout=udp_idle,
             max_sessions=max_sessions,
+            allow=allow,
+            deny=deny,
+            max_connections=max_connections,
+            max_connections_per_ip=per_ip,
+            max_sessions_per_ip=sessions_per_ip,
+            proxy_protocol=proxy_protocol,
+            accept_proxy_protocol=accept_proxy,
         )
 
     def protocol(
@@ -481,6 +529,76 @@ class _Checker:
             f"got {_describe(value_node)}; expected a whole number of at least 1",
         )
         return None
+
+    def networks(
+        self, entry: tuple[yaml.Node, yaml.Node] | None, path: str
+    ) -> tuple[IPNetwork, ...]:
+        """A list of addresses and CIDR blocks (one string alone is a list of one)."""
+        if entry is None:
+            return ()
+        key_node, value_node = entry
+        where = _join(path, str(key_node.value))
+        accepted = "expected a list of IP addresses or CIDR blocks: [10.0.0.0/8, 2001:db8::/32]"
+        items: list[yaml.Node]
+        if isinstance(value_node, yaml.SequenceNode):
+            items = list(value_node.value)
+        elif isinstance(value_node, yaml.ScalarNode) and isinstance(self.scalar(value_node), str):
+            items = [value_node]
+        else:
+            self.problem(value_node, where, f"got {_describe(value_node)}; {accepted}")
+            return ()
+        if not items:
+            self.problem(value_node, where, f"the list is empty; {accepted}")
+            return ()
+        if len(items) > MAX_LIST_ENTRIES:
+            self.problem(value_node, where, f"more than {MAX_LIST_ENTRIES} entries")
+            return ()
+        result = []
+        for index, item in enumerate(items):
+            value = self.scalar(item)
+            item_where = where if item is value_node else f"{where}[{index}]"
+            if not isinstance(value, str):
+                self.problem(item, item_where, f"got {_describe(item)}; {accepted}")
+                continue
+            network, why = parse_network(value)
+            if network is None:
+                self.problem(item, item_where, why)
+                continue
+            result.append(network)
+        return tuple(result)
+
+    def proxy_version(self, entry: tuple[yaml.Node, yaml.Node] | None, path: str) -> int | None:
+        if entry is None:
+            return None
+        key_node, value_node = entry
+        value = self.scalar(value_node)
+        if type(value) is int and value in (1, 2):
+            return value
+        self.problem(
+            value_node,
+            _join(path, str(key_node.value)),
+            f"got {_describe(value_node)}; expected 1 (text header) or 2 (binary header)",
+        )
+        return None
+
+    def protocol_keys(
+        self,
+        entries: dict[str, tuple[yaml.Node, yaml.Node]],
+        protocols: tuple[str, ...],
+        path: str,
+    ) -> None:
+        """A TCP-only key on a UDP forward (or the reverse) would do nothing: say so."""
+        for keys, needed in ((TCP_ONLY_KEYS, "tcp"), (UDP_ONLY_KEYS, "udp")):
+            if needed in protocols:
+                continue
+            for key in keys:
+                if key in entries:
+                    self.problem(
+                        entries[key][0],
+                        _join(path, key),
+                        f"applies to {needed} forwards only; this forward is "
+                        f"{'/'.join(protocols)} (use protocol: tcp/udp for both)",
+                    )
 
     def clashes(self, forwards: list[tuple[Forward, yaml.Node]]) -> None:
         """Two forwards cannot listen on the same port for the same protocol."""

@@ -5,28 +5,37 @@ per forward and protocol, under one L{MultiService}.
 
 from __future__ import annotations
 
+import os
 import resource
+import signal
 import socket
 from typing import Any
 
 from twisted.application import internet
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from .config import Forward, GatewayConfig, format_address
+from ._reactor import reactor_or_global
+from .config import ConfigError, Forward, GatewayConfig, format_address, load_config
+from .policy import Budget, plan_budget
 from .tcp import TCPForwardFactory
 from .udp import MAX_DATAGRAM, UDPForward
 
 log = Logger(namespace="goma_pt")
 
-# File descriptors kept aside for the process itself (logs, DNS, listeners).
-RESERVED_FDS = 64
+
+class ListenError(Exception):
+    """
+    A forward cannot start listening. The message leads with the address
+    and the reason, as twistd shows only its first 100 bytes when a daemon
+    fails to start.
+    """
 
 
-class StartError(Exception):
-    """A forward cannot start listening; the message says which and why."""
+ListenKey = tuple[str, str, int]
+"""What a listener is known by across reloads: protocol, address, port."""
 
 
 class _Listener:
@@ -36,6 +45,10 @@ class _Listener:
     protocol: str
     _port: Any
 
+    @property
+    def key(self) -> ListenKey:
+        return (self.protocol, self.forward.address, self.forward.port)
+
     def getHost(self) -> Any:
         """The address actually bound (port 0 becomes a real port)."""
         return self._port.getHost()
@@ -44,13 +57,13 @@ class _Listener:
         try:
             super().privilegedStartService()  # type: ignore[misc]
         except CannotListenError as e:
-            raise StartError(_cannot_listen(self.forward, self.protocol, e)) from None
+            raise ListenError(_cannot_listen(self.forward, self.protocol, e)) from None
 
     def startService(self) -> None:
         try:
             super().startService()  # type: ignore[misc]
         except CannotListenError as e:
-            raise StartError(_cannot_listen(self.forward, self.protocol, e)) from None
+            raise ListenError(_cannot_listen(self.forward, self.protocol, e)) from None
 
 
 class TCPForwardServer(_Listener, internet.TCPServer):
@@ -61,6 +74,11 @@ class TCPForwardServer(_Listener, internet.TCPServer):
         self.factory = factory
         super().__init__(forward.port, factory, **kwargs)
 
+    def update(self, forward: Forward) -> None:
+        """New settings for new connections; live ones keep theirs."""
+        self.forward = forward
+        self.factory.reconfigure(forward)
+
 
 class UDPForwardServer(_Listener, internet.UDPServer):
     protocol = "udp"
@@ -69,6 +87,16 @@ class UDPForwardServer(_Listener, internet.UDPServer):
         self.forward = forward
         self.relay = relay
         super().__init__(forward.port, relay, maxPacketSize=MAX_DATAGRAM, **kwargs)
+
+    def update(self, forward: Forward) -> None:
+        """New settings for new sessions; open ones keep their target."""
+        self.forward = forward
+        self.relay.reconfigure(forward)
+
+
+Listener = TCPForwardServer | UDPForwardServer
+
+DEFAULT_DRAIN_TIMEOUT = 5.0
 
 
 class PassThroughService(MultiService):
@@ -81,42 +109,68 @@ class PassThroughService(MultiService):
 
     @param reactor: listens, accepts and connects; the global one if None.
     @param clock: runs timeouts; the reactor if None (tests pass a Clock).
+    @param drain_timeout: at a stop, and for forwards a reload removes,
+        how long live TCP connections may go on before they are closed.
+    @param reload_signal: a signal (e.g. C{signal.SIGHUP}) on which to
+        re-read the config file while running; none if None.
     """
 
-    def __init__(self, config: GatewayConfig, reactor: Any = None, clock: Any = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        reactor: Any = None,
+        clock: Any = None,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        reload_signal: int | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
-        self.listeners: list[TCPForwardServer | UDPForwardServer] = []
-        extra = {} if reactor is None else {"reactor": reactor}
+        self.drain_timeout = drain_timeout
+        self.reload_signal = reload_signal
+        self._reactor = reactor
+        self._clock = clock
+        self._listeners: dict[ListenKey, Listener] = {}
+        self._draining: set[Deferred[None]] = set()
         for forward in config.forwards:
-            interface = forward.address or default_interface()
-            if "tcp" in forward.protocols:
-                factory = TCPForwardFactory(forward, reactor, clock)
-                self._add(TCPForwardServer(forward, factory, interface=interface, **extra))
-            if "udp" in forward.protocols:
-                relay = UDPForward(forward, forward.max_sessions or 1, reactor, clock)
-                self._add(UDPForwardServer(forward, relay, interface=interface, **extra))
+            for listener in self._build(forward):
+                self._adopt(listener)
 
-    def _add(self, listener: TCPForwardServer | UDPForwardServer) -> None:
+    @property
+    def listeners(self) -> list[Listener]:
+        return list(self._listeners.values())
+
+    def _build(self, forward: Forward) -> list[Listener]:
+        interface = forward.address or default_interface()
+        extra = {} if self._reactor is None else {"reactor": self._reactor}
+        built: list[Listener] = []
+        if "tcp" in forward.protocols:
+            factory = TCPForwardFactory(forward, self._reactor, self._clock)
+            built.append(TCPForwardServer(forward, factory, interface=interface, **extra))
+        if "udp" in forward.protocols:
+            relay = UDPForward(forward, forward.max_sessions or 1, self._reactor, self._clock)
+            built.append(UDPForwardServer(forward, relay, interface=interface, **extra))
+        return built
+
+    def _adopt(self, listener: Listener) -> None:
         listener.setName(f"{listener.protocol} {listener.forward.name}")
         listener.setServiceParent(self)
-        self.listeners.append(listener)
+        self._listeners[listener.key] = listener
 
     def privilegedStartService(self) -> None:
         # Runs as root under twistd --uid/--gid: bind low ports here, and
         # stop what was bound if a later forward cannot listen.
-        self._sizeSessionTables()
+        self._sizeBounds()
         try:
             super().privilegedStartService()
-        except StartError:
+        except ListenError:
             self._unbind()
             raise
 
     def startService(self) -> None:
-        self._sizeSessionTables()
+        self._sizeBounds()
         try:
             super().startService()
-        except StartError:
+        except ListenError:
             self.running = False
             self._unbind()
             raise
@@ -127,25 +181,141 @@ class PassThroughService(MultiService):
                 source=self.config.source,
             )
         for listener in self.listeners:
-            host = listener.getHost()
-            log.info(
-                "Forwarding {protocol} {listen} to {target}",
-                protocol=listener.protocol,
-                listen=format_address(host.host, host.port),
-                target=str(listener.forward.target),
-                forward=listener.forward.name,
-            )
-        log.info("goma-pt ready: {count} listeners", count=len(self.listeners))
+            _announce(listener)
+        log.info("goma-pt ready: {count} listeners", count=len(self._listeners))
+        if self.reload_signal is not None:
+            self._installReloadSignal(self.reload_signal)
 
     def stopService(self) -> Deferred[Any]:
-        """Close the listeners first, then the live connections and sessions."""
+        """
+        Close the listeners at once, let live TCP connections finish up to
+        the drain deadline, then close what is left.
+        """
         stopped = super().stopService()
-        closing = [
-            listener.factory.closeAll()
-            for listener in self.listeners
-            if isinstance(listener, TCPForwardServer)
-        ]
-        return gatherResults([stopped, *closing])
+        factories = [lst.factory for lst in self.listeners if isinstance(lst, TCPForwardServer)]
+        live = sum(len(factory.relays) for factory in factories)
+        if live:
+            log.info(
+                "Stopping: {live} connections may finish within {timeout}s",
+                live=live,
+                timeout=self.drain_timeout,
+            )
+        drains = [self._drain(factory) for factory in factories]
+        return gatherResults([stopped, *drains, *self._draining])
+
+    def _drain(self, factory: TCPForwardFactory) -> Deferred[None]:
+        drained = factory.drain(self.drain_timeout)
+        self._draining.add(drained)
+        drained.addBoth(_passthrough(self._draining.discard, drained))
+        return drained
+
+    # Reloading
+
+    def reload(self, path: str | None = None) -> Deferred[bool]:
+        """
+        Re-read the config file (the one loaded first, unless C{path} is
+        given) and apply it; see L{apply}. A file that does not load is
+        logged and changes nothing.
+
+        @return: a Deferred that fires with True once applied, else False.
+        """
+        source = path or self.config.source
+        try:
+            config = load_config(source)
+        except ConfigError as e:
+            log.error(
+                "Reload rejected; the running forwards stay as they were: {error}", error=str(e)
+            )
+            return succeed(False)
+        return Deferred.fromCoroutine(self.apply(config))
+
+    async def apply(self, config: GatewayConfig) -> bool:
+        """
+        Make the running forwards those of C{config}. Unchanged forwards
+        keep their listeners, connections and sessions. A forward whose
+        settings changed keeps its listener; new connections get the new
+        settings. Removed forwards stop listening and their connections
+        drain. If a new listener cannot bind, everything stays as it was.
+        """
+        wanted = {
+            listener_key: forward for forward in config.forwards for listener_key in _keys(forward)
+        }
+        removed = [self._listeners[key] for key in self._listeners if key not in wanted]
+        # A new listener on the port of one being removed can bind only once
+        # the old socket is closed; the others bind first, before anything stops.
+        freed = {(lst.protocol, lst.forward.port) for lst in removed}
+        added = [key for key in wanted if key not in self._listeners]
+        now = [key for key in added if (key[0], key[2]) not in freed]
+        later = [key for key in added if (key[0], key[2]) in freed]
+        started: list[Listener] = []
+        try:
+            self._startListeners(now, wanted, started)
+            await gatherResults([_stop(listener) for listener in removed])
+            self._startListeners(later, wanted, started)
+        except ListenError as e:
+            for listener in started:
+                self.removeService(listener)
+            for listener in removed:
+                listener.startService()
+            log.error(
+                "Reload rejected; the running forwards stay as they were: {error}", error=str(e)
+            )
+            return False
+        self._commit(config, wanted, removed, started)
+        return True
+
+    def _startListeners(
+        self, keys: list[ListenKey], wanted: dict[ListenKey, Forward], started: list[Listener]
+    ) -> None:
+        for key in keys:
+            [listener] = [lst for lst in self._build(wanted[key]) if lst.protocol == key[0]]
+            listener.setName(f"{listener.protocol} {listener.forward.name}")
+            try:
+                listener.setServiceParent(self)
+            except ListenError:
+                self.removeService(listener)
+                raise
+            started.append(listener)
+
+    def _commit(
+        self,
+        config: GatewayConfig,
+        wanted: dict[ListenKey, Forward],
+        removed: list[Listener],
+        started: list[Listener],
+    ) -> None:
+        changed = 0
+        for key, listener in self._listeners.items():
+            if key in wanted and listener.forward != wanted[key]:
+                listener.update(wanted[key])
+                changed += 1
+        for listener in removed:
+            del self._listeners[listener.key]
+            self.removeService(listener)
+            if isinstance(listener, TCPForwardServer):
+                self._drain(listener.factory)
+        for listener in started:
+            self._listeners[listener.key] = listener
+            _announce(listener)
+        self.config = config
+        self._sizeBounds(replan=True)
+        log.info(
+            "Reloaded {source}: {added} listeners added, {removed} removed, "
+            "{changed} changed, {count} in all",
+            source=config.source,
+            added=len(started),
+            removed=len(removed),
+            changed=changed,
+            count=len(self._listeners),
+        )
+
+    def _installReloadSignal(self, signum: int) -> None:
+        reactor = reactor_or_global(self._reactor)
+
+        def reload_soon(signum: int, frame: Any) -> None:
+            reactor.callFromThread(self.reload)
+
+        signal.signal(signum, reload_soon)
 
     def _unbind(self) -> None:
         for listener in self.listeners:
@@ -153,15 +323,87 @@ class PassThroughService(MultiService):
                 listener._port.stopListening()
                 listener._port = None
 
-    def _sizeSessionTables(self) -> None:
-        relays = [
-            listener.relay for listener in self.listeners if isinstance(listener, UDPForwardServer)
-        ]
-        if not relays:
+    budget: Budget | None = None
+
+    def _sizeBounds(self, replan: bool = False) -> None:
+        """
+        Raise the descriptor limit, then give each forward without a
+        configured bound its share of it; log the figures. At start this
+        is done once; a reload (C{replan}) shares the limit again among the
+        forwards it leaves, counting the descriptors open at start, not the
+        live connections', which their bounds already count.
+        """
+        if self.budget is not None and not replan:
             return
-        bound = default_max_sessions(raise_fd_limit(), len(relays))
-        for relay in relays:
-            relay.max_sessions = relay.config.max_sessions or bound
+        soft_before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = raise_fd_limit()
+        in_use = self.budget.in_use if self.budget is not None else open_fd_count()
+        tcp = [lst for lst in self.listeners if isinstance(lst, TCPForwardServer)]
+        udp = [lst for lst in self.listeners if isinstance(lst, UDPForwardServer)]
+        self.budget = budget = plan_budget(
+            limit,
+            in_use,
+            [lst.forward.max_connections for lst in tcp],
+            [lst.forward.max_sessions for lst in udp],
+        )
+        for listener, (bound, _) in zip(tcp, budget.tcp, strict=True):
+            listener.factory.bounds.total = bound
+        for udp_listener, (bound, _) in zip(udp, budget.udp, strict=True):
+            udp_listener.relay.max_sessions = bound
+        shares = [
+            f"{lst.forward.name} {bound} connections" + (" (derived)" if derived else "")
+            for lst, (bound, derived) in zip(tcp, budget.tcp, strict=True)
+        ] + [
+            f"{lst.forward.name} {bound} sessions" + (" (derived)" if derived else "")
+            for lst, (bound, derived) in zip(udp, budget.udp, strict=True)
+        ]
+        raised = f" (raised from {soft_before})" if soft_before != limit else ""
+        log.info(
+            "File descriptors: limit {limit}{raised}, {inUse} open, {reserved} kept aside; "
+            "bounds: {shares}",
+            limit=limit,
+            raised=raised,
+            softBefore=soft_before,
+            inUse=budget.in_use,
+            reserved=budget.reserved,
+            shares="; ".join(shares) or "none",
+            needed=budget.needed,
+        )
+        if budget.overcommitted:
+            log.warn(
+                "The configured bounds need {needed} file descriptors with every connection "
+                "and session open, more than the {usable} available: raise the limit "
+                "(ulimit -n, systemd LimitNOFILE=) or lower maxConnections/maxSessions",
+                needed=budget.needed,
+                usable=budget.usable,
+            )
+
+
+def _keys(forward: Forward) -> list[ListenKey]:
+    return [(protocol, forward.address, forward.port) for protocol in forward.protocols]
+
+
+def _stop(listener: Listener) -> Deferred[Any]:
+    return maybeDeferred(listener.stopService)
+
+
+def _passthrough(call: Any, argument: Any) -> Any:
+    def both(result: Any) -> Any:
+        call(argument)
+        return result
+
+    return both
+
+
+def _announce(listener: Listener) -> None:
+    host = listener.getHost()
+    log.info(
+        "Forwarding {protocol} {listen} to {target}",
+        protocol=listener.protocol,
+        listen=format_address(host.host, host.port),
+        target=str(listener.forward.target),
+        forward=listener.forward.name,
+    )
 
 
 def _cannot_listen(forward: Forward, protocol: str, e: CannotListenError) -> str:
@@ -169,9 +411,11 @@ def _cannot_listen(forward: Forward, protocol: str, e: CannotListenError) -> str
     why = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
     hint = ""
     if isinstance(e.socketError, OSError) and e.socketError.errno == 13 and forward.port < 1024:
-        hint = " (ports below 1024 need root; run as root with --uid/--gid to drop privileges)"
-    name = f"forward {forward.name} -> {forward.target}"
-    return f"{name}: cannot listen on {protocol} {where}: {why}{hint}"
+        hint = (
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE; "
+            "start as root with --uid/--gid to drop privileges after binding)"
+        )
+    return f"{protocol} {where}: {why}{hint}; forward to {forward.target}"
 
 
 def default_interface() -> str:
@@ -202,11 +446,11 @@ def raise_fd_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def default_max_sessions(fd_limit: int, udp_forwards: int) -> int:
-    """
-    The session bound of each UDP forward when the config gives none: half
-    of the process's descriptors, shared by its UDP forwards, the other half
-    left to TCP connections (two descriptors each).
-    """
-    usable = max(fd_limit - RESERVED_FDS, 32)
-    return max(16, min(65536, usable // 2 // max(udp_forwards, 1)))
+def open_fd_count() -> int:
+    """How many file descriptors the process has open now (0 if it cannot tell)."""
+    for directory in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(directory))
+        except OSError:
+            continue
+    return 0

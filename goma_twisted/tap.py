@@ -7,21 +7,36 @@ and shown as sentences rather than tracebacks.
 
 from __future__ import annotations
 
+import math
+import signal
+import sys
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
 from .config import ConfigError, GatewayConfig, load_config
-from .service import PassThroughService
+from .report import forwards_table
+from .service import DEFAULT_DRAIN_TIMEOUT, ListenError, PassThroughService
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value!r} is not a number of seconds, 0 or more")
+    return seconds
 
 
 class Options(usage.Options):
-    synopsis = "--config FILE"
+    synopsis = "--config FILE [--check] [--drain SECONDS]"
     longdesc = (
         "Forward TCP and UDP ports as listed under gateway.entryPoints.passThrough.forwards "
         "of a Goma Gateway config file. The rest of the file (routes, middlewares, other "
-        "entry points) is accepted and left alone."
+        "entry points) is accepted and left alone. SIGHUP re-reads the file; SIGTERM stops, "
+        "letting live TCP connections finish for up to --drain seconds."
     )
     optParameters = [
         [
@@ -30,6 +45,17 @@ class Options(usage.Options):
             None,
             "Goma Gateway config file (YAML) whose passThrough forwards to serve.",
         ],
+        [
+            "drain",
+            None,
+            DEFAULT_DRAIN_TIMEOUT,
+            "At a stop, and for forwards a reload removes: seconds live TCP connections "
+            "may go on before they are closed (0: close at once).",
+            _seconds,
+        ],
+    ]
+    optFlags = [
+        ["check", None, "Check the config file, print the forwards it would open, and exit."],
     ]
 
     config: GatewayConfig
@@ -46,7 +72,33 @@ class Options(usage.Options):
             # SystemExit with a message: twistd prints it and exits 1,
             # without a traceback or a page of usage text.
             raise SystemExit(f"goma-pt: {e}") from None
+        if self["check"]:
+            print(f"{self['config']}: OK, {len(self.config.forwards)} forwards")
+            print(forwards_table(self.config))
+            raise SystemExit(0)
 
 
 def makeService(options: dict[str, Any]) -> IService:
-    return PassThroughService(options.config)  # type: ignore[attr-defined]
+    _show_without_traceback(ListenError)
+    return PassThroughService(
+        options.config,  # type: ignore[attr-defined]
+        drain_timeout=options["drain"],
+        reload_signal=signal.SIGHUP,
+    )
+
+
+def _show_without_traceback(*errors: type[BaseException]) -> None:
+    """
+    twistd lets a failure to start escape to the top, as a traceback. For
+    errors that are the operator's to fix (a port in use, a privileged
+    port), one line says it all.
+    """
+    previous = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, errors):
+            print(f"goma-pt: cannot start: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+
+    sys.excepthook = excepthook

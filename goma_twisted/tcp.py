@@ -11,10 +11,11 @@ stays bounded by the socket buffers plus one read.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from twisted.internet import error
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IAddress,
@@ -30,8 +31,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import policy
 from ._reactor import reactor_or_global
 from .config import Forward, format_address
+from .policy import Bounds, IPAddress, RefusalLog, matches, parse_ip
+from .proxyprotocol import HeaderReader, ProxyHeaderError, encode
 
 log = Logger(namespace="goma_pt.tcp")
 
@@ -46,6 +50,10 @@ CONNECT_REFUSED = "connect refused"
 RESOLVE_FAILED = "resolve failed"
 CONNECT_FAILED = "connect failed"
 SHUTDOWN = "shutdown"
+
+# After a timeout or a stop, how long a side may take to flush what it
+# holds before its connection is cut.
+CLOSE_GRACE = 2.0
 
 
 def connect_failure_reason(failure: Failure) -> str:
@@ -147,14 +155,32 @@ class ClientSide(_RelaySide):
     """
     An accepted client connection. It reads nothing until the target is
     connected, so the bytes a client sends early wait in the kernel.
+
+    Behind a trusted load balancer (C{acceptProxyProtocol}) it first reads
+    the PROXY header, and only then pauses and connects.
     """
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
 
     def connectionMade(self) -> None:
+        if self.relay.expectHeader:
+            self.relay.readHeader(self)
+            return
         self.transport.pauseProducing()
         self.relay.clientConnected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.relay.reader is not None:
+            self.relay.headerData(data)
+            return
+        super().dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        if self.relay.reader is not None:
+            self.relay.headerCut()
+            return
+        super().readConnectionLost()
 
 
 class Relay:
@@ -181,16 +207,98 @@ class Relay:
         self._pending: Deferred[Any] | None = None
         self._connectTimer: IDelayedCall | None = None
         self._idleTimer: IDelayedCall | None = None
+        self._abortTimer: IDelayedCall | None = None
         self._clientGone = False
         self._targetGone = True
         self._finished = False
         self.failureDetail: str | None = None
         self.done: Deferred[None] = Deferred()
+        # Who the client is: the connection's own addresses, or what a
+        # trusted load balancer's PROXY header says they are.
+        self.clientHost = ""
+        self.clientPort = 0
+        self.localHost = ""
+        self.localPort = 0
+        self.proxiedBy: str | None = None
+        self.expectHeader = bool(self.forward.accept_proxy_protocol)
+        self.reader: HeaderReader | None = None
+        self._headerTimer: IDelayedCall | None = None
+        self._early = b""
+        # Set once the client passed allow/deny and the per-address bound.
+        self.admitted = False
+        self.clientIP: IPAddress | None = None
+        self.refusal: str | None = None
+
+    # Reading an incoming PROXY header
+
+    def readHeader(self, client: ClientSide) -> None:
+        """Read the load balancer's PROXY header before anything else."""
+        self.client = client
+        self.reader = HeaderReader()
+        self._headerTimer = self.clock.callLater(
+            self.forward.connect_timeout, self._headerTimedOut
+        )
+
+    def headerData(self, data: bytes) -> None:
+        assert self.reader is not None
+        try:
+            result = self.reader.feed(data)
+        except ProxyHeaderError as e:
+            self.refuse(policy.BAD_HEADER, str(e))
+            return
+        if result is None:
+            return
+        self._endHeader()
+        self.client.transport.pauseProducing()
+        addresses, self._early = result
+        peer = self.client.transport.getPeer()
+        self.proxiedBy = _address(peer)
+        if addresses.source is not None and addresses.destination is not None:
+            self.clientHost, self.clientPort = addresses.source
+            self.localHost, self.localPort = addresses.destination
+        why = self.factory.admit(self, parse_ip(self.clientHost or peer.host))
+        if why is not None:
+            self.refuse(why)
+            return
+        self.clientConnected(self.client)
+
+    def headerCut(self) -> None:
+        """The load balancer closed before its header was complete."""
+        assert self.reader is not None
+        if self.reader.buffer:
+            self.refuse(policy.BAD_HEADER, "closed before the header was complete")
+        else:
+            # A bare connect and close: a load balancer's health check.
+            self._endHeader()
+            self.client.transport.loseConnection()
+
+    def _headerTimedOut(self) -> None:
+        self._headerTimer = None
+        self.refuse(policy.BAD_HEADER, f"no header within {self.forward.connect_timeout:g}s")
+
+    def _endHeader(self) -> None:
+        self.reader = None
+        if self._headerTimer is not None and self._headerTimer.active():
+            self._headerTimer.cancel()
+        self._headerTimer = None
+
+    def refuse(self, refusal: str, detail: str = "") -> None:
+        """Close a client that may not be served, before any upstream work."""
+        self._endHeader()
+        self.refusal = refusal
+        host = self.clientHost or self.client.transport.getPeer().host
+        port = self.clientPort or self.client.transport.getPeer().port
+        self.factory.refused(format_address(host, port), refusal, detail)
+        self.client.transport.loseConnection()
 
     # Connecting
 
     def clientConnected(self, client: ClientSide) -> None:
         self.client = client
+        if not self.clientHost:
+            peer, host = client.transport.getPeer(), client.transport.getHost()
+            self.clientHost, self.clientPort = peer.host, peer.port
+            self.localHost, self.localPort = host.host, host.port
         client.transport.setTcpKeepAlive(True)
         client.transport.setTcpNoDelay(True)
         target = self.forward.target
@@ -231,6 +339,14 @@ class Relay:
         self.targetAddress = _address(target.transport.getPeer())
         target.transport.setTcpKeepAlive(True)
         target.transport.setTcpNoDelay(True)
+        version = self.forward.proxy_protocol
+        if version is not None:
+            source = (self.clientHost, self.clientPort)
+            target.transport.write(encode(version, source, (self.localHost, self.localPort)))
+        early, self._early = self._early, b""
+        if early:
+            self.activity(client, len(early))
+            target.transport.write(early)
         target.transport.registerProducer(client.transport, True)
         client.transport.registerProducer(target.transport, True)
         client.transport.resumeProducing()
@@ -275,7 +391,11 @@ class Relay:
         self.close(IDLE_TIMEOUT)
 
     def close(self, reason: str) -> None:
-        """End both sides now, for a timeout or a stop."""
+        """
+        End both sides, for a timeout or a stop: each flushes what it holds
+        and closes with a FIN; a side that will not take its bytes is cut
+        after L{CLOSE_GRACE} seconds.
+        """
         self.reason = self.reason or reason
         pending, self._pending = self._pending, None
         if pending is not None:
@@ -283,9 +403,22 @@ class Relay:
         connector, self._connector = self._connector, None
         if connector is not None:
             connector.stopConnecting()
-        for side in (self.client, self.target):
-            if side is not None and side.transport is not None:
-                side.transport.abortConnection()
+        for side in self._sides():
+            side.transport.unregisterProducer()
+            side.transport.loseConnection()
+        if self._abortTimer is None and not self._finished:
+            self._abortTimer = self.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abortTimer = None
+        for side in self._sides():
+            side.transport.abortConnection()
+
+    def _sides(self) -> list[_RelaySide]:
+        sides: list[_RelaySide] = [self.client]
+        if self.target is not None:
+            sides.append(self.target)
+        return [side for side in sides if side.transport is not None]
 
     def sideLost(self, side: _RelaySide, reason: Failure) -> None:
         if side is self.client:
@@ -304,14 +437,22 @@ class Relay:
             return
         self._finished = True
         self._cancelConnectTimer()
-        if self._idleTimer is not None and self._idleTimer.active():
-            self._idleTimer.cancel()
-        self._idleTimer = None
+        self._endHeader()
+        for timer in (self._idleTimer, self._abortTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idleTimer = self._abortTimer = None
         self.factory.relayEnded(self)
+        if not self.admitted:
+            # Refused (and logged as such, rate-limited) or gone before
+            # its PROXY header: not a connection that was served.
+            self.done.callback(None)
+            return
         log.info(
             _FAILED_FORMAT if self.failureDetail else _ENDED_FORMAT,
             forward=self.forward.name,
-            client=_address(self.client.transport.getPeer()),
+            client=format_address(self.clientHost, self.clientPort),
+            proxiedBy=self.proxiedBy,
             target=str(self.forward.target),
             targetAddress=self.targetAddress,
             bytesToTarget=self.bytesToTarget,
@@ -321,6 +462,11 @@ class Relay:
             detail=self.failureDetail,
         )
         self.done.callback(None)
+
+
+def matches_trusted(client: IPAddress | None, forward: Forward) -> bool:
+    """Whether a connection comes from a load balancer trusted to send PROXY headers."""
+    return client is not None and matches(client, forward.accept_proxy_protocol)
 
 
 class TCPForwardFactory(Factory):
@@ -340,14 +486,79 @@ class TCPForwardFactory(Factory):
         self.reactor = reactor = reactor_or_global(reactor)
         self.clock = clock if clock is not None else reactor
         self.relays: set[Relay] = set()
+        # maxConnections (the service fills in the default from the file
+        # descriptor budget) and maxConnectionsPerIp.
+        self.bounds = Bounds(forward.max_connections, forward.max_connections_per_ip)
+        self.policy = forward.policy
+        # Refusals by reason (see goma_twisted.policy); logged rate-limited.
+        self.refusedCounts: Counter[str] = Counter()
+        self.refusalLog = RefusalLog(log.warn, self.clock)
 
-    def buildProtocol(self, addr: IAddress | None) -> ClientSide:
+    def reconfigure(self, forward: Forward) -> None:
+        """New settings for new connections (a reload); live ones keep theirs."""
+        self.forward = forward
+        self.policy = forward.policy
+        self.bounds.per_ip = forward.max_connections_per_ip
+
+    def buildProtocol(self, addr: IAddress | None) -> ClientSide | None:
+        """
+        Admit a client, or refuse it before any upstream work: returning
+        None makes the listening port close the socket at once.
+        """
+        host = str(getattr(addr, "host", ""))
+        port = int(getattr(addr, "port", 0))
         relay = Relay(self)
+        if relay.expectHeader:
+            if not matches_trusted(parse_ip(host), self.forward):
+                self.refused(format_address(host, port), policy.UNTRUSTED)
+                return None
+            if self.bounds.full():
+                self.refused(format_address(host, port), policy.AT_BOUND)
+                return None
+            # Counted in the total now; allow/deny and the per-address
+            # bound wait for the header to name the real client.
+            self.bounds.count()
+        else:
+            why = self.admit(relay, parse_ip(host))
+            if why is not None:
+                self.refused(format_address(host, port), why)
+                return None
         self.relays.add(relay)
         return ClientSide(relay)
 
+    def admit(self, relay: Relay, client: IPAddress | None) -> str | None:
+        """Check the client against allow/deny and the bounds; count it if admitted."""
+        if not self.policy.permits(client):
+            return policy.DENIED
+        why = self.bounds.admit(client, counted=relay.expectHeader)
+        if why is None:
+            relay.admitted = True
+            relay.clientIP = client
+        return why
+
+    def refused(self, client: str, refusal: str, detail: str = "") -> None:
+        self.refusedCounts[refusal] += 1
+        self.refusalLog.refused(self.forward.name, client, refusal, detail)
+
     def relayEnded(self, relay: Relay) -> None:
-        self.relays.discard(relay)
+        if relay in self.relays:
+            self.relays.discard(relay)
+            self.bounds.release(relay.clientIP, admitted=relay.admitted)
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Fire once every live relay has ended on its own, closing those still
+        open after C{timeout} seconds (all of them at once for 0).
+        """
+        if not self.relays:
+            return succeed(None)
+        ended: Deferred[Any] = DeferredList([relay.done for relay in self.relays])
+        if timeout <= 0:
+            self.closeAll()
+        else:
+            deadline = self.clock.callLater(timeout, self.closeAll)
+            ended.addBoth(_cancelling(deadline))
+        return ended.addCallback(lambda _: None)
 
     def closeAll(self) -> Deferred[Any]:
         """End every live relay; fires when all have reported their end."""
@@ -355,3 +566,14 @@ class TCPForwardFactory(Factory):
         for relay in list(self.relays):
             relay.close(SHUTDOWN)
         return DeferredList(done)
+
+
+def _cancelling(call: IDelayedCall) -> Any:
+    """A callback that cancels C{call} if it is still pending."""
+
+    def cancel(result: Any) -> Any:
+        if call.active():
+            call.cancel()
+        return result
+
+    return cancel

@@ -10,18 +10,23 @@ logged once until the table has room again.
 
 from __future__ import annotations
 
+import socket
+from collections import Counter
 from typing import Any
 
 from twisted.internet import base, udp
 from twisted.internet.abstract import isIPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, MessageLengthError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import policy
 from ._reactor import reactor_or_global
 from .config import Forward, format_address
+from .policy import Bounds, IPAddress, RefusalLog, parse_ip
 from .resolve import resolve_host
 
 log = Logger(namespace="goma_pt.udp")
@@ -41,10 +46,18 @@ _SEND_ERRORS = (OSError, MessageLengthError)
 
 class SessionPort(udp.Port):
     """
-    A session's socket. Sessions come and go by the thousand, so unlike
-    L{udp.Port} it does not log its opening and closing: the session's own
-    end event says all of it.
+    A session's socket, connected to the target.
+
+    Two things differ from L{udp.Port}. Sessions come and go by the
+    thousand, so it does not log its opening and closing: the session's end
+    event says all of it. And an ICMP error from the target (port
+    unreachable while the backend restarts) makes epoll report the socket
+    in error with nothing to read, which the reactor takes for a lost
+    connection; here that is reported to the session as refused, and the
+    socket goes on reading.
     """
+
+    _closing = False
 
     def _bindSocket(self) -> None:
         try:
@@ -57,7 +70,15 @@ class SessionPort(udp.Port):
         self.socket = skt
         self.fileno = skt.fileno  # type: ignore[method-assign]
 
+    def stopListening(self) -> Deferred[None] | None:
+        self._closing = True
+        return super().stopListening()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self._closing and self._pendingError():
+            self.protocol.connectionRefused()
+            self.startReading()
+            return
         self._realPortNumber = None
         self.maxThroughput = -1
         base.BasePort.connectionLost(self, reason)
@@ -65,6 +86,16 @@ class SessionPort(udp.Port):
         self.socket.close()
         del self.socket
         del self.fileno
+        if hasattr(self, "d"):
+            self.d.callback(None)
+            del self.d
+
+    def _pendingError(self) -> int:
+        """Read (and so clear) the socket's pending error, 0 if none."""
+        try:
+            return self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            return 0
 
 
 class UDPSession(DatagramProtocol):
@@ -87,6 +118,9 @@ class UDPSession(DatagramProtocol):
         self.datagramsToClient = 0
         self.targetAddress = ""
         self.reason: str | None = None
+        self.refusals = 0
+        self.detail: str | None = None
+        self.clientIP: IPAddress | None = None
         self._queue: list[bytes] | None = []
         self._timer: IDelayedCall | None = None
 
@@ -143,7 +177,11 @@ class UDPSession(DatagramProtocol):
     def connectionRefused(self) -> None:
         # The target's ICMP "port unreachable": nobody listens there now.
         # Keep the session; the next datagram tries again.
-        self.refused = getattr(self, "refused", 0) + 1
+        self.refusals += 1
+
+    def stopProtocol(self) -> None:
+        # The socket is gone without a close() of ours: end the session too.
+        self.close(SOCKET_FAILED)
 
     def _idleCheck(self) -> None:
         remaining = self.lastActivity + self.forward.config.udp_idle_timeout - self.clock.seconds()
@@ -178,7 +216,7 @@ class UDPSession(DatagramProtocol):
             datagramsToClient=self.datagramsToClient,
             duration=self.clock.seconds() - self.started,
             reason=reason,
-            detail=getattr(self, "detail", None),
+            detail=self.detail,
         )
 
 
@@ -205,6 +243,19 @@ class UDPForward(DatagramProtocol):
         self.refusedAtBound = 0
         self.dropped = 0
         self._full = False
+        self.policy = config.policy
+        # Sessions per client address (maxSessionsPerIp); the total is
+        # len(self.sessions) against max_sessions.
+        self.bounds = Bounds(None, config.max_sessions_per_ip)
+        # Refusals by reason (see goma_twisted.policy); logged rate-limited.
+        self.refusedCounts: Counter[str] = Counter()
+        self.refusalLog = RefusalLog(log.warn, self.clock)
+
+    def reconfigure(self, config: Forward) -> None:
+        """New settings for new sessions (a reload); open ones keep their target."""
+        self.config = config
+        self.policy = config.policy
+        self.bounds.per_ip = config.max_sessions_per_ip
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         session = self.sessions.get(addr)
@@ -212,7 +263,14 @@ class UDPForward(DatagramProtocol):
             if len(self.sessions) >= self.max_sessions:
                 self._refuse(addr)
                 return
+            client = parse_ip(addr[0])
+            why = policy.DENIED if not self.policy.permits(client) else self.bounds.admit(client)
+            if why is not None:
+                self.refusedCounts[why] += 1
+                self.refusalLog.refused(self.config.name, format_address(*addr[:2]), why)
+                return
             session = self.sessions[addr] = UDPSession(self, addr)
+            session.clientIP = client
             session.start()
             if session.reason is not None:
                 return
@@ -220,6 +278,7 @@ class UDPForward(DatagramProtocol):
 
     def _refuse(self, addr: tuple[str, int]) -> None:
         self.refusedAtBound += 1
+        self.refusedCounts[policy.AT_BOUND] += 1
         if not self._full:
             self._full = True
             log.warn(
@@ -242,6 +301,7 @@ class UDPForward(DatagramProtocol):
     def sessionEnded(self, session: UDPSession) -> None:
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
+            self.bounds.release(session.clientIP)
         if self._full and len(self.sessions) < self.max_sessions:
             self._full = False
             log.info(

@@ -1,0 +1,16 @@
+# goma-pt inside a Twisted application of your own, next to your services.
+# Run it with:
+#   twistd -ny etc/goma-pt.tac
+# The config is $GOMA_PT_CONFIG, or goma-pt.yaml beside this file.
+import os
+
+from twisted.application import service
+
+from goma_twisted import PassThroughService, load_config
+
+config_path = os.environ.get("GOMA_PT_CONFIG") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "goma-pt.yaml"
+)
+
+application = service.Application("goma-pt")
+PassThroughService(load_config(config_path)).setServiceParent(application)

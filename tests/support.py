@@ -1,0 +1,297 @@
+"""
+Loopback peers and helpers for tests that run goma-pt's relays in the
+test's own reactor: echo and scripted backends, recording clients, a fake
+name resolver (tests never send DNS queries off this machine), and the
+real twistd used by the process tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from twisted.internet import protocol
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHostnameResolver,
+    IHostResolution,
+    IReactorPluggableNameResolver,
+    IResolutionReceiver,
+)
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from zope.interface import implementer
+
+from goma_twisted.config import Forward, GatewayConfig, Target
+from goma_twisted.service import PassThroughService, UDPForwardServer
+from goma_twisted.udp import UDPForward
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def forward(
+    protocols: tuple[str, ...] = ("tcp",),
+    target: tuple[str, int] = ("127.0.0.1", 1),
+    port: int = 0,
+    address: str = "127.0.0.1",
+    **kwargs: Any,
+) -> Forward:
+    """A forward with test defaults: port 0 (the kernel picks), on loopback."""
+    return Forward(protocols, port, Target(*target), address=address, **kwargs)
+
+
+def start_service(
+    *forwards: Forward, reactor: Any = None, clock: Any = None, drain_timeout: float = 0
+) -> PassThroughService:
+    """A running service; it closes live connections at once when stopped, unless told."""
+    config = GatewayConfig("test", forwards)
+    service = PassThroughService(config, reactor=reactor, clock=clock, drain_timeout=drain_timeout)
+    service.startService()
+    return service
+
+
+def udp_relay(service: PassThroughService, index: int = 0) -> UDPForward:
+    relays = [lst.relay for lst in service.listeners if isinstance(lst, UDPForwardServer)]
+    return relays[index]
+
+
+def bound_port(service: PassThroughService, protocol_name: str = "tcp", index: int = 0) -> int:
+    listeners = [lst for lst in service.listeners if lst.protocol == protocol_name]
+    return int(listeners[index].getHost().port)
+
+
+@implementer(IHalfCloseableProtocol)
+class Echo(protocol.Protocol):
+    """Echoes; at the client's EOF it finishes writing, then closes."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class UDPEcho(protocol.DatagramProtocol):
+    """Echoes each datagram, prefixed with C{prefix}."""
+
+    def __init__(self, prefix: bytes = b"") -> None:
+        self.prefix = prefix
+        self.received: list[tuple[bytes, Any]] = []
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.received.append((data, addr))
+        self.transport.write(self.prefix + data, addr)  # type: ignore[union-attr]
+
+
+def listen_tcp(reactor: Any, factory: protocol.Factory, interface: str = "127.0.0.1") -> Any:
+    return reactor.listenTCP(0, factory, interface=interface)
+
+
+@implementer(IHalfCloseableProtocol)
+class Recorder(protocol.Protocol):
+    """
+    A client or server that records what it receives and when its
+    connection ends; C{send} is written at connect and C{halfClose} then
+    shuts its write side. It closes at the peer's EOF, as most clients do.
+    """
+
+    def __init__(self, send: bytes = b"", halfClose: bool = False) -> None:
+        self.send = send
+        self.halfClose = halfClose
+        self.chunks: list[bytes] = []
+        self.connected_d: Deferred[Recorder] = Deferred()
+        self.lost: Deferred[bytes] = Deferred()
+        self.readClosed = False
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def connectionMade(self) -> None:
+        if self.send:
+            self.transport.write(self.send)  # type: ignore[union-attr]
+        if self.halfClose:
+            self.transport.loseWriteConnection()  # type: ignore[union-attr]
+        self.connected_d.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def readConnectionLost(self) -> None:
+        self.readClosed = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(self.received)
+
+
+def connect(reactor: Any, port: int, client: protocol.Protocol, host: str = "127.0.0.1") -> None:
+    factory = protocol.ClientFactory()
+    factory.protocol = lambda: client
+    reactor.connectTCP(host, port, factory)
+
+
+@implementer(ILogObserver)
+class LogCapture:
+    """Collects goma-pt's log events (by namespace prefix)."""
+
+    def __init__(self, prefix: str = "goma_pt") -> None:
+        self.prefix = prefix
+        self.events: list[LogEvent] = []
+
+    def __call__(self, event: LogEvent) -> None:
+        if str(event.get("log_namespace", "")).startswith(self.prefix):
+            self.events.append(event)
+
+    def ends(self) -> list[LogEvent]:
+        """The end-of-connection and end-of-session events."""
+        return [e for e in self.events if "reason" in e]
+
+
+@contextmanager
+def captured_logs() -> Iterator[LogCapture]:
+    capture = LogCapture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        yield capture
+    finally:
+        globalLogPublisher.removeObserver(capture)
+
+
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IHostnameResolver)
+class FakeResolver:
+    """
+    Resolves names from a table after C{delay} seconds; other names fail,
+    as an unknown host does, without any DNS query.
+    """
+
+    def __init__(self, reactor: Any, table: dict[str, list[str]], delay: float = 0.0) -> None:
+        self.reactor = reactor
+        self.table = table
+        self.delay = delay
+        self.lookups: list[str] = []
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        self.lookups.append(hostName)
+        resolution = _Resolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+
+        def answer() -> None:
+            for host in self.table.get(hostName, []):
+                cls = IPv6Address if ":" in host else IPv4Address
+                kind: Literal["TCP", "UDP"] = "UDP" if transportSemantics == "UDP" else "TCP"
+                resolutionReceiver.addressResolved(cls(kind, host, portNumber))
+            resolutionReceiver.resolutionComplete()
+
+        self.reactor.callLater(self.delay, answer)
+        return resolution
+
+
+@implementer(IReactorPluggableNameResolver)
+class ResolvingReactor:
+    """The real reactor, seen through a L{FakeResolver}."""
+
+    def __init__(self, reactor: Any, resolver: FakeResolver) -> None:
+        self._reactor = reactor
+        self.nameResolver = resolver
+
+    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
+        raise NotImplementedError()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    """A port free for both TCP and UDP right now (for tests that need one port twice)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+        try:
+            with socket.socket(socket.AF_INET, other) as s:
+                s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def twistd_command(*args: str) -> list[str]:
+    """The twistd next to this Python, so the tests use the same installation."""
+    twistd = Path(sys.executable).with_name("twistd")
+    return [str(twistd), *args]
+
+
+def twistd_env() -> dict[str, str]:
+    """Run twistd on this checkout's code and plugin dropin, installed or not."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def write_config(path: Path, forwards: list[dict[str, Any]]) -> Path:
+    import yaml
+
+    document = {"gateway": {"entryPoints": {"passThrough": {"forwards": forwards}}}}
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """Poll (for process tests, outside the reactor) until C{predicate} is true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+@contextmanager
+def running(command: list[str], log: Path, **kwargs: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that is always stopped (TERM, then KILL) when the block ends."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, **kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,387 @@
+"""
+The config loader, without sockets: Goma Gateway's examples, defaults,
+and errors that name the line and the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from goma_twisted.config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_UDP_IDLE_TIMEOUT,
+    ConfigError,
+    Forward,
+    Target,
+    format_address,
+    load_config,
+    parse_config,
+    parse_target,
+)
+
+from .support import ROOT
+
+# Goma Gateway's documentation examples, as its page gives them.
+MINIMAL = """\
+gateway:
+  entryPoints:
+    passThrough:
+      forwards:
+        - protocol: tcp
+          port: 2222
+          target: srv1.example.com:61557
+"""
+
+FULL = """\
+version: 2
+gateway:
+  entryPoints:
+    web:
+      address: ":80"       # HTTP server port
+    webSecure:
+      address: ":443"      # HTTPS server port
+    passThrough:
+      forwards:
+        - protocol: tcp
+          port: 61557
+          target: srv1.example.com:22
+          timeout: 5
+        - protocol: tcp/udp
+          port: 53
+          target: 10.25.10.15:53
+        - protocol: udp
+          port: 54
+          target: 10.25.10.22:54
+"""
+
+
+def test_shipped_examples_are_goma_gatewayss_own() -> None:
+    assert (ROOT / "etc" / "goma-minimal.yaml").read_text() == MINIMAL
+    assert (ROOT / "etc" / "goma-full.yaml").read_text() == FULL
+
+
+def test_minimal_example() -> None:
+    config = load_config(ROOT / "etc" / "goma-minimal.yaml")
+    assert config.forwards == (Forward(("tcp",), 2222, Target("srv1.example.com", 61557)),)
+    [forward] = config.forwards
+    assert forward.connect_timeout == DEFAULT_CONNECT_TIMEOUT == 10
+    assert forward.idle_timeout is None
+    assert forward.udp_idle_timeout == DEFAULT_UDP_IDLE_TIMEOUT == 300
+    assert forward.address == ""
+    assert config.ignored == ()
+
+
+def test_full_example() -> None:
+    config = load_config(ROOT / "etc" / "goma-full.yaml")
+    ssh, dns, other = config.forwards
+    assert (ssh.protocols, ssh.port, str(ssh.target)) == (("tcp",), 61557, "srv1.example.com:22")
+    # Goma's `timeout`: TCP connect and idle timeout, UDP idle timeout.
+    assert (ssh.connect_timeout, ssh.idle_timeout, ssh.udp_idle_timeout) == (5, 5, 5)
+    assert (dns.protocols, dns.port, str(dns.target)) == (("tcp", "udp"), 53, "10.25.10.15:53")
+    assert (other.protocols, other.port) == (("udp",), 54)
+    assert config.ignored == (
+        "version",
+        "gateway.entryPoints.web",
+        "gateway.entryPoints.webSecure",
+    )
+
+
+def test_the_example_config_in_etc_loads() -> None:
+    config = load_config(ROOT / "etc" / "goma-pt.yaml")
+    assert [f.name for f in config.forwards] == ["tcp 127.0.0.1:8080", "tcp/udp 127.0.0.1:5353"]
+
+
+def test_a_full_goma_config_loads_and_only_passthrough_is_read() -> None:
+    config = parse_config(
+        """
+version: 2
+gateway:
+  writeTimeout: 15
+  readTimeout: 15
+  entryPoints:
+    web: {address: ":80"}
+    passThrough:
+      forwards:
+        - {protocol: tcp, port: 2222, target: "[2001:db8::1]:22"}
+  routes:
+    - path: /
+      name: example
+      backends:
+        - endpoint: https://example.com
+      middlewares: [basic-auth]
+middlewares:
+  - name: basic-auth
+    type: basic
+    rule: {users: ["admin:admin"]}
+certManager:
+  acme: {email: admin@example.com}
+"""
+    )
+    assert str(config.forwards[0].target) == "[2001:db8::1]:22"
+    assert config.ignored == (
+        "version",
+        "middlewares",
+        "certManager",
+        "gateway.writeTimeout",
+        "gateway.readTimeout",
+        "gateway.routes",
+        "gateway.entryPoints.web",
+    )
+
+
+def forwards(*items: str) -> str:
+    body = "".join(f"        - {item}\n" for item in items)
+    return f"gateway:\n  entryPoints:\n    passThrough:\n      forwards:\n{body}"
+
+
+def test_extensions_override_the_parts_of_timeout() -> None:
+    config = parse_config(
+        forwards(
+            "{protocol: tcp/udp, port: 1, target: 'a:1', timeout: 5, connectTimeout: 2}",
+            "{protocol: tcp, port: 2, target: 'a:1', idleTimeout: 600}",
+            "{protocol: udp, port: 3, target: 'a:1', idleTimeout: 0.5, maxSessions: 10}",
+            "{protocol: tcp, port: 4, target: 'a:1', address: '::1'}",
+        )
+    )
+    a, b, c, d = config.forwards
+    assert (a.connect_timeout, a.idle_timeout, a.udp_idle_timeout) == (2, 5, 5)
+    assert (b.connect_timeout, b.idle_timeout, b.udp_idle_timeout) == (10, 600, 600)
+    assert (c.udp_idle_timeout, c.max_sessions) == (0.5, 10)
+    assert d.address == "::1"
+    assert d.name == "tcp [::1]:4"
+
+
+def errors(text: str | bytes) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "goma.yml")
+    return [str(problem) for problem in caught.value.problems]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "goma.yml:1:1: the file is empty"),
+        ("gateway: [", "goma.yml:2:1: not valid YAML"),
+        ("- 1\n", "goma.yml:1:1: (top level): expected a mapping, got a list"),
+        ("version: 2\n", "gateway: missing; expected a mapping"),
+        ("gateway:\n  entryPoints: 3\n", "goma.yml:2:16: gateway.entryPoints: expected a mapping"),
+        (
+            "gateway:\n  entryPoints:\n    passThrough:\n      forwards: {}\n",
+            "goma.yml:4:17: forwards: expected a list of forwards, got a mapping",
+        ),
+        (
+            "gateway:\n  entryPoints:\n    passThrough:\n      forwards: []\n",
+            "forwards: the list is empty",
+        ),
+        (
+            "gateway:\n  entryPoints:\n    passThrough:\n      forward: []\n",
+            "goma.yml:4:7: gateway.entryPoints.passThrough.forward: unknown key; "
+            "did you mean `forwards`?",
+        ),
+        (
+            forwards("{protcol: tcp, port: 1, target: 'a:1'}"),
+            "goma.yml:5:12: forwards[0].protcol: unknown key; did you mean `protocol`?",
+        ),
+        (
+            forwards("{protocol: sctp, port: 1, target: 'a:1'}"),
+            "goma.yml:5:22: forwards[0].protocol: got a string ('sctp'); "
+            "expected tcp, udp or tcp/udp",
+        ),
+        (
+            forwards("{protocol: tcp, port: 0, target: 'a:1'}"),
+            "forwards[0].port: got an integer ('0'); expected 1 to 65535",
+        ),
+        (
+            forwards("{protocol: tcp, port: '22', target: 'a:1'}"),
+            "forwards[0].port: got a string ('22'); expected 1 to 65535",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: ''}"),
+            "forwards[0].target: no port in ''",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:0'}"),
+            "forwards[0].target: port '0' is not 1 to 65535 in 'a:0'",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: '::1:53'}"),
+            "forwards[0].target: an IPv6 address must be in brackets in '::1:53'",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: '[::zz]:53'}"),
+            "forwards[0].target: '::zz' is not an IPv6 address",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', timeout: 0}"),
+            "forwards[0].timeout: got an integer ('0'); "
+            "expected a number of seconds greater than 0",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', timeout: .nan}"),
+            "forwards[0].timeout: got a number ('.nan')",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', address: localhost}"),
+            "forwards[0].address: got a string ('localhost'); expected an IP address",
+        ),
+        (
+            forwards(
+                "{protocol: tcp/udp, port: 53, target: 'a:1'}",
+                "{protocol: udp, port: 53, target: 'b:1'}",
+            ),
+            "forwards[1]: udp port 53 is already forwarded by forwards[0] (tcp/udp 53 -> a:1)",
+        ),
+        (b"gateway: \xff\n", "goma.yml:1:10: byte 0xff is not UTF-8"),
+    ],
+)
+def test_errors_name_the_place_and_the_problem(text: str | bytes, expected: str) -> None:
+    found = errors(text)
+    assert any(expected in problem for problem in found), found
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = errors(
+        forwards(
+            "{protocol: tcp, port: 70000, target: 'a:1'}",
+            "{protocol: udp, port: 5, target: 'nope'}",
+            "{protocol: tcp, port: 6, target: 'a:1', timeuot: 3}",
+        )
+    )
+    assert [p.split(": ")[1] for p in found] == [
+        "forwards[0].port",
+        "forwards[1].target",
+        "forwards[2].timeuot",
+    ]
+
+
+def test_same_port_on_different_addresses_is_no_clash() -> None:
+    config = parse_config(
+        forwards(
+            "{protocol: tcp, port: 53, target: 'a:1', address: 127.0.0.1}",
+            "{protocol: tcp, port: 53, target: 'b:1', address: 127.0.0.2}",
+            "{protocol: udp, port: 53, target: 'c:1'}",
+        )
+    )
+    assert len(config.forwards) == 3
+
+
+def test_hostile_documents_are_refused_quickly() -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+    )
+    assert "more than 200000 values" in errors(bomb)[0]
+    assert "nested more than 64 levels deep" in errors("[" * 100_000)[0]
+    assert "larger than 4 MiB" in errors(b"#" * (5 * 1024 * 1024))[0]
+
+
+def test_an_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the file: No such file or directory"):
+        load_config(tmp_path / "missing.yml")
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("srv1.example.com:61557", "srv1.example.com", 61557),
+        ("10.25.10.15:53", "10.25.10.15", 53),
+        ("[::1]:53", "::1", 53),
+        ("backend_1:80", "backend_1", 80),
+        ("localhost.:8080", "localhost.", 8080),
+    ],
+)
+def test_targets(text: str, host: str, port: int) -> None:
+    assert parse_target(text) == (Target(host, port), "")
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "shown"),
+    [
+        ("127.0.0.1", 80, "127.0.0.1:80"),
+        ("::1", 53, "[::1]:53"),
+        ("::ffff:192.0.2.1", 5000, "192.0.2.1:5000"),
+        ("srv1.example.com", 22, "srv1.example.com:22"),
+    ],
+)
+def test_addresses_as_logs_show_them(host: str, port: int, shown: str) -> None:
+    assert format_address(host, port) == shown
+
+
+def test_guard_keys() -> None:
+    config = parse_config(
+        forwards(
+            "{protocol: tcp/udp, port: 1, target: 'a:1', allow: [10.0.0.0/8, '2001:db8::/32'],"
+            " deny: 10.9.9.9, maxConnections: 100, maxConnectionsPerIp: 5, maxSessions: 50,"
+            " maxSessionsPerIp: 2, proxyProtocol: 2,"
+            " acceptProxyProtocol: ['::ffff:192.0.2.0/120']}",
+            "{protocol: tcp, port: 2, target: 'a:1'}",
+        )
+    )
+    a, b = config.forwards
+    assert a.allow == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
+    assert a.deny == (ipaddress.ip_network("10.9.9.9/32"),)
+    assert (a.max_connections, a.max_connections_per_ip) == (100, 5)
+    assert (a.max_sessions, a.max_sessions_per_ip) == (50, 2)
+    assert a.proxy_protocol == 2
+    # An IPv4-mapped block is the IPv4 block it names: clients match as IPv4.
+    assert a.accept_proxy_protocol == (ipaddress.ip_network("192.0.2.0/24"),)
+    assert a.policy.permits(ipaddress.ip_address("10.1.2.3"))
+    assert not a.policy.permits(ipaddress.ip_address("10.9.9.9"))
+    assert (b.allow, b.deny, b.accept_proxy_protocol) == ((), (), ())
+    assert (b.max_connections, b.max_connections_per_ip, b.proxy_protocol) == (None, None, None)
+    assert not b.policy
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        (
+            "allow: [10.0.0.0/8, 10.0.0.1/8]",
+            "goma.yml:5:71: forwards[0].allow[1]: '10.0.0.1/8' has bits set after the prefix; "
+            "did you mean 10.0.0.0/8?",
+        ),
+        (
+            "deny: [example.com]",
+            "forwards[0].deny[0]: 'example.com' is not an IP address or CIDR block",
+        ),
+        ("deny: ['10.0.0.0/33']", "forwards[0].deny[0]: '10.0.0.0/33' is not an IP address"),
+        ("allow: []", "forwards[0].allow: the list is empty"),
+        ("allow: {a: 1}", "forwards[0].allow: got a mapping; expected a list of IP addresses"),
+        ("allow: [1]", "forwards[0].allow[0]: got an integer ('1'); expected a list of IP"),
+        (
+            "maxConnections: 0",
+            "forwards[0].maxConnections: got an integer ('0'); expected a whole",
+        ),
+        ("maxConnectionsPerIp: -1", "forwards[0].maxConnectionsPerIp: got an integer ('-1')"),
+        ("proxyProtocol: 3", "forwards[0].proxyProtocol: got an integer ('3'); expected 1 (text"),
+        ("proxyProtocol: v2", "forwards[0].proxyProtocol: got a string ('v2'); expected 1"),
+        ("acceptProxyProtocol: true", "forwards[0].acceptProxyProtocol: got a boolean ('true')"),
+        (
+            "maxSessions: 10",
+            "forwards[0].maxSessions: applies to udp forwards only; this forward is tcp "
+            "(use protocol: tcp/udp for both)",
+        ),
+        ("maxSessionsPerIp: 10", "forwards[0].maxSessionsPerIp: applies to udp forwards only"),
+        ("maxConnectioms: 10", "forwards[0].maxConnectioms: unknown key; did you mean"),
+    ],
+)
+def test_guard_key_errors(item: str, expected: str) -> None:
+    found = errors(forwards(f"{{protocol: tcp, port: 1, target: 'a:1', {item}}}"))
+    assert any(expected in problem for problem in found), found
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "maxConnections: 1",
+        "maxConnectionsPerIp: 1",
+        "proxyProtocol: 1",
+        "acceptProxyProtocol: ['::1']",
+    ],
+)
+def test_tcp_keys_on_a_udp_forward_are_errors(item: str) -> None:
+    key = item.split(":")[0]
+    found = errors(forwards(f"{{protocol: udp, port: 1, target: 'a:1', {item}}}"))
+    assert [f"forwards[0].{key}: applies to tcp forwards only" in p for p in found] == [True]

@@ -1,0 +1,503 @@
+"""
+goma-pt as operators run it: real twistd processes, foreground and daemon,
+the .tac example, and what they print when something is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .support import ROOT, free_port, running, twistd_command, twistd_env, wait_for, write_config
+
+
+class _EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+class _UDPEchoHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(b"udp:" + data, self.client_address)
+
+
+@pytest.fixture
+def backend() -> Iterator[int]:
+    """A TCP and a UDP echo server on one loopback port, in threads."""
+    port = free_port()
+    tcp = socketserver.ThreadingTCPServer(("127.0.0.1", port), _EchoHandler)
+    tcp.daemon_threads = True
+    udp = socketserver.UDPServer(("127.0.0.1", port), _UDPEchoHandler)
+    for server in (tcp, udp):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield port
+    for server in (tcp, udp):
+        server.shutdown()
+        server.server_close()
+
+
+def tcp_roundtrip(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def udp_roundtrip(port: int, payload: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(payload, ("127.0.0.1", port))
+        return s.recv(65535)
+
+
+def run_twistd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        twistd_command(*args),
+        env=twistd_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_twistd_lists_the_plugin_and_explains_its_options() -> None:
+    listing = run_twistd("--help")
+    assert listing.returncode == 0
+    assert "goma-pt" in listing.stdout
+    help_text = run_twistd("goma-pt", "--help")
+    assert help_text.returncode == 0
+    assert "--config=" in help_text.stdout
+    assert "passThrough" in help_text.stdout
+
+
+def test_without_config_it_says_how_to_give_one() -> None:
+    result = run_twistd("-n", "--pidfile=", "goma-pt")
+    assert result.returncode != 0
+    assert "no config file given; use --config FILE" in result.stdout + result.stderr
+
+
+def test_a_broken_config_is_one_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "goma.yml"
+    config.write_text(
+        "gateway:\n"
+        "  entryPoints:\n"
+        "    passThrough:\n"
+        "      forwards:\n"
+        "        - protocol: tcp\n"
+        "          port: 99999\n"
+        "          target: backend\n"
+    )
+    result = run_twistd("-n", "--pidfile=", "goma-pt", "--config", str(config))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in output
+    assert (
+        f"{config}:6:17: forwards[0].port: got an integer ('99999'); expected 1 to 65535" in output
+    )
+    assert f"{config}:7:19: forwards[0].target: no port in 'backend'" in output
+
+
+def test_a_port_in_use_is_one_line_and_nothing_stays_bound(tmp_path: Path) -> None:
+    first, taken = free_port(), free_port()
+    config = write_config(
+        tmp_path / "goma.yml",
+        [
+            {"protocol": "tcp", "port": first, "address": "127.0.0.1", "target": "127.0.0.1:9"},
+            {"protocol": "tcp", "port": taken, "address": "127.0.0.1", "target": "127.0.0.1:9"},
+        ],
+    )
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", taken))
+        blocker.listen()
+        result = run_twistd("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in output
+    assert f"cannot start: tcp 127.0.0.1:{taken}: Address already in use" in output
+
+
+def test_foreground_forwards_tcp_and_udp_on_one_port(tmp_path: Path, backend: int) -> None:
+    port = free_port()
+    forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    log = tmp_path / "goma.log"
+    command = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
+    with running(command, log, env=twistd_env()):
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        assert tcp_roundtrip(port, b"over tcp") == b"over tcp"
+        assert udp_roundtrip(port, b"over udp") == b"udp:over udp"
+    text = log.read_text()
+    assert f"Forwarding tcp 127.0.0.1:{port} to 127.0.0.1:{backend}" in text
+    assert f"Forwarding udp 127.0.0.1:{port} to 127.0.0.1:{backend}" in text
+    assert "client closed; 8 bytes sent, 8 received" in text
+    assert "shutdown; 1 datagrams (8 bytes) sent, 1 (12 bytes) received" in text
+
+
+def test_daemon_with_pidfile_starts_forwards_and_stops_on_sigterm(
+    tmp_path: Path, backend: int
+) -> None:
+    tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
+    config = write_config(
+        tmp_path / "goma.yml",
+        [
+            {"protocol": "tcp", "port": tcp_port, "target": f"127.0.0.1:{backend}"},
+            {"protocol": "udp", "port": udp_port, "target": f"127.0.0.1:{backend}"},
+        ],
+    )
+    pidfile, logfile = tmp_path / "goma-pt.pid", tmp_path / "goma-pt.log"
+    started = run_twistd(
+        f"--pidfile={pidfile}", f"--logfile={logfile}", "goma-pt", "--config", str(config)
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="pidfile"))
+    try:
+        wait_for(lambda: "goma-pt ready" in logfile.read_text(), what="goma-pt ready")
+        assert tcp_roundtrip(tcp_port, b"daemon tcp") == b"daemon tcp"
+        assert udp_roundtrip(udp_port, b"daemon udp") == b"udp:daemon udp"
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not _alive(pid), what="the daemon to exit")
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert not pidfile.exists()
+    text = logfile.read_text()
+    assert "Received SIGTERM, shutting down." in text
+    assert "Server Shut Down." in text
+    assert "client closed; 10 bytes sent, 10 received" in text
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); its state in /proc says it is done.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_tac_composes_the_service_into_an_application(tmp_path: Path, backend: int) -> None:
+    port = free_port()
+    forward = {"protocol": "tcp", "port": port, "target": f"127.0.0.1:{backend}"}
+    config = write_config(tmp_path / "goma.yml", [forward])
+    log = tmp_path / "tac.log"
+    env = twistd_env() | {"GOMA_PT_CONFIG": str(config)}
+    command = twistd_command("-ny", str(ROOT / "etc" / "goma-pt.tac"), "--pidfile=", "--logfile=-")
+    with running(command, log, env=env, cwd=tmp_path):
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        assert tcp_roundtrip(port, b"from a tac") == b"from a tac"
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _blast(listener: socket.socket, total: int) -> None:
+    """Accept one connection and send it C{total} bytes as fast as it takes them."""
+    conn, _ = listener.accept()
+    chunk = b"x" * (1024 * 1024)
+    sent = 0
+    with conn:
+        while sent < total:
+            conn.sendall(chunk)
+            sent += len(chunk)
+
+
+def test_a_slow_reader_bounds_the_forwarders_memory(tmp_path: Path) -> None:
+    """512 MB from a fast target to a slow client grow goma-pt by < 64 MB."""
+    total = 512 * 1024 * 1024
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    target = listener.getsockname()[1]
+    threading.Thread(target=_blast, args=(listener, total), daemon=True).start()
+    port = free_port()
+    forward = {"protocol": "tcp", "port": port, "target": f"127.0.0.1:{target}"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    log = tmp_path / "goma.log"
+    command = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
+    with running(command, log, env=twistd_env()) as proc:
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        baseline = _rss_kb(proc.pid)
+        peak = baseline
+        received = 0
+        deadline = time.monotonic() + 120
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            while received < total and time.monotonic() < deadline:
+                data = client.recv(256 * 1024)
+                if not data:
+                    break
+                received += len(data)
+                if received % (8 * 1024 * 1024) < len(data):
+                    peak = max(peak, _rss_kb(proc.pid))
+                    time.sleep(0.02)  # the slow part: the target is far faster
+    listener.close()
+    assert received == total
+    assert peak - baseline < 64 * 1024, f"grew by {(peak - baseline) // 1024} MB"
+
+
+def _free_privileged_port() -> int:
+    for port in range(1023, 600, -1):
+        try:
+            with socket.socket() as t, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                t.bind(("127.0.0.1", port))
+                u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port below 1024")
+
+
+def test_binds_a_privileged_port_then_drops_to_nobody(tmp_path: Path, backend: int) -> None:
+    if os.geteuid() != 0:
+        message = "binding a port below 1024 needs root"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    port = _free_privileged_port()
+    forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    log = tmp_path / "goma.log"
+    command = twistd_command(
+        "-n", "--pidfile=", "--logfile=-", "--uid=nobody", "--gid=nogroup",
+        "goma-pt", "--config", str(config),
+    )  # fmt: skip
+    with running(command, log, env=twistd_env()) as proc:
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        assert uids == ["65534"] * 4
+        assert tcp_roundtrip(port, b"low port") == b"low port"
+        assert udp_roundtrip(port, b"low port") == b"udp:low port"
+
+
+def _forward(port: int, target: int) -> dict[str, Any]:
+    return {
+        "protocol": "tcp",
+        "port": port,
+        "address": "127.0.0.1",
+        "target": f"127.0.0.1:{target}",
+    }
+
+
+def _echoes(conn: socket.socket, payload: bytes) -> bool:
+    conn.sendall(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received == payload
+
+
+def test_sighup_reloads_and_a_broken_file_keeps_the_running_set(
+    tmp_path: Path, backend: int
+) -> None:
+    kept, removed, added = free_port(), free_port(), free_port()
+    config = write_config(
+        tmp_path / "goma.yml", [_forward(kept, backend), _forward(removed, backend)]
+    )
+    log = tmp_path / "goma.log"
+    command = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
+    with running(command, log, env=twistd_env()) as proc:
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        live = socket.create_connection(("127.0.0.1", kept), timeout=5)
+        assert _echoes(live, b"before")
+        write_config(config, [_forward(kept, backend), _forward(added, backend)])
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "Reloaded" in log.read_text(), what="the reload")
+        assert "1 listeners added, 1 removed, 0 changed, 2 in all" in log.read_text()
+        assert _echoes(live, b"across the reload")
+        assert tcp_roundtrip(added, b"added") == b"added"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", removed), timeout=5)
+
+        config.write_text("gateway: {entryPoints: {passThrough: {forwards: [{port: 1}]}}}\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "Reload rejected" in log.read_text(), what="the rejection")
+        assert "forwards[0].protocol: missing" in log.read_text()
+        assert _echoes(live, b"after a broken file")
+        assert tcp_roundtrip(added, b"still added") == b"still added"
+        assert proc.poll() is None
+        live.close()
+
+
+def test_sigterm_closes_a_lingering_connection_at_the_drain_deadline(
+    tmp_path: Path, backend: int
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "goma.yml", [_forward(port, backend)])
+    log = tmp_path / "goma.log"
+    command = twistd_command(
+        "-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config), "--drain=1.5"
+    )
+    with running(command, log, env=twistd_env()) as proc:
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        live = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert _echoes(live, b"hello")
+        stopped_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "may finish within 1.5s" in log.read_text(), what="the drain")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert _echoes(live, b"still served while draining")
+        assert live.recv(1) == b""  # closed at the deadline
+        closed_after = time.monotonic() - stopped_at
+        live.close()
+        proc.wait(10)
+    assert 1.3 <= closed_after < 6, closed_after
+    assert "shutdown; 32 bytes sent, 32 received" in log.read_text()
+
+
+def test_sigterm_exits_as_soon_as_live_connections_finish(tmp_path: Path, backend: int) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "goma.yml", [_forward(port, backend)])
+    log = tmp_path / "goma.log"
+    command = twistd_command(
+        "-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config), "--drain=60"
+    )
+    with running(command, log, env=twistd_env()) as proc:
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        live = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert _echoes(live, b"hello")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "may finish within 60.0s" in log.read_text(), what="the drain")
+        assert _echoes(live, b"last words")
+        stopped_at = time.monotonic()
+        live.close()
+        proc.wait(30)
+        exited_after = time.monotonic() - stopped_at
+    assert exited_after < 20, exited_after
+    assert "client closed; 15 bytes sent, 15 received" in log.read_text()
+
+
+def test_check_prints_the_forwards_and_exits(tmp_path: Path) -> None:
+    result = run_twistd("goma-pt", "--config", str(ROOT / "etc" / "goma-full.yaml"), "--check")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("goma-full.yaml: OK, 3 forwards")
+    assert lines[1].split() == [
+        "protocol", "listen", "target", "connect", "idle", "udp", "idle", "max", "sessions"
+    ]  # fmt: skip
+    assert lines[2].split() == ["tcp", "*:61557", "srv1.example.com:22", "5s", "5s", "-", "-"]
+    assert lines[3].split() == ["tcp/udp", "*:53", "10.25.10.15:53", "10s", "none", "300s", "auto"]
+    broken = tmp_path / "broken.yml"
+    broken.write_text("gateway: {entryPoints: {passThrough: {forwards: [{port: 1}]}}}\n")
+    result = run_twistd("goma-pt", "--config", str(broken), "--check")
+    assert result.returncode == 1
+    assert "forwards[0].protocol: missing" in result.stderr
+
+
+def test_a_privileged_port_without_privileges_is_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "goma.yml", [_forward(_free_privileged_port(), 9)])
+    # Without CAP_NET_BIND_SERVICE, as an unprivileged user is (root keeps
+    # its files, so twistd under /root still runs).
+    setpriv = ["setpriv", "--inh-caps=-all", "--bounding-set=-net_bind_service"]
+    result = subprocess.run(
+        [
+            *setpriv,
+            *twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config)),
+        ],
+        env=twistd_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in output
+    assert "Permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE" in output
+
+
+def _low_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 256))
+
+
+def _served(s: socket.socket) -> bool:
+    """Whether goma-pt relays on this connection (an echo comes back) or closed it."""
+    try:
+        s.sendall(b"ping")
+        return s.recv(16) == b"ping"
+    except OSError:
+        return False
+
+
+def test_descriptor_limit_sizes_the_bounds_and_a_flood_never_hits_emfile(
+    tmp_path: Path, backend: int
+) -> None:
+    port = free_port()
+    forward = {
+        "protocol": "tcp/udp",
+        "port": port,
+        "address": "127.0.0.1",
+        "target": f"127.0.0.1:{backend}",
+        "deny": ["127.0.0.3"],
+    }
+    config = write_config(tmp_path / "goma.yml", [forward])
+    log = tmp_path / "goma.log"
+    command = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
+    with running(command, log, env=twistd_env(), preexec_fn=_low_fd_limit):
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        text = log.read_text()
+        assert "File descriptors: limit 256 (raised from 128)" in text
+        found = re.search(r"(\d+) connections \(derived\); .* (\d+) sessions \(derived\)", text)
+        assert found, text
+        bound, sessions = int(found[1]), int(found[2])
+        assert bound >= 16 and 2 * bound + sessions < 256
+        clients = []
+        try:
+            for _ in range(bound + 30):
+                s = socket.create_connection(
+                    ("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)
+                )
+                s.settimeout(2)
+                clients.append(s)
+            assert sum(_served(s) for s in clients) == bound
+            # A flood of UDP source ports, more than the session bound.
+            for _ in range(sessions + 100):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.bind(("127.0.0.2", 0))
+                    u.sendto(b"flood", ("127.0.0.1", port))
+            with socket.create_connection(
+                ("127.0.0.1", port), timeout=5, source_address=("127.0.0.3", 0)
+            ) as denied:
+                denied.settimeout(5)
+                assert not _served(denied)
+            # The served connections still work.
+            assert all(_served(s) for s in clients[:bound])
+        finally:
+            for s in clients:
+                s.close()
+        wait_for(lambda: log.read_text().count("client closed") >= bound, what="clients closed")
+    text = log.read_text()
+    assert "Too many open files" not in text and "EMFILE" not in text
+    assert "refused 127.0.0.3:" in text and ": denied" in text
+    assert "refused 127.0.0.2:" in text and ": at bound" in text
+    assert "sessions open, the bound; dropping datagrams" in text

@@ -1,0 +1,301 @@
+"""
+The UDP relay over real loopback sockets, with a Clock for session expiry.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
+
+from goma_twisted import udp
+
+from .support import (
+    FakeResolver,
+    ResolvingReactor,
+    UDPEcho,
+    bound_port,
+    captured_logs,
+    forward,
+    start_service,
+    udp_relay,
+)
+
+
+class UDPClient(protocol.DatagramProtocol):
+    """Sends datagrams to one address and queues what comes back."""
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[bytes, Any]] = []
+        self._waiting: list[Deferred[bytes]] = []
+
+    def send(self, data: bytes, port: int, host: str = "127.0.0.1") -> None:
+        self.transport.write(data, (host, port))  # type: ignore[union-attr]
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.replies.append((data, addr))
+        if self._waiting:
+            self._waiting.pop(0).callback(data)
+
+    async def reply(self, reactor: Any, timeout: float = 5) -> bytes:
+        if len(self.replies) > self._consumed:
+            self._consumed += 1
+            return self.replies[self._consumed - 1][0]
+        d: Deferred[bytes] = Deferred()
+        self._waiting.append(d)
+        data = await d.addTimeout(timeout, reactor)
+        self._consumed += 1
+        return data
+
+    _consumed = 0
+
+
+@pytest.fixture
+def ports(reactor: Any) -> Any:
+    """Listening ports opened by a test, closed after it."""
+    opened: list[Any] = []
+    yield opened
+    for port in opened:
+        port.stopListening()
+
+
+@pytest.fixture
+def services() -> Any:
+    started: list[Any] = []
+    yield started
+    for service in started:
+        pytest_twisted.blockon(service.stopService())
+
+
+def client(reactor: Any, ports: list[Any], interface: str = "127.0.0.1") -> UDPClient:
+    c = UDPClient()
+    ports.append(reactor.listenUDP(0, c, interface=interface, maxPacketSize=65535))
+    return c
+
+
+def echo(reactor: Any, ports: list[Any], prefix: bytes = b"", interface: str = "127.0.0.1") -> Any:
+    backend = UDPEcho(prefix)
+    port = reactor.listenUDP(0, backend, interface=interface, maxPacketSize=65535)
+    ports.append(port)
+    return backend, port.getHost().port
+
+
+@pytest_twisted.ensureDeferred
+async def test_roundtrip(reactor: Any, ports: list[Any], services: list[Any]) -> None:
+    backend, backend_port = echo(reactor, ports, prefix=b"echo:")
+    service = start_service(forward(("udp",), ("127.0.0.1", backend_port)))
+    services.append(service)
+    c = client(reactor, ports)
+    listen = bound_port(service, "udp")
+    c.send(b"one", listen)
+    assert await c.reply(reactor) == b"echo:one"
+    c.send(b"two", listen)
+    assert await c.reply(reactor) == b"echo:two"
+    # Replies come from the listening port, and one session served both.
+    assert {addr[1] for _, addr in c.replies} == {listen}
+    assert len({addr for _, addr in backend.received}) == 1
+    relay = udp_relay(service)
+    assert len(relay.sessions) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_peers_each_get_their_own_replies(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    backend, backend_port = echo(reactor, ports)
+    service = start_service(forward(("udp",), ("127.0.0.1", backend_port)))
+    services.append(service)
+    listen = bound_port(service, "udp")
+    clients = [client(reactor, ports) for _ in range(40)]
+    for i, c in enumerate(clients):
+        for j in range(3):
+            c.send(f"client {i} message {j}".encode(), listen)
+    for i, c in enumerate(clients):
+        got = sorted([await c.reply(reactor) for _ in range(3)])
+        assert got == [f"client {i} message {j}".encode() for j in range(3)]
+    # One session socket per client toward the backend.
+    assert len({addr for _, addr in backend.received}) == 40
+
+
+@pytest_twisted.ensureDeferred
+async def test_largest_datagram_passes_intact(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    _, backend_port = echo(reactor, ports)
+    service = start_service(forward(("udp",), ("127.0.0.1", backend_port)))
+    services.append(service)
+    c = client(reactor, ports)
+    payload = os.urandom(65_507)
+    c.send(payload, bound_port(service, "udp"))
+    assert await c.reply(reactor) == payload
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_sessions_expire_and_free_their_sockets(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    _, backend_port = echo(reactor, ports)
+    clock = Clock()
+    service = start_service(
+        forward(("udp",), ("127.0.0.1", backend_port), udp_idle_timeout=60.0), clock=clock
+    )
+    services.append(service)
+    listen = bound_port(service, "udp")
+    clients = [client(reactor, ports) for _ in range(20)]
+    before = open_fds()
+    with captured_logs() as logs:
+        for c in clients:
+            c.send(b"hi", listen)
+        for c in clients:
+            await c.reply(reactor)
+        assert open_fds() == before + 20
+        clock.advance(30)
+        clients[0].send(b"still here", listen)
+        assert await clients[0].reply(reactor) == b"still here"
+        clock.advance(30)  # 60 s idle for 19 sessions, 30 s for the first
+        await deferLater(reactor, 0.05)
+        assert open_fds() == before + 1
+        clock.advance(30)
+        await deferLater(reactor, 0.05)
+    assert open_fds() == before
+    assert clock.getDelayedCalls() == []
+    ends = logs.ends()
+    assert len(ends) == 20
+    assert {e["reason"] for e in ends} == {udp.IDLE_TIMEOUT}
+    first = [e for e in ends if e["datagramsToTarget"] == 2]
+    assert len(first) == 1 and first[0]["duration"] == 90
+    assert first[0]["bytesToTarget"] == first[0]["bytesToClient"] == len(b"histill here")
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_bound_refuses_new_clients_only(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    _, backend_port = echo(reactor, ports)
+    service = start_service(forward(("udp",), ("127.0.0.1", backend_port), max_sessions=3))
+    services.append(service)
+    listen = bound_port(service, "udp")
+    relay = udp_relay(service)
+    assert relay.max_sessions == 3
+    inside = [client(reactor, ports) for _ in range(3)]
+    for c in inside:
+        c.send(b"in", listen)
+        assert await c.reply(reactor) == b"in"
+    with captured_logs() as logs:
+        outside = client(reactor, ports)
+        for _ in range(5):
+            outside.send(b"let me in", listen)
+        for c in inside:
+            c.send(b"again", listen)
+            assert await c.reply(reactor) == b"again"
+    assert outside.replies == []
+    assert relay.refusedAtBound == 5
+    assert len(relay.sessions) == 3
+    warnings = [e for e in logs.events if "bound" in e["log_format"]]
+    assert len(warnings) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_icmp_refused_keeps_the_forward_and_the_session(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    # A target port nobody listens on yet: the kernel answers with ICMP
+    # port unreachable, which the session socket reports as refused.
+    probe = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+    target_port = probe.getHost().port
+    await probe.stopListening()
+    service = start_service(forward(("udp",), ("127.0.0.1", target_port)))
+    services.append(service)
+    listen = bound_port(service, "udp")
+    c = client(reactor, ports)
+    for _ in range(3):
+        c.send(b"hello?", listen)
+        await deferLater(reactor, 0.05)
+    relay = udp_relay(service)
+    [session] = relay.sessions.values()
+    assert session.refusals >= 1
+    backend = UDPEcho(b"up:")
+    ports.append(reactor.listenUDP(target_port, backend, interface="127.0.0.1"))
+    c.send(b"now?", listen)
+    assert await c.reply(reactor) == b"up:now?"
+    assert list(relay.sessions.values()) == [session]
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostname_target_resolved_when_a_session_starts(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    _, backend_port = echo(reactor, ports, prefix=b"resolved:")
+    resolver = FakeResolver(reactor, {"dns.test": ["127.0.0.1"]}, delay=0.1)
+    service = start_service(
+        forward(("udp",), ("dns.test", backend_port)), reactor=ResolvingReactor(reactor, resolver)
+    )
+    services.append(service)
+    listen = bound_port(service, "udp")
+    first, second = client(reactor, ports), client(reactor, ports)
+    first.send(b"a", listen)
+    first.send(b"b", listen)  # queued while the name resolves
+    assert sorted([await first.reply(reactor), await first.reply(reactor)]) == [
+        b"resolved:a",
+        b"resolved:b",
+    ]
+    second.send(b"c", listen)
+    assert await second.reply(reactor) == b"resolved:c"
+    assert resolver.lookups == ["dns.test", "dns.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unresolvable_target_ends_the_session(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    resolver = FakeResolver(reactor, {})
+    service = start_service(
+        forward(("udp",), ("nowhere.test", 53)), reactor=ResolvingReactor(reactor, resolver)
+    )
+    services.append(service)
+    c = client(reactor, ports)
+    with captured_logs() as logs:
+        c.send(b"q", bound_port(service, "udp"))
+        await deferLater(reactor, 0.1)
+    [end] = logs.ends()
+    assert end["reason"] == udp.RESOLVE_FAILED
+    relay = udp_relay(service)
+    assert relay.sessions == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6(reactor: Any, ports: list[Any], services: list[Any]) -> None:
+    _, backend_port = echo(reactor, ports, prefix=b"v6:", interface="::1")
+    service = start_service(forward(("udp",), ("::1", backend_port), address="::1"))
+    services.append(service)
+    c = client(reactor, ports, interface="::1")
+    c.send(b"hello", bound_port(service, "udp"), host="::1")
+    assert await c.reply(reactor) == b"v6:hello"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_ends_sessions_and_leaves_no_timers(reactor: Any, ports: list[Any]) -> None:
+    _, backend_port = echo(reactor, ports)
+    clock = Clock()
+    service = start_service(forward(("udp",), ("127.0.0.1", backend_port)), clock=clock)
+    listen = bound_port(service, "udp")
+    clients = [client(reactor, ports) for _ in range(5)]
+    for c in clients:
+        c.send(b"x", listen)
+        await c.reply(reactor)
+    before = open_fds()
+    with captured_logs() as logs:
+        await service.stopService()
+        await deferLater(reactor, 0.05)
+    assert [e["reason"] for e in logs.ends()] == [udp.SHUTDOWN] * 5
+    assert clock.getDelayedCalls() == []
+    assert open_fds() == before - 6  # five sessions and the listener
