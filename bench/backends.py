@@ -23,8 +23,9 @@ class Backend:
         procs.stop(self.proc)
 
 
-def _started(name: str, argv: list[str], workdir: Path, port: int, proto: str,
-             stdin_pipe: bool = False) -> Backend:
+def _started(
+    name: str, argv: list[str], workdir: Path, port: int, proto: str, stdin_pipe: bool = False
+) -> Backend:
     proc = procs.start(name, argv, workdir, stdin_pipe=stdin_pipe)
     try:
         procs.wait_bound(proc, port, proto)
@@ -36,15 +37,34 @@ def _started(name: str, argv: list[str], workdir: Path, port: int, proto: str,
 
 def iperf3(workdir: Path) -> Backend:
     port = procs.free_port()
-    return _started("iperf3-server", ["iperf3", "-s", "-B", procs.LOOPBACK, "-p", str(port)],
-                    workdir, port, "tcp")
+    return _started(
+        "iperf3-server",
+        ["iperf3", "-s", "-B", procs.LOOPBACK, "-p", str(port)],
+        workdir,
+        port,
+        "tcp",
+    )
 
 
 def redis(workdir: Path) -> Backend:
     port = procs.free_port()
-    argv = ["redis-server", "--port", str(port), "--bind", procs.LOOPBACK, "--save", "",
-            "--appendonly", "no", "--protected-mode", "no", "--dir", str(workdir),
-            "--maxclients", "10000"]
+    argv = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        procs.LOOPBACK,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        "--dir",
+        str(workdir),
+        "--maxclients",
+        "10000",
+    ]
     return _started("redis-server", argv, workdir, port, "tcp")
 
 
@@ -69,8 +89,7 @@ def _nsd_files(workdir: Path, port: int) -> tuple[Path, Path]:
         f"zone:\n  name: {ZONE}\n  zonefile: {zone.name}\n"
     )
     queries = workdir / "queries.txt"
-    queries.write_text("".join(
-        f"{ZONE if n == '@' else n + '.' + ZONE} A\n" for n in DNS_NAMES))
+    queries.write_text("".join(f"{ZONE if n == '@' else n + '.' + ZONE} A\n" for n in DNS_NAMES))
     return conf, queries
 
 
@@ -85,13 +104,24 @@ def nsd(workdir: Path) -> Backend:
 def hold_server(workdir: Path) -> Backend:
     port = procs.free_port()
     status = workdir / "hold-server.json"
-    backend = _started("hold-server", [sys.executable, str(LOADGEN), "hold-server", str(port),
-                                       str(status)], workdir, port, "tcp", stdin_pipe=True)
+    backend = _started(
+        "hold-server",
+        [sys.executable, str(LOADGEN), "hold-server", str(port), str(status)],
+        workdir,
+        port,
+        "tcp",
+        stdin_pipe=True,
+    )
     backend.files["status"] = status
     return backend
 
 
 def slow_server(workdir: Path, rate: int, seconds: float) -> Backend:
     port = procs.free_port()
-    return _started("slow-server", [sys.executable, str(LOADGEN), "slow-server", str(port),
-                                    str(rate), str(seconds)], workdir, port, "tcp")
+    return _started(
+        "slow-server",
+        [sys.executable, str(LOADGEN), "slow-server", str(port), str(rate), str(seconds)],
+        workdir,
+        port,
+        "tcp",
+    )

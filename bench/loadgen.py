@@ -134,8 +134,9 @@ def hold_client(port: int, count: int, status: Path, server_status: Path) -> Non
                 sock.close()
                 failed += 1
         _write_status(status, {"connected": len(done), "failed": failed, "pending": pending})
-    _write_status(status, {"connected": len(done), "failed": failed, "pending": pending,
-                           "done": True})
+    _write_status(
+        status, {"connected": len(done), "failed": failed, "pending": pending, "done": True}
+    )
     hold_until = time.monotonic() + HOLD_LIMIT_S
     while time.monotonic() < hold_until and not _stdin_closed(sel, 1.0):
         pass
@@ -215,8 +216,18 @@ def udp_churn(port: int, seconds: float, max_queries: int, parallel: int) -> Non
         if time.monotonic() > end + 2.0:
             break
     elapsed = time.monotonic() - start
-    print(json.dumps({"sent": sent, "answered": answered, "lost": lost,
-                      "seconds": elapsed, "qps": answered / elapsed}), flush=True)
+    print(
+        json.dumps(
+            {
+                "sent": sent,
+                "answered": answered,
+                "lost": lost,
+                "seconds": elapsed,
+                "qps": answered / elapsed,
+            }
+        ),
+        flush=True,
+    )
 
 
 def main(argv: list[str]) -> None:

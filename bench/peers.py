@@ -19,8 +19,14 @@ NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 GOMA = "goma-pt"
 DIRECT = "direct"
 # twistd with the benchmark's own interpreter (`python -m twisted` is `twist`, not twistd)
-TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; "
-          "sys.argv[0] = 'twistd'; run()", "-n", "--pidfile=", "--logfile=-"]
+TWISTD = [
+    sys.executable,
+    "-c",
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+    "-n",
+    "--pidfile=",
+    "--logfile=-",
+]
 
 
 @dataclass(frozen=True)
@@ -77,18 +83,34 @@ def _goma_argv(fwd: Forward, workdir: Path) -> list[str]:
 
 
 def _portforward_argv(fwd: Forward, workdir: Path) -> list[str]:
-    return [*TWISTD, "portforward", "-p", f"tcp:{fwd.listen_port}:interface={procs.LOOPBACK}",
-            "-h", procs.LOOPBACK, "-d", str(fwd.target_port)]
+    return [
+        *TWISTD,
+        "portforward",
+        "-p",
+        f"tcp:{fwd.listen_port}:interface={procs.LOOPBACK}",
+        "-h",
+        procs.LOOPBACK,
+        "-d",
+        str(fwd.target_port),
+    ]
 
 
 def _socat_argv(fwd: Forward, workdir: Path) -> list[str]:
     target = f"{procs.LOOPBACK}:{fwd.target_port}"
     if fwd.proto == "tcp":
-        return ["socat", f"TCP-LISTEN:{fwd.listen_port},bind={procs.LOOPBACK},fork,reuseaddr,"
-                "backlog=1024", f"TCP:{target}"]
+        return [
+            "socat",
+            f"TCP-LISTEN:{fwd.listen_port},bind={procs.LOOPBACK},fork,reuseaddr,backlog=1024",
+            f"TCP:{target}",
+        ]
     # A child per client address (connected socket), like a UDP session; it idles out after -T.
-    return ["socat", "-T", "2", f"UDP-LISTEN:{fwd.listen_port},bind={procs.LOOPBACK},fork,"
-            "reuseaddr", f"UDP:{target}"]
+    return [
+        "socat",
+        "-T",
+        "2",
+        f"UDP-LISTEN:{fwd.listen_port},bind={procs.LOOPBACK},fork,reuseaddr",
+        f"UDP:{target}",
+    ]
 
 
 def _haproxy_argv(fwd: Forward, workdir: Path) -> list[str]:
@@ -122,8 +144,16 @@ def _nginx_conf(fwd: Forward, workdir: Path, tuned: bool) -> str:
 def _nginx_argv(tuned: bool) -> Callable[[Forward, Path], list[str]]:
     def argv(fwd: Forward, workdir: Path) -> list[str]:
         (workdir / "nginx.conf").write_text(_nginx_conf(fwd, workdir, tuned))
-        return ["nginx", "-p", str(workdir), "-c", str(workdir / "nginx.conf"),
-                "-e", str(workdir / "error.log")]
+        return [
+            "nginx",
+            "-p",
+            str(workdir),
+            "-c",
+            str(workdir / "nginx.conf"),
+            "-e",
+            str(workdir / "error.log"),
+        ]
+
     return argv
 
 
@@ -131,19 +161,44 @@ TCP = frozenset({"tcp"})
 BOTH = frozenset({"tcp", "udp"})
 
 PEERS: tuple[Peer, ...] = (
-    Peer(GOMA, BOTH, _goma_argv, (str(REPO_ROOT / "goma_twisted" / "tap.py"),),
-         "this project, one twistd process"),
-    Peer("portforward", TCP, _portforward_argv, (sys.executable,),
-         "twistd portforward (Twisted's own forwarder), TCP only"),
-    Peer("socat", BOTH, _socat_argv, ("socat",),
-         "socat fork: one child process per TCP connection / per UDP client (-T 2), "
-         "default 8 KiB buffer; idle_mem capped at 1,000 connections (1,000 processes)",
-         idle_cap=1000),
+    Peer(
+        GOMA,
+        BOTH,
+        _goma_argv,
+        (str(REPO_ROOT / "goma_twisted" / "tap.py"),),
+        "this project, one twistd process",
+    ),
+    Peer(
+        "portforward",
+        TCP,
+        _portforward_argv,
+        (sys.executable,),
+        "twistd portforward (Twisted's own forwarder), TCP only",
+    ),
+    Peer(
+        "socat",
+        BOTH,
+        _socat_argv,
+        ("socat",),
+        "socat fork: one child process per TCP connection / per UDP client (-T 2), "
+        "default 8 KiB buffer; idle_mem capped at 1,000 connections (1,000 processes)",
+        idle_cap=1000,
+    ),
     Peer("haproxy", TCP, _haproxy_argv, ("haproxy",), "HAProxy mode tcp, nbthread 1, defaults"),
-    Peer("nginx", BOTH, _nginx_argv(tuned=False), ("nginx", str(NGINX_STREAM_MODULE)),
-         "nginx stream, worker_processes 1, defaults (16k buffer)"),
-    Peer("nginx-tuned", BOTH, _nginx_argv(tuned=True), ("nginx", str(NGINX_STREAM_MODULE)),
-         "nginx stream, worker_processes 1, proxy_buffer_size 256k"),
+    Peer(
+        "nginx",
+        BOTH,
+        _nginx_argv(tuned=False),
+        ("nginx", str(NGINX_STREAM_MODULE)),
+        "nginx stream, worker_processes 1, defaults (16k buffer)",
+    ),
+    Peer(
+        "nginx-tuned",
+        BOTH,
+        _nginx_argv(tuned=True),
+        ("nginx", str(NGINX_STREAM_MODULE)),
+        "nginx stream, worker_processes 1, proxy_buffer_size 256k",
+    ),
     Peer(DIRECT, BOTH, None, (), "no forwarder: client to backend (the limit)"),
 )
 

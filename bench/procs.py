@@ -92,15 +92,24 @@ class Proc:
             return ""
 
 
-def start(name: str, argv: Sequence[str], workdir: Path, env: dict[str, str] | None = None,
-          stdin_pipe: bool = False) -> Proc:
+def start(
+    name: str,
+    argv: Sequence[str],
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    stdin_pipe: bool = False,
+) -> Proc:
     """Start `argv` in its own session with stdout/stderr to workdir/<name>.log."""
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=workdir,
+            list(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
             stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, start_new_session=True,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
             preexec_fn=raise_nofile,
         )
     return Proc(name, popen, log)
@@ -185,8 +194,9 @@ def tree_rss_kb(pid: int) -> int:
 
 def run_tool(argv: Sequence[str], timeout: float) -> str:
     """Run a client tool to completion (bounded by `timeout`) and return its stdout."""
-    done = subprocess.run(list(argv), capture_output=True, timeout=timeout, check=False,
-                          preexec_fn=raise_nofile)
+    done = subprocess.run(
+        list(argv), capture_output=True, timeout=timeout, check=False, preexec_fn=raise_nofile
+    )
     if done.returncode != 0:
         err = (done.stderr or done.stdout).decode(errors="replace").strip()[-400:]
         raise RuntimeError(f"{argv[0]} exited {done.returncode}: {err}")

@@ -51,8 +51,19 @@ def start(pid: int, out_stem: Path) -> list[subprocess.Popen[bytes]]:
         print("py-spy not installed: no profile (pip install '.[bench]')", file=sys.stderr)
         return []
     out_stem.parent.mkdir(parents=True, exist_ok=True)
-    argv = [PY_SPY, "record", "--pid", str(pid), "--rate", str(RATE), "--nonblocking",
-            "--format", "raw", "--output", str(out_stem.with_suffix(".txt"))]
+    argv = [
+        PY_SPY,
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        str(RATE),
+        "--nonblocking",
+        "--format",
+        "raw",
+        "--output",
+        str(out_stem.with_suffix(".txt")),
+    ]
     return [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
 
 
@@ -107,10 +118,14 @@ def render(path: Path, top: int) -> str:
     total, own, inclusive = summarise(path)
     if not total:
         return f"{path}: no samples"
-    split = ", ".join(f"{name} {100 * n / total:.1f}%"
-                      for name, n in split_kernel(own).most_common())
-    lines = [f"== {path.name}: {total} samples", f"  by kind (approx.): {split}",
-             "  self%  function (top of stack)"]
+    split = ", ".join(
+        f"{name} {100 * n / total:.1f}%" for name, n in split_kernel(own).most_common()
+    )
+    lines = [
+        f"== {path.name}: {total} samples",
+        f"  by kind (approx.): {split}",
+        "  self%  function (top of stack)",
+    ]
     lines += [f"  {100 * n / total:5.1f}  {name}" for name, n in own.most_common(top)]
     lines.append("  incl%  function (anywhere on the stack)")
     lines += [f"  {100 * n / total:5.1f}  {name}" for name, n in inclusive.most_common(top)]

@@ -39,8 +39,11 @@ def ratios(meds: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for key, per_peer in meds.items():
         goma = per_peer.get(GOMA)
-        out[key] = {peer: goma / value for peer, value in per_peer.items()
-                    if goma is not None and value and peer != GOMA}
+        out[key] = {
+            peer: goma / value
+            for peer, value in per_peer.items()
+            if goma is not None and value and peer != GOMA
+        }
     return out
 
 
@@ -83,8 +86,9 @@ def console(result: Result) -> str:
             if med is None:
                 lines.append(f"  {peer:<12} {'-':>12} {'-':>10}  {why or ''}"[:160])
                 continue
-            lines.append(f"  {peer:<12} {_fmt(med):>12} {_fmt(ratio) if ratio else '':>10}  "
-                         f"[{rounds}]")
+            lines.append(
+                f"  {peer:<12} {_fmt(med):>12} {_fmt(ratio) if ratio else '':>10}  [{rounds}]"
+            )
     return "\n".join(lines)
 
 
@@ -97,24 +101,34 @@ def markdown(result: Result) -> str:
     for key, wl in result["workloads"].items():
         meds = result["medians"].get(key, {})
         rats = result["ratios"].get(key, {})
-        med_cells = [_fmt(meds.get(p)) if p in meds else _short_status(result, key, p)
-                     for p in peers]
-        rat_cells = ["1" if p == GOMA and p in meds else
-                     (_fmt(rats[p]) if p in rats else "-") for p in peers]
+        med_cells = [
+            _fmt(meds.get(p)) if p in meds else _short_status(result, key, p) for p in peers
+        ]
+        rat_cells = [
+            "1" if p == GOMA and p in meds else (_fmt(rats[p]) if p in rats else "-")
+            for p in peers
+        ]
         med_rows.append(f"| {key} | {wl['unit']} | " + " | ".join(med_cells) + " |")
         better = "higher" if wl["higher_is_better"] else "lower"
         ratio_rows.append(f"| {key} | {better} | " + " | ".join(rat_cells) + " |")
-    return ("Medians of the rounds:\n\n" + "\n".join(med_rows)
-            + "\n\nRatio goma-pt / peer (same run):\n\n" + "\n".join(ratio_rows) + "\n")
+    return (
+        "Medians of the rounds:\n\n"
+        + "\n".join(med_rows)
+        + "\n\nRatio goma-pt / peer (same run):\n\n"
+        + "\n".join(ratio_rows)
+        + "\n"
+    )
 
 
 def machine_markdown(result: Result) -> str:
     """The machine and tool versions of a run, as a markdown list."""
     m = result["machine"]
     versions = ", ".join(f"{name} {ver}" for name, ver in m["versions"].items())
-    return (f"- {m['nproc']} cores ({m['cpu']}), Linux {m['kernel']}, "
-            f"RLIMIT_NOFILE hard limit {m['nofile_hard_limit']}\n"
-            f"- Python {m['python']}, Twisted {m['twisted']}\n- {versions}\n")
+    return (
+        f"- {m['nproc']} cores ({m['cpu']}), Linux {m['kernel']}, "
+        f"RLIMIT_NOFILE hard limit {m['nofile_hard_limit']}\n"
+        f"- Python {m['python']}, Twisted {m['twisted']}\n- {versions}\n"
+    )
 
 
 def _short_status(result: Result, key: str, peer: str) -> str:
@@ -129,14 +143,18 @@ def chart(result: Result, path: Path) -> Path | None:
     """Grouped bars of goma-pt / peer per workload (log scale, 1.0 = parity)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no chart (pip install '.[bench]')", file=sys.stderr)
         return None
     keys = [k for k in result["workloads"] if result["ratios"].get(k)]
-    peers = [p for p in result["peers"] if p != GOMA
-             and any(p in result["ratios"].get(k, {}) for k in keys)]
+    peers = [
+        p
+        for p in result["peers"]
+        if p != GOMA and any(p in result["ratios"].get(k, {}) for k in keys)
+    ]
     if not keys or not peers:
         return None
     fig, ax = plt.subplots(figsize=(max(9.0, 1.5 * len(keys)), 5.0))
@@ -148,17 +166,32 @@ def chart(result: Result, path: Path) -> Path | None:
         ax.bar(xs, shown, width, label=peer)
         for x, y, bar in zip(xs, ys, shown, strict=True):
             if y and bar != y:  # clipped: print the real ratio on the bar
-                ax.text(x, bar, f"{y:.2g}", rotation=90, fontsize=6, ha="center",
-                        va="top" if y > 1 else "bottom")
+                ax.text(
+                    x,
+                    bar,
+                    f"{y:.2g}",
+                    rotation=90,
+                    fontsize=6,
+                    ha="center",
+                    va="top" if y > 1 else "bottom",
+                )
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_ylim(*CHART_RANGE)
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([k + ("\n(lower is better)" if not result["workloads"][k]
-                             ["higher_is_better"] else "") for k in keys], fontsize=8)
+    ax.set_xticklabels(
+        [
+            k + ("\n(lower is better)" if not result["workloads"][k]["higher_is_better"] else "")
+            for k in keys
+        ],
+        fontsize=8,
+    )
     ax.set_ylabel("goma-pt / peer (median)")
-    ax.set_title(f"goma-pt relative to each peer ({result['rounds']} rounds, "
-                 f"{result['machine'].get('nproc')} cores, {result['started']})", fontsize=9)
+    ax.set_title(
+        f"goma-pt relative to each peer ({result['rounds']} rounds, "
+        f"{result['machine'].get('nproc')} cores, {result['started']})",
+        fontsize=9,
+    )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -56,20 +56,29 @@ VERSION_COMMANDS: dict[str, list[str]] = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     parser.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="short smoke run")
     parser.add_argument("--peers", nargs="+", help="subset of forwarders to run")
     parser.add_argument("--workloads", nargs="+", help="subset of workloads to run")
     parser.add_argument("--idle-connections", type=int, help="idle_mem connection count")
     parser.add_argument("--out", type=Path, help="result JSON path")
-    parser.add_argument("--publish", action="store_true",
-                        help="copy the result to docs/bench/latest.{json,png}, update the table")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="copy the result to docs/bench/latest.{json,png}, update the table",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with all logs")
-    parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="attach py-spy to goma-pt in each of its cells, profiles in DIR")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="attach py-spy to goma-pt in each of its cells, profiles in DIR",
+    )
     return parser.parse_args(argv)
 
 
@@ -89,6 +98,7 @@ def machine_info() -> dict[str, Any]:
             cpu = line.split(":", 1)[1].strip()
             break
     import twisted
+
     return {
         "nproc": len(os.sched_getaffinity(0)),
         "cpu": cpu,
@@ -100,8 +110,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def run_cell(peer: peers_mod.Peer, wl: wl_mod.Workload, params: wl_mod.Params,
-             workdir: Path, profile_stem: Path | None = None) -> wl_mod.Measurement:
+def run_cell(
+    peer: peers_mod.Peer,
+    wl: wl_mod.Workload,
+    params: wl_mod.Params,
+    workdir: Path,
+    profile_stem: Path | None = None,
+) -> wl_mod.Measurement:
     """Start the backend and the forwarder, measure, and always stop both."""
     workdir.mkdir(parents=True)
     backend = wl.start_backend(workdir, params)
@@ -131,8 +146,13 @@ def skip_reason(peer: peers_mod.Peer, wl: wl_mod.Workload) -> str | None:
 NA_PREFIX = "n/a: "
 
 
-def new_result(args: argparse.Namespace, params: wl_mod.Params, rounds: int,
-               peers: list[peers_mod.Peer], wls: list[wl_mod.Workload]) -> dict[str, Any]:
+def new_result(
+    args: argparse.Namespace,
+    params: wl_mod.Params,
+    rounds: int,
+    peers: list[peers_mod.Peer],
+    wls: list[wl_mod.Workload],
+) -> dict[str, Any]:
     return {
         "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "rounds": rounds,
@@ -141,8 +161,15 @@ def new_result(args: argparse.Namespace, params: wl_mod.Params, rounds: int,
         "params": dataclasses.asdict(params),
         "machine": machine_info(),
         "peers": {p.name: {"note": p.note, "missing": p.missing()} for p in peers},
-        "workloads": {w.key: {"title": w.title, "unit": w.unit, "proto": w.proto,
-                              "higher_is_better": w.higher_is_better} for w in wls},
+        "workloads": {
+            w.key: {
+                "title": w.title,
+                "unit": w.unit,
+                "proto": w.proto,
+                "higher_is_better": w.higher_is_better,
+            }
+            for w in wls
+        },
         "samples": {w.key: {} for w in wls},
         "details": {w.key: {} for w in wls},
         "errors": {w.key: {} for w in wls},
@@ -150,12 +177,17 @@ def new_result(args: argparse.Namespace, params: wl_mod.Params, rounds: int,
     }
 
 
-def run_rounds(result: dict[str, Any], peers: list[peers_mod.Peer],
-               wls: list[wl_mod.Workload], params: wl_mod.Params, tmp: Path,
-               profile_dir: Path | None = None) -> None:
+def run_rounds(
+    result: dict[str, Any],
+    peers: list[peers_mod.Peer],
+    wls: list[wl_mod.Workload],
+    params: wl_mod.Params,
+    tmp: Path,
+    profile_dir: Path | None = None,
+) -> None:
     rounds = result["rounds"]
     for rnd in range(rounds):
-        order = peers[rnd % len(peers):] + peers[:rnd % len(peers)]
+        order = peers[rnd % len(peers) :] + peers[: rnd % len(peers)]
         for wl in wls:
             for peer in order:
                 why = peer.missing() or skip_reason(peer, wl)
@@ -163,12 +195,20 @@ def run_rounds(result: dict[str, Any], peers: list[peers_mod.Peer],
                     result["status"][wl.key][peer.name] = why
                     continue
                 stem = profile_dir / f"{wl.key}-r{rnd + 1}" if profile_dir else None
-                record(result, rnd, wl, peer, params,
-                       tmp / f"r{rnd + 1}" / wl.key / peer.name, stem)
+                record(
+                    result, rnd, wl, peer, params, tmp / f"r{rnd + 1}" / wl.key / peer.name, stem
+                )
 
 
-def record(result: dict[str, Any], rnd: int, wl: wl_mod.Workload, peer: peers_mod.Peer,
-           params: wl_mod.Params, workdir: Path, profile_stem: Path | None = None) -> None:
+def record(
+    result: dict[str, Any],
+    rnd: int,
+    wl: wl_mod.Workload,
+    peer: peers_mod.Peer,
+    params: wl_mod.Params,
+    workdir: Path,
+    profile_stem: Path | None = None,
+) -> None:
     """Run one cell and store its value (None on error) for this round."""
     began = time.monotonic()
     value: float | None = None
@@ -182,8 +222,11 @@ def record(result: dict[str, Any], rnd: int, wl: wl_mod.Workload, peer: peers_mo
         result["errors"][wl.key].setdefault(peer.name, []).append(message)
         shown = f"ERROR {message[:120]}"
     result["samples"][wl.key].setdefault(peer.name, []).append(value)
-    print(f"[round {rnd + 1}/{result['rounds']}] {wl.key:<11} {peer.name:<12} {shown} "
-          f"({time.monotonic() - began:.1f}s)", flush=True)
+    print(
+        f"[round {rnd + 1}/{result['rounds']}] {wl.key:<11} {peer.name:<12} {shown} "
+        f"({time.monotonic() - began:.1f}s)",
+        flush=True,
+    )
 
 
 def finish(result: dict[str, Any], out: Path) -> None:
@@ -206,8 +249,12 @@ def publish(result: dict[str, Any], out: Path) -> None:
     doc = DOCS_DIR / "benchmarks.md"
     if doc.exists():
         text = _replace_block(doc.read_text(), MACHINE, report.machine_markdown(result))
-        text = _replace_block(text, TABLE, f"Run of {result['started']}, "
-                              f"{result['rounds']} rounds.\n\n" + report.markdown(result))
+        text = _replace_block(
+            text,
+            TABLE,
+            f"Run of {result['started']}, "
+            f"{result['rounds']} rounds.\n\n" + report.markdown(result),
+        )
         doc.write_text(text)
     print(f"published to {target} and {doc}")
 

@@ -35,8 +35,15 @@ class Params:
     slow_max_bytes: int = 512 << 20
 
 
-QUICK = Params(bulk_seconds=1, ping_requests=20_000, conn_requests=3_000, udp_seconds=1,
-               churn_max_queries=5_000, idle_connections=1_000, slow_seconds=1.0)
+QUICK = Params(
+    bulk_seconds=1,
+    ping_requests=20_000,
+    conn_requests=3_000,
+    udp_seconds=1,
+    churn_max_queries=5_000,
+    idle_connections=1_000,
+    slow_seconds=1.0,
+)
 
 
 @dataclass
@@ -64,45 +71,95 @@ class Workload:
 
 def _iperf3(reverse: bool) -> Measure:
     def measure(fwd: Running, backend: backends.Backend, p: Params) -> Measurement:
-        argv = ["iperf3", "-c", procs.LOOPBACK, "-p", str(fwd.port), "-t", str(p.bulk_seconds),
-                "--json"] + (["-R"] if reverse else [])
+        argv = [
+            "iperf3",
+            "-c",
+            procs.LOOPBACK,
+            "-p",
+            str(fwd.port),
+            "-t",
+            str(p.bulk_seconds),
+            "--json",
+        ] + (["-R"] if reverse else [])
         out = json.loads(procs.run_tool(argv, timeout=p.bulk_seconds + 30))
         received = out["end"]["sum_received"]
-        return Measurement(received["bits_per_second"] / 8e9,
-                           {"bytes": received["bytes"], "seconds": received["seconds"]})
+        return Measurement(
+            received["bits_per_second"] / 8e9,
+            {"bytes": received["bytes"], "seconds": received["seconds"]},
+        )
+
     return measure
 
 
 def _redis_benchmark(keepalive: bool) -> Measure:
     def measure(fwd: Running, backend: backends.Backend, p: Params) -> Measurement:
         requests = p.ping_requests if keepalive else p.conn_requests
-        argv = ["redis-benchmark", "-h", procs.LOOPBACK, "-p", str(fwd.port), "-t", "ping_mbulk",
-                "-c", "20", "-n", str(requests), "--csv"] + ([] if keepalive else ["-k", "0"])
+        argv = [
+            "redis-benchmark",
+            "-h",
+            procs.LOOPBACK,
+            "-p",
+            str(fwd.port),
+            "-t",
+            "ping_mbulk",
+            "-c",
+            "20",
+            "-n",
+            str(requests),
+            "--csv",
+        ] + ([] if keepalive else ["-k", "0"])
         out = procs.run_tool(argv, timeout=120)
         rows = [line.replace('"', "").split(",") for line in out.strip().splitlines()]
         data = dict(zip(rows[0], rows[-1], strict=False))
-        return Measurement(float(data["rps"]), {"requests": requests,
-                                                "p50_ms": float(data.get("p50_latency_ms", 0))})
+        return Measurement(
+            float(data["rps"]),
+            {"requests": requests, "p50_ms": float(data.get("p50_latency_ms", 0))},
+        )
+
     return measure
 
 
 def _dnsperf(fwd: Running, backend: backends.Backend, p: Params) -> Measurement:
-    argv = ["dnsperf", "-s", procs.LOOPBACK, "-p", str(fwd.port), "-d",
-            str(backend.files["queries"]), "-c", "10", "-l", str(p.udp_seconds), "-t", "1"]
+    argv = [
+        "dnsperf",
+        "-s",
+        procs.LOOPBACK,
+        "-p",
+        str(fwd.port),
+        "-d",
+        str(backend.files["queries"]),
+        "-c",
+        "10",
+        "-l",
+        str(p.udp_seconds),
+        "-t",
+        "1",
+    ]
     out = procs.run_tool(argv, timeout=p.udp_seconds + 30)
     qps = re.search(r"Queries per second:\s+([\d.]+)", out)
     lost = re.search(r"Queries lost:\s+(\d+)", out)
     completed = re.search(r"Queries completed:\s+(\d+)", out)
     if qps is None:
         raise RuntimeError(f"dnsperf printed no rate: {out[-400:]}")
-    return Measurement(float(qps.group(1)), {
-        "lost": int(lost.group(1)) if lost else None,
-        "completed": int(completed.group(1)) if completed else None})
+    return Measurement(
+        float(qps.group(1)),
+        {
+            "lost": int(lost.group(1)) if lost else None,
+            "completed": int(completed.group(1)) if completed else None,
+        },
+    )
 
 
 def _udp_churn(fwd: Running, backend: backends.Backend, p: Params) -> Measurement:
-    argv = [sys.executable, str(backends.LOADGEN), "udp-churn", str(fwd.port),
-            str(p.udp_seconds), str(p.churn_max_queries), str(p.churn_parallel)]
+    argv = [
+        sys.executable,
+        str(backends.LOADGEN),
+        "udp-churn",
+        str(fwd.port),
+        str(p.udp_seconds),
+        str(p.churn_max_queries),
+        str(p.churn_parallel),
+    ]
     out = json.loads(procs.run_tool(argv, timeout=p.udp_seconds + 30))
     return Measurement(float(out["qps"]), {k: out[k] for k in ("sent", "answered", "lost")})
 
@@ -135,31 +192,53 @@ def _idle_memory(fwd: Running, backend: backends.Backend, p: Params) -> Measurem
     base = fwd.rss_kb()
     workdir = backend.proc.log.parent
     client_status = workdir / "hold-client.json"
-    client = procs.start("hold-client", [sys.executable, str(backends.LOADGEN), "hold-client",
-                                         str(fwd.port), str(count),
-                                         str(client_status), str(backend.files["status"])],
-                         workdir, stdin_pipe=True)
+    client = procs.start(
+        "hold-client",
+        [
+            sys.executable,
+            str(backends.LOADGEN),
+            "hold-client",
+            str(fwd.port),
+            str(count),
+            str(client_status),
+            str(backend.files["status"]),
+        ],
+        workdir,
+        stdin_pipe=True,
+    )
     try:
         held = _wait_held(backend.files["status"], count)
         time.sleep(1.0)
         held = _read_status(backend.files["status"]).get("held", held)
         rss = fwd.rss_kb()
-        fds = sum(procs.fd_count(pid) for pid in procs.process_tree(fwd.proc.pid)) \
-            if fwd.proc else 0
+        fds = (
+            sum(procs.fd_count(pid) for pid in procs.process_tree(fwd.proc.pid)) if fwd.proc else 0
+        )
     finally:
         procs.stop(client)
     if held <= 0:
         raise RuntimeError("no connection reached the backend")
-    detail: Detail = {"held": held, "target": count, "base_kb": base,
-                      "rss_kb": rss, "forwarder_fds": fds,
-                      "client": _read_status(client_status)}
+    detail: Detail = {
+        "held": held,
+        "target": count,
+        "base_kb": base,
+        "rss_kb": rss,
+        "forwarder_fds": fds,
+        "client": _read_status(client_status),
+    }
     return Measurement((rss - base) / held, detail)
 
 
 def _slow_reader_memory(fwd: Running, backend: backends.Backend, p: Params) -> Measurement:
     base = fwd.rss_kb()
-    argv = [sys.executable, str(backends.LOADGEN), "blast", str(fwd.port),
-            str(p.slow_seconds), str(p.slow_max_bytes)]
+    argv = [
+        sys.executable,
+        str(backends.LOADGEN),
+        "blast",
+        str(fwd.port),
+        str(p.slow_seconds),
+        str(p.slow_max_bytes),
+    ]
     sender = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak = base
     try:
@@ -180,23 +259,81 @@ def _backend(start: Callable[[Path], backends.Backend]) -> StartBackend:
 
 
 WORKLOADS: tuple[Workload, ...] = (
-    Workload("bulk_up", "TCP bulk, client to server (iperf3)", "tcp", "GB/s", True,
-             _backend(backends.iperf3), _iperf3(reverse=False)),
-    Workload("bulk_down", "TCP bulk, server to client (iperf3 -R)", "tcp", "GB/s", True,
-             _backend(backends.iperf3), _iperf3(reverse=True)),
-    Workload("tcp_rr", "TCP request/response, 20 persistent conns (redis PING)", "tcp",
-             "req/s", True, _backend(backends.redis), _redis_benchmark(keepalive=True)),
-    Workload("tcp_connect", "TCP new connection per request (redis PING -k 0)", "tcp",
-             "req/s", True, _backend(backends.redis), _redis_benchmark(keepalive=False)),
-    Workload("udp_dns", "UDP request/response, 10 sockets (dnsperf -> nsd)", "udp", "q/s",
-             True, _backend(backends.nsd), _dnsperf),
-    Workload("udp_churn", "UDP session churn, new source port per query (-> nsd)", "udp",
-             "q/s", True, _backend(backends.nsd), _udp_churn, one_response=True),
-    Workload("idle_mem", "Memory per idle proxied TCP connection", "tcp", "KB/conn", False,
-             _backend(backends.hold_server), _idle_memory, needs_forwarder=True),
-    Workload("slow_mem", "Peak RSS growth, bulk into a slow reader", "tcp", "MB", False,
-             lambda workdir, p: backends.slow_server(workdir, p.slow_rate, p.slow_seconds + 5),
-             _slow_reader_memory, needs_forwarder=True),
+    Workload(
+        "bulk_up",
+        "TCP bulk, client to server (iperf3)",
+        "tcp",
+        "GB/s",
+        True,
+        _backend(backends.iperf3),
+        _iperf3(reverse=False),
+    ),
+    Workload(
+        "bulk_down",
+        "TCP bulk, server to client (iperf3 -R)",
+        "tcp",
+        "GB/s",
+        True,
+        _backend(backends.iperf3),
+        _iperf3(reverse=True),
+    ),
+    Workload(
+        "tcp_rr",
+        "TCP request/response, 20 persistent conns (redis PING)",
+        "tcp",
+        "req/s",
+        True,
+        _backend(backends.redis),
+        _redis_benchmark(keepalive=True),
+    ),
+    Workload(
+        "tcp_connect",
+        "TCP new connection per request (redis PING -k 0)",
+        "tcp",
+        "req/s",
+        True,
+        _backend(backends.redis),
+        _redis_benchmark(keepalive=False),
+    ),
+    Workload(
+        "udp_dns",
+        "UDP request/response, 10 sockets (dnsperf -> nsd)",
+        "udp",
+        "q/s",
+        True,
+        _backend(backends.nsd),
+        _dnsperf,
+    ),
+    Workload(
+        "udp_churn",
+        "UDP session churn, new source port per query (-> nsd)",
+        "udp",
+        "q/s",
+        True,
+        _backend(backends.nsd),
+        _udp_churn,
+        one_response=True,
+    ),
+    Workload(
+        "idle_mem",
+        "Memory per idle proxied TCP connection",
+        "tcp",
+        "KB/conn",
+        False,
+        _backend(backends.hold_server),
+        _idle_memory,
+        needs_forwarder=True,
+    ),
+    Workload(
+        "slow_mem",
+        "Peak RSS growth, bulk into a slow reader",
+        "tcp",
+        "MB",
+        False,
+        lambda workdir, p: backends.slow_server(workdir, p.slow_rate, p.slow_seconds + 5),
+        _slow_reader_memory,
+        needs_forwarder=True,
+    ),
 )
 
 
