@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import resource
 import socket
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from twisted.application import internet
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from ._reactor import reactor_or_global
 from .config import Forward, GatewayConfig, format_address
+from .metrics import ForwardCollector, metrics_site
+from .stats import TCPStats, UDPStats
 from .tcp import TCPForwardFactory
 from .udp import MAX_DATAGRAM, UDPForward
 
@@ -75,6 +81,35 @@ class UDPForwardServer(_Listener, internet.UDPServer):
         super().__init__(forward.port, relay, maxPacketSize=MAX_DATAGRAM, **kwargs)
 
 
+class MetricsServer(internet.StreamServerEndpointService):
+    """Serves C{/metrics}; a port it cannot listen on is a L{ListenError}."""
+
+    port: Any = None
+
+    def __init__(self, description: str, registry: CollectorRegistry, reactor: Any) -> None:
+        super().__init__(serverFromString(reactor, description), metrics_site(registry))
+        self.description = description
+        self.setName("metrics")
+
+    def privilegedStartService(self) -> None:
+        self._raiseSynchronously = True
+        try:
+            super().privilegedStartService()
+            self._waitingForPort.addCallback(self._listening)  # type: ignore[union-attr]
+        except (CannotListenError, OverflowError) as e:
+            why = e.socketError if isinstance(e, CannotListenError) else e
+            why = why.strerror if isinstance(why, OSError) and why.strerror else why
+            raise ListenError(f"metrics {self.description}: {why}") from None
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        return port
+
+    def getHost(self) -> Any:
+        """The address actually bound (port 0 becomes a real port)."""
+        return self.port.getHost()
+
+
 class PassThroughService(MultiService):
     """
     Forwards every port of a L{GatewayConfig}.
@@ -85,12 +120,27 @@ class PassThroughService(MultiService):
 
     @param reactor: listens, accepts and connects; the global one if None.
     @param clock: runs timeouts; the reactor if None (tests pass a Clock).
+    @param metrics: a server endpoint string (C{tcp:9108:interface=127.0.0.1})
+        where to serve C{/metrics}; none if None. The metrics are in
+        C{registry} either way, to serve from a site of your own.
     """
 
-    def __init__(self, config: GatewayConfig, reactor: Any = None, clock: Any = None) -> None:
+    metrics: MetricsServer | None = None
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        reactor: Any = None,
+        clock: Any = None,
+        metrics: str | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.listeners: list[TCPForwardServer | UDPForwardServer] = []
+        self.registry = CollectorRegistry()
+        self.registry.register(ForwardCollector(self.stats))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         extra = {} if reactor is None else {"reactor": reactor}
         for forward in config.forwards:
             interface = forward.address or default_interface()
@@ -100,6 +150,19 @@ class PassThroughService(MultiService):
             if "udp" in forward.protocols:
                 relay = UDPForward(forward, forward.max_sessions or 1, reactor, clock)
                 self._add(UDPForwardServer(forward, relay, interface=interface, **extra))
+        if metrics is not None:
+            # Last, so a forward that cannot listen stops the start first.
+            self.metrics = MetricsServer(metrics, self.registry, reactor_or_global(reactor))
+            self.metrics.setServiceParent(self)
+
+    def stats(self) -> Iterator[TCPStats | UDPStats]:
+        """The counters of every forward now listening, for the metrics."""
+        for listener in self.listeners:
+            if isinstance(listener, TCPForwardServer):
+                yield listener.factory.stats
+            else:
+                listener.relay.stats.max_sessions = listener.relay.max_sessions
+                yield listener.relay.stats
 
     def _add(self, listener: TCPForwardServer | UDPForwardServer) -> None:
         listener.setName(f"{listener.protocol} {listener.forward.name}")

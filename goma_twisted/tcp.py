@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from ._reactor import reactor_or_global
 from .config import Forward, format_address
+from .stats import TCPStats
 
 log = Logger(namespace="goma_pt.tcp")
 
@@ -46,6 +47,12 @@ CONNECT_REFUSED = "connect refused"
 RESOLVE_FAILED = "resolve failed"
 CONNECT_FAILED = "connect failed"
 SHUTDOWN = "shutdown"
+
+END_REASONS = (
+    CLIENT_CLOSED, TARGET_CLOSED, CLIENT_RESET, TARGET_RESET, IDLE_TIMEOUT,
+    CONNECT_TIMEOUT, CONNECT_REFUSED, RESOLVE_FAILED, CONNECT_FAILED, SHUTDOWN,
+)  # fmt: skip
+CONNECT_FAILURES = (CONNECT_REFUSED, CONNECT_TIMEOUT, RESOLVE_FAILED, CONNECT_FAILED)
 
 
 def connect_failure_reason(failure: Failure) -> str:
@@ -64,6 +71,7 @@ _ENDED_FORMAT = (
     "{bytesToTarget} bytes sent, {bytesToClient} received, {duration:.3f}s"
 )
 _FAILED_FORMAT = "{forward} {client} -> {target}: {reason} ({detail}); {duration:.3f}s"
+_CONNECTED_FORMAT = _ENDED_FORMAT + " (connect {connectTime:.3f}s)"
 
 
 def _address(address: IAddress) -> str:
@@ -169,6 +177,7 @@ class Relay:
 
     def __init__(self, factory: TCPForwardFactory) -> None:
         self.factory = factory
+        self.stats = factory.stats
         self.forward = factory.forward
         self.reactor = factory.reactor
         self.clock = factory.clock
@@ -177,6 +186,7 @@ class Relay:
         self.bytesToTarget = 0
         self.bytesToClient = 0
         self.targetAddress = ""
+        self.connectTime: float | None = None
         self._connector: IConnector | None = None
         self._pending: Deferred[Any] | None = None
         self._connectTimer: IDelayedCall | None = None
@@ -219,6 +229,8 @@ class Relay:
 
     def targetConnected(self, target: TargetSide) -> None:
         self._cancelConnectTimer()
+        self.connectTime = self.clock.seconds() - self.started
+        self.stats.connected(self.connectTime)
         self._pending = None
         self._connector = None
         if self._clientGone:
@@ -256,8 +268,10 @@ class Relay:
     def activity(self, side: _RelaySide, count: int) -> None:
         if side is self.client:
             self.bytesToTarget += count
+            self.stats.bytes_to_target += count
         else:
             self.bytesToClient += count
+            self.stats.bytes_to_client += count
         self.lastActivity = self.clock.seconds()
 
     def halfClosed(self, side: _RelaySide) -> None:
@@ -308,8 +322,12 @@ class Relay:
             self._idleTimer.cancel()
         self._idleTimer = None
         self.factory.relayEnded(self)
+        if self.failureDetail:
+            text = _FAILED_FORMAT
+        else:
+            text = _ENDED_FORMAT if self.connectTime is None else _CONNECTED_FORMAT
         log.info(
-            _FAILED_FORMAT if self.failureDetail else _ENDED_FORMAT,
+            text,
             forward=self.forward.name,
             client=_address(self.client.transport.getPeer()),
             target=str(self.forward.target),
@@ -317,6 +335,7 @@ class Relay:
             bytesToTarget=self.bytesToTarget,
             bytesToClient=self.bytesToClient,
             duration=self.clock.seconds() - self.started,
+            connectTime=self.connectTime,
             reason=self.reason,
             detail=self.failureDetail,
         )
@@ -340,14 +359,18 @@ class TCPForwardFactory(Factory):
         self.reactor = reactor = reactor_or_global(reactor)
         self.clock = clock if clock is not None else reactor
         self.relays: set[Relay] = set()
+        self.stats = TCPStats(forward, END_REASONS, CONNECT_FAILURES)
 
     def buildProtocol(self, addr: IAddress | None) -> ClientSide:
+        self.stats.opened()
         relay = Relay(self)
         self.relays.add(relay)
         return ClientSide(relay)
 
     def relayEnded(self, relay: Relay) -> None:
         self.relays.discard(relay)
+        reason = relay.reason or "unknown"
+        self.stats.ended(reason, connect_failed=reason in CONNECT_FAILURES)
 
     def closeAll(self) -> Deferred[Any]:
         """End every live relay; fires when all have reported their end."""

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from ._reactor import reactor_or_global
 from .config import Forward, format_address
 from .resolve import resolve_host
+from .stats import UDPStats
 
 log = Logger(namespace="goma_pt.udp")
 
@@ -37,6 +38,16 @@ IDLE_TIMEOUT = "idle timeout"
 RESOLVE_FAILED = "resolve failed"
 SOCKET_FAILED = "socket failed"
 SHUTDOWN = "shutdown"
+END_REASONS = (IDLE_TIMEOUT, RESOLVE_FAILED, SOCKET_FAILED, SHUTDOWN)
+
+# Why a datagram was dropped (besides the reasons a session ends with,
+# for the datagrams it still held): the session table was full, the
+# queue of a session still resolving was full, a send failed.
+AT_BOUND = "bound"
+QUEUE_FULL = "queue full"
+SEND_FAILED = "send failed"
+REPLY_FAILED = "reply failed"
+DROP_REASONS = (QUEUE_FULL, SEND_FAILED, REPLY_FAILED)
 
 _SEND_ERRORS = (OSError, MessageLengthError)
 
@@ -105,6 +116,7 @@ class UDPSession(DatagramProtocol):
 
     def __init__(self, forward: UDPForward, client: tuple[str, int]) -> None:
         self.forward = forward
+        self.stats = forward.stats
         self.client = client
         self.clock = forward.clock
         self.started = self.clock.seconds()
@@ -156,24 +168,32 @@ class UDPSession(DatagramProtocol):
         if self._queue is not None:
             if len(self._queue) < MAX_QUEUED:
                 self._queue.append(data)
+            else:
+                self.stats.count_dropped(QUEUE_FULL)
             return
         try:
             self.transport.write(data)  # type: ignore[union-attr,call-arg]
         except _SEND_ERRORS:
+            self.stats.count_dropped(SEND_FAILED)
             return
         self.bytesToTarget += len(data)
         self.datagramsToTarget += 1
+        self.stats.bytes_to_target += len(data)
+        self.stats.datagrams_to_target += 1
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.lastActivity = self.clock.seconds()
         if self.forward.reply(data, self.client):
             self.bytesToClient += len(data)
             self.datagramsToClient += 1
+            self.stats.bytes_to_client += len(data)
+            self.stats.datagrams_to_client += 1
 
     def connectionRefused(self) -> None:
         # The target's ICMP "port unreachable": nobody listens there now.
         # Keep the session; the next datagram tries again.
         self.refusals += 1
+        self.stats.unreachable += 1
 
     def stopProtocol(self) -> None:
         # The socket is gone without a close() of ours: end the session too.
@@ -192,6 +212,8 @@ class UDPSession(DatagramProtocol):
         if self.reason is not None:
             return
         self.reason = reason
+        if self._queue:
+            self.stats.count_dropped(reason, len(self._queue))
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -236,6 +258,7 @@ class UDPForward(DatagramProtocol):
         self.reactor = reactor = reactor_or_global(reactor)
         self.clock = clock if clock is not None else reactor
         self.sessions: dict[tuple[str, int], UDPSession] = {}
+        self.stats = UDPStats(config, END_REASONS, DROP_REASONS, (AT_BOUND,))
         self.refusedAtBound = 0
         self.dropped = 0
         self._full = False
@@ -247,13 +270,16 @@ class UDPForward(DatagramProtocol):
                 self._refuse(addr)
                 return
             session = self.sessions[addr] = UDPSession(self, addr)
+            self.stats.opened()
             session.start()
             if session.reason is not None:
+                self.stats.count_dropped(session.reason)
                 return
         session.send(data)
 
     def _refuse(self, addr: tuple[str, int]) -> None:
         self.refusedAtBound += 1
+        self.stats.count_refused(AT_BOUND)
         if not self._full:
             self._full = True
             log.warn(
@@ -270,10 +296,12 @@ class UDPForward(DatagramProtocol):
             self.transport.write(data, client)  # type: ignore[union-attr]
         except _SEND_ERRORS:
             self.dropped += 1
+            self.stats.count_dropped(REPLY_FAILED)
             return False
         return True
 
     def sessionEnded(self, session: UDPSession) -> None:
+        self.stats.ended(session.reason or "unknown")
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
         if self._full and len(self.sessions) < self.max_sessions:

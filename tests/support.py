@@ -49,9 +49,11 @@ def forward(
 
 
 def start_service(
-    *forwards: Forward, reactor: Any = None, clock: Any = None
+    *forwards: Forward, reactor: Any = None, clock: Any = None, metrics: str | None = None
 ) -> PassThroughService:
-    service = PassThroughService(GatewayConfig("test", forwards), reactor=reactor, clock=clock)
+    service = PassThroughService(
+        GatewayConfig("test", forwards), reactor=reactor, clock=clock, metrics=metrics
+    )
     service.startService()
     return service
 
