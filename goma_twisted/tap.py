@@ -14,6 +14,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from .config import ConfigError, GatewayConfig, load_config
+from .metrics import check_endpoint
 from .service import ListenError, PassThroughService
 
 
@@ -31,11 +32,23 @@ class Options(usage.Options):
             None,
             "Goma Gateway config file (YAML) whose passThrough forwards to serve.",
         ],
+        [
+            "metrics",
+            "m",
+            None,
+            "Serve Prometheus metrics at /metrics on this Twisted server endpoint, "
+            "e.g. tcp:9108:interface=127.0.0.1 (off by default).",
+        ],
     ]
 
     config: GatewayConfig
 
     def postOptions(self) -> None:
+        if self["metrics"] is not None:
+            try:
+                check_endpoint(self["metrics"])
+            except ValueError as e:
+                raise usage.UsageError(f"--metrics: {e}") from None
         if not self["config"]:
             raise usage.UsageError(
                 "no config file given; use --config FILE, a Goma Gateway YAML file with "
@@ -51,7 +64,7 @@ class Options(usage.Options):
 
 def makeService(options: dict[str, Any]) -> IService:
     _show_without_traceback(ListenError)
-    return PassThroughService(options.config)  # type: ignore[attr-defined]
+    return PassThroughService(options.config, metrics=options["metrics"])  # type: ignore[attr-defined]
 
 
 def _show_without_traceback(*errors: type[BaseException]) -> None:
