@@ -199,10 +199,13 @@ class MetricsPage(Resource):
         return bytes(encoder(registry))
 
 
-class _QuietSite(Site):
+class MetricsSite(Site):
     """A site that keeps each scrape out of the log."""
 
     noisy = False
+
+    def logPrefix(self) -> str:
+        return "goma-pt metrics"
 
     def log(self, request: Any) -> None:
         pass
@@ -222,7 +225,7 @@ def metrics_site(registry: CollectorRegistry) -> Site:
     """A web site serving C{registry} at C{/metrics} (and nothing else)."""
     root = _Root()
     root.putChild(b"metrics", metrics_resource(registry))
-    return _QuietSite(root)
+    return MetricsSite(root)
 
 
 def check_endpoint(description: str) -> None:

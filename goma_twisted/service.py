@@ -202,6 +202,13 @@ class PassThroughService(MultiService):
                 target=str(listener.forward.target),
                 forward=listener.forward.name,
             )
+        if self.metrics is not None:
+            host = self.metrics.getHost()
+            if hasattr(host, "port"):
+                where = f"http://{format_address(host.host, host.port)}/metrics"
+            else:
+                where = f"{self.metrics.description}, path /metrics"
+            log.info("Serving metrics at {where}", where=where)
         log.info("goma-pt ready: {count} listeners", count=len(self.listeners))
 
     def stopService(self) -> Deferred[Any]:
