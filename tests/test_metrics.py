@@ -305,3 +305,25 @@ def test_without_metrics_there_is_no_server_but_a_registry() -> None:
     assert isinstance(stats, TCPStats)
     labels = {"protocol": "tcp", "address": "127.0.0.1", "port": "0", "target": "127.0.0.1:9"}
     assert service.registry.get_sample_value("goma_pt_tcp_connections_active", labels) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_registry_served_from_a_site_of_your_own(
+    reactor: Any, cleanup: list[Any]
+) -> None:
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from goma_twisted.metrics import metrics_resource
+
+    service = start_service(forward(target=("127.0.0.1", 9)))
+    cleanup.append(service)
+    root = Resource()
+    root.putChild(b"metrics", metrics_resource(service.registry))
+    site = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+    cleanup.append(site)
+    url = f"http://127.0.0.1:{site.getHost().port}/metrics".encode()
+    response = await Agent(reactor).request(b"GET", url).addTimeout(TIMEOUT, reactor)
+    value = Values((await readBody(response)).decode())
+    labels = {"protocol": "tcp", "address": "127.0.0.1", "port": "0", "target": "127.0.0.1:9"}
+    assert value("goma_pt_tcp_connections_accepted_total", **labels) == 0
