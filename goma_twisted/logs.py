@@ -59,7 +59,11 @@ def json_observer() -> FileLogObserver:
     path = os.environ.get(ENVIRONMENT, "")
     if path in ("", "-"):
         return FileLogObserver(sys.stdout, event_as_json_line)
-    out = ReopeningFile(path)
+    try:
+        out = ReopeningFile(path)
+    except OSError as e:
+        # twistd calls this before anything is logged: say it in a line.
+        raise SystemExit(f"goma-pt: cannot open ${ENVIRONMENT} ({path}): {e.strerror}") from None
     _reopen_on_sigusr1(out)
     return FileLogObserver(cast(IO[Any], out), event_as_json_line)
 

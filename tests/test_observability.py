@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,23 @@ def test_tac_serves_metrics_from_the_environment(tmp_path: Path, backend: int) -
         labels["target"] = f"127.0.0.1:{backend}"
         key = ("goma_pt_tcp_connections_accepted_total", frozenset(labels.items()))
         wait_for(lambda: scrape(metrics_port)[key] == 1, what="the accepted count")
+
+
+def test_a_json_log_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "goma.yml", [{"protocol": "tcp", "port": 1, "target": "a:1"}])
+    missing = tmp_path / "no such dir" / "goma.jsonl"
+    result = subprocess.run(
+        twistd_command(
+            "-n", "--pidfile=", "--logger", JSON_LOGGER, "goma-pt", "--config", str(config)
+        ),
+        env=twistd_env() | {"GOMA_PT_JSON_LOG": str(missing)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in output
+    assert (
+        f"goma-pt: cannot open $GOMA_PT_JSON_LOG ({missing}): No such file or directory" in output
+    )
