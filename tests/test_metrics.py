@@ -327,3 +327,47 @@ async def test_the_registry_served_from_a_site_of_your_own(
     value = Values((await readBody(response)).decode())
     labels = {"protocol": "tcp", "address": "127.0.0.1", "port": "0", "target": "127.0.0.1:9"}
     assert value("goma_pt_tcp_connections_accepted_total", **labels) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_drops_are_counted_by_reason(reactor: Any, cleanup: list[Any]) -> None:
+    # Two hostname targets on the relays' clock: one resolves after 5 s,
+    # while 70 datagrams wait (64 are kept); the other never resolves.
+    clock = Clock()
+    backend = UDPEcho()
+    udp_echo = reactor.listenUDP(0, backend, interface="127.0.0.1")
+    cleanup.append(udp_echo)
+    echo_port = udp_echo.getHost().port
+    resolver = FakeResolver(clock, {"slow.test": ["127.0.0.1"]}, delay=5)
+    service = start_service(
+        forward(("udp",), ("slow.test", echo_port)),
+        forward(("udp",), ("nowhere.test", 53), port=free_port(socket.SOCK_DGRAM)),
+        reactor=ResolvingReactor(reactor, resolver),
+        clock=clock,
+    )
+    cleanup.append(service)
+    slow, nowhere = UDPClient(), UDPClient()
+    for c in (slow, nowhere):
+        cleanup.append(reactor.listenUDP(0, c, interface="127.0.0.1"))
+    for i in range(70):
+        slow.send(b"%02d" % i, bound_port(service, "udp", 0))
+    for _ in range(3):
+        nowhere.send(b"lost", bound_port(service, "udp", 1))
+    await until(reactor, lambda: len(resolver.lookups) == 2, "both lookups")
+    await deferLater(reactor, 0.05)
+    clock.advance(5)
+    await until(reactor, lambda: len(backend.received) == 64, "the queued datagrams")
+
+    def value(name: str, index: int, **labels: str) -> float | None:
+        relay = udp_relay(service, index)
+        labels |= {"protocol": "udp", "address": "127.0.0.1"}
+        labels |= {"port": str(relay.config.port), "target": str(relay.config.target)}
+        return service.registry.get_sample_value(name, labels)
+
+    dropped = "goma_pt_udp_datagrams_dropped_total"
+    assert value(dropped, 0, reason="queue full") == 6
+    assert value("goma_pt_udp_datagrams_total", 0, direction="to_target") == 64
+    assert value("goma_pt_udp_sessions_created_total", 1) == 1
+    assert value("goma_pt_udp_sessions_ended_total", 1, reason="resolve failed") == 1
+    assert value(dropped, 1, reason="resolve failed") == 3
+    assert value("goma_pt_udp_datagrams_total", 1, direction="to_target") == 0
