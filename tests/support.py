@@ -49,11 +49,17 @@ def forward(
 
 
 def start_service(
-    *forwards: Forward, reactor: Any = None, clock: Any = None, drain_timeout: float = 0
+    *forwards: Forward,
+    reactor: Any = None,
+    clock: Any = None,
+    drain_timeout: float = 0,
+    metrics: str | None = None,
 ) -> PassThroughService:
     """A running service; it closes live connections at once when stopped, unless told."""
     config = GatewayConfig("test", forwards)
-    service = PassThroughService(config, reactor=reactor, clock=clock, drain_timeout=drain_timeout)
+    service = PassThroughService(
+        config, reactor=reactor, clock=clock, drain_timeout=drain_timeout, metrics=metrics
+    )
     service.startService()
     return service
 
