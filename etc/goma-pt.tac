@@ -2,6 +2,7 @@
 # Run it with:
 #   twistd -ny etc/goma-pt.tac
 # The config is $GOMA_PT_CONFIG, or goma-pt.yaml beside this file.
+# Set $GOMA_PT_METRICS (e.g. tcp:9108:interface=127.0.0.1) to serve /metrics.
 import os
 
 from twisted.application import service
@@ -13,4 +14,6 @@ config_path = os.environ.get("GOMA_PT_CONFIG") or os.path.join(
 )
 
 application = service.Application("goma-pt")
-PassThroughService(load_config(config_path)).setServiceParent(application)
+PassThroughService(
+    load_config(config_path), metrics=os.environ.get("GOMA_PT_METRICS") or None
+).setServiceParent(application)

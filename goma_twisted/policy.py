@@ -22,6 +22,7 @@ AT_BOUND = "at bound"
 AT_BOUND_PER_IP = "at per-ip bound"
 UNTRUSTED = "untrusted source"
 BAD_HEADER = "bad proxy header"
+REFUSALS = (DENIED, AT_BOUND, AT_BOUND_PER_IP, UNTRUSTED, BAD_HEADER)
 
 # File descriptors kept aside for the process itself (logs, DNS lookups,
 # the listeners' momentary accept, a .tac's own services).

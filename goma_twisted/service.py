@@ -9,17 +9,22 @@ import os
 import resource
 import signal
 import socket
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from twisted.application import internet
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from ._reactor import reactor_or_global
 from .config import ConfigError, Forward, GatewayConfig, format_address, load_config
+from .metrics import ForwardCollector, metrics_site
 from .policy import Budget, plan_budget
+from .stats import TCPStats, UDPStats
 from .tcp import TCPForwardFactory
 from .udp import MAX_DATAGRAM, UDPForward
 
@@ -99,6 +104,35 @@ Listener = TCPForwardServer | UDPForwardServer
 DEFAULT_DRAIN_TIMEOUT = 5.0
 
 
+class MetricsServer(internet.StreamServerEndpointService):
+    """Serves C{/metrics}; a port it cannot listen on is a L{ListenError}."""
+
+    port: Any = None
+
+    def __init__(self, description: str, registry: CollectorRegistry, reactor: Any) -> None:
+        super().__init__(serverFromString(reactor, description), metrics_site(registry))
+        self.description = description
+        self.setName("metrics")
+
+    def privilegedStartService(self) -> None:
+        self._raiseSynchronously = True
+        try:
+            super().privilegedStartService()
+            self._waitingForPort.addCallback(self._listening)  # type: ignore[union-attr]
+        except (CannotListenError, OverflowError) as e:
+            why = e.socketError if isinstance(e, CannotListenError) else e
+            why = why.strerror if isinstance(why, OSError) and why.strerror else why
+            raise ListenError(f"metrics {self.description}: {why}") from None
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        return port
+
+    def getHost(self) -> Any:
+        """The address actually bound (port 0 becomes a real port)."""
+        return self.port.getHost()
+
+
 class PassThroughService(MultiService):
     """
     Forwards every port of a L{GatewayConfig}.
@@ -113,7 +147,12 @@ class PassThroughService(MultiService):
         how long live TCP connections may go on before they are closed.
     @param reload_signal: a signal (e.g. C{signal.SIGHUP}) on which to
         re-read the config file while running; none if None.
+    @param metrics: a server endpoint string (C{tcp:9108:interface=127.0.0.1})
+        where to serve C{/metrics}; none if None. The metrics are in
+        C{registry} either way, to serve from a site of your own.
     """
+
+    metrics: MetricsServer | None = None
 
     def __init__(
         self,
@@ -122,6 +161,7 @@ class PassThroughService(MultiService):
         clock: Any = None,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         reload_signal: int | None = None,
+        metrics: str | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -131,9 +171,26 @@ class PassThroughService(MultiService):
         self._clock = clock
         self._listeners: dict[ListenKey, Listener] = {}
         self._draining: set[Deferred[None]] = set()
+        self.registry = CollectorRegistry()
+        self.registry.register(ForwardCollector(self.stats))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         for forward in config.forwards:
             for listener in self._build(forward):
                 self._adopt(listener)
+        if metrics is not None:
+            # Last, so a forward that cannot listen stops the start first.
+            self.metrics = MetricsServer(metrics, self.registry, reactor_or_global(reactor))
+            self.metrics.setServiceParent(self)
+
+    def stats(self) -> Iterator[TCPStats | UDPStats]:
+        """The counters of every forward now listening, for the metrics."""
+        for listener in self.listeners:
+            if isinstance(listener, TCPForwardServer):
+                yield listener.factory.stats
+            else:
+                listener.relay.stats.max_sessions = listener.relay.max_sessions
+                yield listener.relay.stats
 
     @property
     def listeners(self) -> list[Listener]:
@@ -182,6 +239,13 @@ class PassThroughService(MultiService):
             )
         for listener in self.listeners:
             _announce(listener)
+        if self.metrics is not None:
+            host = self.metrics.getHost()
+            if hasattr(host, "port"):
+                where = f"http://{format_address(host.host, host.port)}/metrics"
+            else:
+                where = f"{self.metrics.description}, path /metrics"
+            log.info("Serving metrics at {where}", where=where)
         log.info("goma-pt ready: {count} listeners", count=len(self._listeners))
         if self.reload_signal is not None:
             self._installReloadSignal(self.reload_signal)

@@ -16,6 +16,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from .config import ConfigError, GatewayConfig, load_config
+from .metrics import check_endpoint
 from .report import forwards_table
 from .service import DEFAULT_DRAIN_TIMEOUT, ListenError, PassThroughService
 
@@ -31,7 +32,7 @@ def _seconds(value: str) -> float:
 
 
 class Options(usage.Options):
-    synopsis = "--config FILE [--check] [--drain SECONDS]"
+    synopsis = "--config FILE [--check] [--drain SECONDS] [--metrics ENDPOINT]"
     longdesc = (
         "Forward TCP and UDP ports as listed under gateway.entryPoints.passThrough.forwards "
         "of a Goma Gateway config file. The rest of the file (routes, middlewares, other "
@@ -53,6 +54,13 @@ class Options(usage.Options):
             "may go on before they are closed (0: close at once).",
             _seconds,
         ],
+        [
+            "metrics",
+            "m",
+            None,
+            "Serve Prometheus metrics at /metrics on this Twisted server endpoint, "
+            "e.g. tcp:9108:interface=127.0.0.1 (off by default).",
+        ],
     ]
     optFlags = [
         ["check", None, "Check the config file, print the forwards it would open, and exit."],
@@ -61,6 +69,11 @@ class Options(usage.Options):
     config: GatewayConfig
 
     def postOptions(self) -> None:
+        if self["metrics"] is not None:
+            try:
+                check_endpoint(self["metrics"])
+            except ValueError as e:
+                raise usage.UsageError(f"--metrics: {e}") from None
         if not self["config"]:
             raise usage.UsageError(
                 "no config file given; use --config FILE, a Goma Gateway YAML file with "
@@ -84,6 +97,7 @@ def makeService(options: dict[str, Any]) -> IService:
         options.config,  # type: ignore[attr-defined]
         drain_timeout=options["drain"],
         reload_signal=signal.SIGHUP,
+        metrics=options["metrics"],
     )
 
 

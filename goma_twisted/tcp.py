@@ -11,7 +11,6 @@ stays bounded by the socket buffers plus one read.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from twisted.internet import error
@@ -36,6 +35,7 @@ from ._reactor import reactor_or_global
 from .config import Forward, format_address
 from .policy import Bounds, IPAddress, RefusalLog, matches, parse_ip
 from .proxyprotocol import HeaderReader, ProxyHeaderError, encode
+from .stats import TCPStats
 
 log = Logger(namespace="goma_pt.tcp")
 
@@ -55,6 +55,12 @@ SHUTDOWN = "shutdown"
 # holds before its connection is cut.
 CLOSE_GRACE = 2.0
 
+END_REASONS = (
+    CLIENT_CLOSED, TARGET_CLOSED, CLIENT_RESET, TARGET_RESET, IDLE_TIMEOUT,
+    CONNECT_TIMEOUT, CONNECT_REFUSED, RESOLVE_FAILED, CONNECT_FAILED, SHUTDOWN,
+)  # fmt: skip
+CONNECT_FAILURES = (CONNECT_REFUSED, CONNECT_TIMEOUT, RESOLVE_FAILED, CONNECT_FAILED)
+
 
 def connect_failure_reason(failure: Failure) -> str:
     """Name the way an upstream connection attempt failed."""
@@ -72,6 +78,7 @@ _ENDED_FORMAT = (
     "{bytesToTarget} bytes sent, {bytesToClient} received, {duration:.3f}s"
 )
 _FAILED_FORMAT = "{forward} {client} -> {target}: {reason} ({detail}); {duration:.3f}s"
+_CONNECTED_FORMAT = _ENDED_FORMAT + " (connect {connectTime:.3f}s)"
 
 
 def _address(address: IAddress) -> str:
@@ -195,6 +202,7 @@ class Relay:
 
     def __init__(self, factory: TCPForwardFactory) -> None:
         self.factory = factory
+        self.stats = factory.stats
         self.forward = factory.forward
         self.reactor = factory.reactor
         self.clock = factory.clock
@@ -203,6 +211,7 @@ class Relay:
         self.bytesToTarget = 0
         self.bytesToClient = 0
         self.targetAddress = ""
+        self.connectTime: float | None = None
         self._connector: IConnector | None = None
         self._pending: Deferred[Any] | None = None
         self._connectTimer: IDelayedCall | None = None
@@ -327,6 +336,8 @@ class Relay:
 
     def targetConnected(self, target: TargetSide) -> None:
         self._cancelConnectTimer()
+        self.connectTime = self.clock.seconds() - self.started
+        self.stats.connected(self.connectTime)
         self._pending = None
         self._connector = None
         if self._clientGone:
@@ -372,8 +383,10 @@ class Relay:
     def activity(self, side: _RelaySide, count: int) -> None:
         if side is self.client:
             self.bytesToTarget += count
+            self.stats.bytes_to_target += count
         else:
             self.bytesToClient += count
+            self.stats.bytes_to_client += count
         self.lastActivity = self.clock.seconds()
 
     def halfClosed(self, side: _RelaySide) -> None:
@@ -448,8 +461,12 @@ class Relay:
             # its PROXY header: not a connection that was served.
             self.done.callback(None)
             return
+        if self.failureDetail:
+            text = _FAILED_FORMAT
+        else:
+            text = _ENDED_FORMAT if self.connectTime is None else _CONNECTED_FORMAT
         log.info(
-            _FAILED_FORMAT if self.failureDetail else _ENDED_FORMAT,
+            text,
             forward=self.forward.name,
             client=format_address(self.clientHost, self.clientPort),
             proxiedBy=self.proxiedBy,
@@ -458,6 +475,7 @@ class Relay:
             bytesToTarget=self.bytesToTarget,
             bytesToClient=self.bytesToClient,
             duration=self.clock.seconds() - self.started,
+            connectTime=self.connectTime,
             reason=self.reason,
             detail=self.failureDetail,
         )
@@ -490,8 +508,8 @@ class TCPForwardFactory(Factory):
         # descriptor budget) and maxConnectionsPerIp.
         self.bounds = Bounds(forward.max_connections, forward.max_connections_per_ip)
         self.policy = forward.policy
-        # Refusals by reason (see goma_twisted.policy); logged rate-limited.
-        self.refusedCounts: Counter[str] = Counter()
+        self.stats = TCPStats(forward, END_REASONS, CONNECT_FAILURES, policy.REFUSALS)
+        # Refusals are counted in the stats and logged rate-limited.
         self.refusalLog = RefusalLog(log.warn, self.clock)
 
     def reconfigure(self, forward: Forward) -> None:
@@ -524,6 +542,7 @@ class TCPForwardFactory(Factory):
                 self.refused(format_address(host, port), why)
                 return None
         self.relays.add(relay)
+        self.stats.opened()
         return ClientSide(relay)
 
     def admit(self, relay: Relay, client: IPAddress | None) -> str | None:
@@ -536,14 +555,21 @@ class TCPForwardFactory(Factory):
             relay.clientIP = client
         return why
 
+    @property
+    def refusedCounts(self) -> dict[str, int]:
+        """The refusals so far, by reason (those that happened)."""
+        return {reason: n for reason, n in self.stats.refused.items() if n}
+
     def refused(self, client: str, refusal: str, detail: str = "") -> None:
-        self.refusedCounts[refusal] += 1
+        self.stats.count_refused(refusal)
         self.refusalLog.refused(self.forward.name, client, refusal, detail)
 
     def relayEnded(self, relay: Relay) -> None:
         if relay in self.relays:
             self.relays.discard(relay)
             self.bounds.release(relay.clientIP, admitted=relay.admitted)
+            reason = relay.reason or "unknown"
+            self.stats.ended(reason, connect_failed=reason in CONNECT_FAILURES)
 
     def drain(self, timeout: float) -> Deferred[None]:
         """

@@ -11,7 +11,6 @@ logged once until the table has room again.
 from __future__ import annotations
 
 import socket
-from collections import Counter
 from typing import Any
 
 from twisted.internet import base, udp
@@ -28,6 +27,7 @@ from ._reactor import reactor_or_global
 from .config import Forward, format_address
 from .policy import Bounds, IPAddress, RefusalLog, parse_ip
 from .resolve import resolve_host
+from .stats import UDPStats
 
 log = Logger(namespace="goma_pt.udp")
 
@@ -40,6 +40,15 @@ IDLE_TIMEOUT = "idle timeout"
 RESOLVE_FAILED = "resolve failed"
 SOCKET_FAILED = "socket failed"
 SHUTDOWN = "shutdown"
+END_REASONS = (IDLE_TIMEOUT, RESOLVE_FAILED, SOCKET_FAILED, SHUTDOWN)
+
+# Why a datagram was dropped (besides the reasons a session ends with,
+# for the datagrams it still held): the session table was full, the
+# queue of a session still resolving was full, a send failed.
+QUEUE_FULL = "queue full"
+SEND_FAILED = "send failed"
+REPLY_FAILED = "reply failed"
+DROP_REASONS = (QUEUE_FULL, SEND_FAILED, REPLY_FAILED)
 
 _SEND_ERRORS = (OSError, MessageLengthError)
 
@@ -108,6 +117,7 @@ class UDPSession(DatagramProtocol):
 
     def __init__(self, forward: UDPForward, client: tuple[str, int]) -> None:
         self.forward = forward
+        self.stats = forward.stats
         self.client = client
         self.clock = forward.clock
         self.started = self.clock.seconds()
@@ -160,24 +170,32 @@ class UDPSession(DatagramProtocol):
         if self._queue is not None:
             if len(self._queue) < MAX_QUEUED:
                 self._queue.append(data)
+            else:
+                self.stats.count_dropped(QUEUE_FULL)
             return
         try:
             self.transport.write(data)  # type: ignore[union-attr,call-arg]
         except _SEND_ERRORS:
+            self.stats.count_dropped(SEND_FAILED)
             return
         self.bytesToTarget += len(data)
         self.datagramsToTarget += 1
+        self.stats.bytes_to_target += len(data)
+        self.stats.datagrams_to_target += 1
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.lastActivity = self.clock.seconds()
         if self.forward.reply(data, self.client):
             self.bytesToClient += len(data)
             self.datagramsToClient += 1
+            self.stats.bytes_to_client += len(data)
+            self.stats.datagrams_to_client += 1
 
     def connectionRefused(self) -> None:
         # The target's ICMP "port unreachable": nobody listens there now.
         # Keep the session; the next datagram tries again.
         self.refusals += 1
+        self.stats.unreachable += 1
 
     def stopProtocol(self) -> None:
         # The socket is gone without a close() of ours: end the session too.
@@ -196,6 +214,8 @@ class UDPSession(DatagramProtocol):
         if self.reason is not None:
             return
         self.reason = reason
+        if self._queue:
+            self.stats.count_dropped(reason, len(self._queue))
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -240,16 +260,24 @@ class UDPForward(DatagramProtocol):
         self.reactor = reactor = reactor_or_global(reactor)
         self.clock = clock if clock is not None else reactor
         self.sessions: dict[tuple[str, int], UDPSession] = {}
-        self.refusedAtBound = 0
+        self.stats = UDPStats(config, END_REASONS, DROP_REASONS, policy.REFUSALS)
         self.dropped = 0
         self._full = False
         self.policy = config.policy
         # Sessions per client address (maxSessionsPerIp); the total is
         # len(self.sessions) against max_sessions.
         self.bounds = Bounds(None, config.max_sessions_per_ip)
-        # Refusals by reason (see goma_twisted.policy); logged rate-limited.
-        self.refusedCounts: Counter[str] = Counter()
+        # Refusals are counted in the stats and logged rate-limited.
         self.refusalLog = RefusalLog(log.warn, self.clock)
+
+    @property
+    def refusedCounts(self) -> dict[str, int]:
+        """Datagrams refused a session so far, by reason (those that happened)."""
+        return {reason: n for reason, n in self.stats.sessions_refused.items() if n}
+
+    @property
+    def refusedAtBound(self) -> int:
+        return self.stats.sessions_refused[policy.AT_BOUND]
 
     def reconfigure(self, config: Forward) -> None:
         """New settings for new sessions (a reload); open ones keep their target."""
@@ -266,19 +294,20 @@ class UDPForward(DatagramProtocol):
             client = parse_ip(addr[0])
             why = policy.DENIED if not self.policy.permits(client) else self.bounds.admit(client)
             if why is not None:
-                self.refusedCounts[why] += 1
+                self.stats.count_refused(why)
                 self.refusalLog.refused(self.config.name, format_address(*addr[:2]), why)
                 return
             session = self.sessions[addr] = UDPSession(self, addr)
             session.clientIP = client
+            self.stats.opened()
             session.start()
             if session.reason is not None:
+                self.stats.count_dropped(session.reason)
                 return
         session.send(data)
 
     def _refuse(self, addr: tuple[str, int]) -> None:
-        self.refusedAtBound += 1
-        self.refusedCounts[policy.AT_BOUND] += 1
+        self.stats.count_refused(policy.AT_BOUND)
         if not self._full:
             self._full = True
             log.warn(
@@ -295,10 +324,12 @@ class UDPForward(DatagramProtocol):
             self.transport.write(data, client)  # type: ignore[union-attr]
         except _SEND_ERRORS:
             self.dropped += 1
+            self.stats.count_dropped(REPLY_FAILED)
             return False
         return True
 
     def sessionEnded(self, session: UDPSession) -> None:
+        self.stats.ended(session.reason or "unknown")
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
             self.bounds.release(session.clientIP)

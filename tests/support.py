@@ -49,11 +49,17 @@ def forward(
 
 
 def start_service(
-    *forwards: Forward, reactor: Any = None, clock: Any = None, drain_timeout: float = 0
+    *forwards: Forward,
+    reactor: Any = None,
+    clock: Any = None,
+    drain_timeout: float = 0,
+    metrics: str | None = None,
 ) -> PassThroughService:
     """A running service; it closes live connections at once when stopped, unless told."""
     config = GatewayConfig("test", forwards)
-    service = PassThroughService(config, reactor=reactor, clock=clock, drain_timeout=drain_timeout)
+    service = PassThroughService(
+        config, reactor=reactor, clock=clock, drain_timeout=drain_timeout, metrics=metrics
+    )
     service.startService()
     return service
 
@@ -139,10 +145,17 @@ class Recorder(protocol.Protocol):
         self.lost.callback(self.received)
 
 
-def connect(reactor: Any, port: int, client: protocol.Protocol, host: str = "127.0.0.1") -> None:
+def connect(
+    reactor: Any,
+    port: int,
+    client: protocol.Protocol,
+    host: str = "127.0.0.1",
+    source: str | None = None,
+) -> None:
+    """Connect C{client} to C{host:port}, from the address C{source} if given."""
     factory = protocol.ClientFactory()
     factory.protocol = lambda: client
-    reactor.connectTCP(host, port, factory)
+    reactor.connectTCP(host, port, factory, bindAddress=(source, 0) if source else None)
 
 
 @implementer(ILogObserver)
