@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         if peer.missing():
             print(f"peer {peer.name}: MISSING ({peer.missing()})", flush=True)
     signal.signal(signal.SIGTERM, _sigterm)
+    # also when started in the background by a shell that set SIGINT to "ignore"
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or RESULTS_DIR / f"{stamp}.json"
     result = new_result(args, params, rounds, peers, wls)
