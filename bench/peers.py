@@ -70,14 +70,13 @@ class Running:
 
 
 def _goma_argv(fwd: Forward, workdir: Path) -> list[str]:
-    # goma-pt has no proxy_responses: its nearest equivalent for one-reply UDP sessions is a
-    # short idle timeout (2 s, like socat's -T 2); otherwise Goma's defaults.
-    idle = "\n          idleTimeout: 2" if fwd.one_response else ""
+    # One-reply UDP sessions: udpResponses, goma-pt's proxy_responses; otherwise Goma's defaults.
+    one_reply = "\n          udpResponses: 1" if fwd.one_response else ""
     (workdir / "goma-pt.yaml").write_text(
         "gateway:\n  entryPoints:\n    passThrough:\n      forwards:\n"
         f"        - protocol: {fwd.proto}\n          port: {fwd.listen_port}\n"
         f"          address: {procs.LOOPBACK}\n"
-        f"          target: {procs.LOOPBACK}:{fwd.target_port}{idle}\n"
+        f"          target: {procs.LOOPBACK}:{fwd.target_port}{one_reply}\n"
     )
     return [*TWISTD, "goma-pt", "--config", str(workdir / "goma-pt.yaml")]
 

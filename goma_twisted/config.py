@@ -51,11 +51,12 @@ FORWARD_KEYS = (
     "maxSessionsPerIp",
     "proxyProtocol",
     "acceptProxyProtocol",
+    "udpResponses",
 )
 # Keys that act on one protocol only; giving one to a forward without
 # that protocol is an error, as it would silently do nothing.
 TCP_ONLY_KEYS = ("maxConnections", "maxConnectionsPerIp", "proxyProtocol", "acceptProxyProtocol")
-UDP_ONLY_KEYS = ("maxSessions", "maxSessionsPerIp")
+UDP_ONLY_KEYS = ("maxSessions", "maxSessionsPerIp", "udpResponses")
 # Bound on each address list, so a pasted list cannot slow every accept.
 MAX_LIST_ENTRIES = 10_000
 PASSTHROUGH_KEYS = ("forwards",)
@@ -135,6 +136,7 @@ class Forward:
     max_sessions_per_ip: int | None = None
     proxy_protocol: int | None = None
     accept_proxy_protocol: tuple[IPNetwork, ...] = ()
+    udp_responses: int | None = None
 
     @property
     def policy(self) -> AddressPolicy:
@@ -405,6 +407,7 @@ class _Checker:
         sessions_per_ip = self.positive_int(entries.get("maxSessionsPerIp"), path)
         proxy_protocol = self.proxy_version(entries.get("proxyProtocol"), path)
         accept_proxy = self.networks(entries.get("acceptProxyProtocol"), path)
+        udp_responses = self.positive_int(entries.get("udpResponses"), path)
         if protocols is not None:
             self.protocol_keys(entries, protocols, path)
         if len(self.problems) > before or protocols is None or port is None or target is None:
@@ -427,6 +430,7 @@ class _Checker:
             max_sessions_per_ip=sessions_per_ip,
             proxy_protocol=proxy_protocol,
             accept_proxy_protocol=accept_proxy,
+            udp_responses=udp_responses,
         )
 
     def protocol(

@@ -40,7 +40,8 @@ IDLE_TIMEOUT = "idle timeout"
 RESOLVE_FAILED = "resolve failed"
 SOCKET_FAILED = "socket failed"
 SHUTDOWN = "shutdown"
-END_REASONS = (IDLE_TIMEOUT, RESOLVE_FAILED, SOCKET_FAILED, SHUTDOWN)
+ANSWERED = "answered"
+END_REASONS = (IDLE_TIMEOUT, ANSWERED, RESOLVE_FAILED, SOCKET_FAILED, SHUTDOWN)
 
 # Why a datagram was dropped (besides the reasons a session ends with,
 # for the datagrams it still held): the session table was full, the
@@ -126,6 +127,7 @@ class UDPSession(DatagramProtocol):
         self.bytesToClient = 0
         self.datagramsToTarget = 0
         self.datagramsToClient = 0
+        self.answers = 0
         self.targetAddress = ""
         self.reason: str | None = None
         self.refusals = 0
@@ -190,6 +192,12 @@ class UDPSession(DatagramProtocol):
             self.datagramsToClient += 1
             self.stats.bytes_to_client += len(data)
             self.stats.datagrams_to_client += 1
+        # udpResponses: a query/answer protocol (DNS) needs the session only
+        # until its answers are in; its socket is freed at once.
+        self.answers += 1
+        expected = self.forward.config.udp_responses
+        if expected is not None and self.answers >= expected:
+            self.close(ANSWERED)
 
     def connectionRefused(self) -> None:
         # The target's ICMP "port unreachable": nobody listens there now.

@@ -142,14 +142,15 @@ def test_extensions_override_the_parts_of_timeout() -> None:
         forwards(
             "{protocol: tcp/udp, port: 1, target: 'a:1', timeout: 5, connectTimeout: 2}",
             "{protocol: tcp, port: 2, target: 'a:1', idleTimeout: 600}",
-            "{protocol: udp, port: 3, target: 'a:1', idleTimeout: 0.5, maxSessions: 10}",
+            "{protocol: udp, port: 3, target: 'a:1', idleTimeout: 0.5, maxSessions: 10, "
+            "udpResponses: 1}",
             "{protocol: tcp, port: 4, target: 'a:1', address: '::1'}",
         )
     )
     a, b, c, d = config.forwards
     assert (a.connect_timeout, a.idle_timeout, a.udp_idle_timeout) == (2, 5, 5)
     assert (b.connect_timeout, b.idle_timeout, b.udp_idle_timeout) == (10, 600, 600)
-    assert (c.udp_idle_timeout, c.max_sessions) == (0.5, 10)
+    assert (c.udp_idle_timeout, c.max_sessions, c.udp_responses) == (0.5, 10, 1)
     assert d.address == "::1"
     assert d.name == "tcp [::1]:4"
 

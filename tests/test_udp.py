@@ -299,3 +299,25 @@ async def test_stop_ends_sessions_and_leaves_no_timers(reactor: Any, ports: list
     assert [e["reason"] for e in logs.ends()] == [udp.SHUTDOWN] * 5
     assert clock.getDelayedCalls() == []
     assert open_fds() == before - 6  # five sessions and the listener
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_responses_ends_a_session_once_answered(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    _, backend_port = echo(reactor, ports, prefix=b"answer:")
+    service = start_service(forward(("udp",), ("127.0.0.1", backend_port), udp_responses=1))
+    services.append(service)
+    listen = bound_port(service, "udp")
+    c = client(reactor, ports)
+    before = open_fds()
+    with captured_logs() as logs:
+        for query in (b"q1", b"q2"):
+            c.send(query, listen)
+            assert await c.reply(reactor) == b"answer:" + query
+            await deferLater(reactor, 0.05)
+            assert udp_relay(service).sessions == {}
+            assert open_fds() == before
+    ends = logs.ends()
+    assert [e["reason"] for e in ends] == [udp.ANSWERED, udp.ANSWERED]
+    assert [(e["datagramsToTarget"], e["datagramsToClient"]) for e in ends] == [(1, 1), (1, 1)]
