@@ -1,0 +1,308 @@
+"""goma-pt benchmark: goma-pt against its peers, interleaved round by round, loopback only.
+
+One command, from the repository root:
+
+    python bench/run.py                 # full run: 3 rounds, about 12-15 minutes
+    python bench/run.py --quick         # smoke run: 1 round, short workloads
+    python bench/run.py --rounds 5 --peers goma-pt nginx haproxy --workloads bulk_up tcp_rr
+    python bench/run.py --publish       # also refresh docs/bench/latest.* and docs/benchmarks.md
+
+Each round runs every workload on every forwarder in turn (the peer order rotates per round),
+each forwarder freshly started with its own config in a temp dir on ports picked at run time.
+It prints medians and ratios goma-pt / peer, and writes bench/results/<stamp>.json and .png.
+Needs the peers and load tools of bench/install.sh; a missing one is reported, not dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import peers as peers_mod
+from bench import procs, profiles, report
+from bench import workloads as wl_mod
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+DOCS_DIR = BENCH_DIR.parent / "docs"
+TABLE = ("<!-- bench:table:start -->", "<!-- bench:table:end -->")
+MACHINE = ("<!-- bench:machine:start -->", "<!-- bench:machine:end -->")
+
+VERSION_COMMANDS: dict[str, list[str]] = {
+    "nginx": ["nginx", "-v"],
+    "haproxy": ["haproxy", "-v"],
+    "socat": ["socat", "-V"],
+    "iperf3": ["iperf3", "-v"],
+    "redis-server": ["redis-server", "--version"],
+    "nsd": ["nsd", "-v"],
+    "dnsperf": ["dnsperf", "-h"],
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
+    parser.add_argument("--rounds", type=int, help="rounds (default 3, 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--peers", nargs="+", help="subset of forwarders to run")
+    parser.add_argument("--workloads", nargs="+", help="subset of workloads to run")
+    parser.add_argument("--idle-connections", type=int, help="idle_mem connection count")
+    parser.add_argument("--out", type=Path, help="result JSON path")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="copy the result to docs/bench/latest.{json,png}, update the table",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir with all logs")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="attach py-spy to goma-pt in each of its cells, profiles in DIR",
+    )
+    return parser.parse_args(argv)
+
+
+def _version(argv: list[str]) -> str:
+    if shutil.which(argv[0]) is None:
+        return "missing"
+    done = subprocess.run(argv, capture_output=True, timeout=10, check=False)
+    text = (done.stdout + done.stderr).decode(errors="replace")
+    match = re.search(r"\d+\.\d+[\w.+~-]*", text)
+    return match.group(0) if match else text.strip().splitlines()[-1][:60]
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    import twisted
+
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "nofile_hard_limit": procs.nofile_hard_limit(),
+        "versions": {name: _version(cmd) for name, cmd in VERSION_COMMANDS.items()},
+    }
+
+
+def run_cell(
+    peer: peers_mod.Peer,
+    wl: wl_mod.Workload,
+    params: wl_mod.Params,
+    workdir: Path,
+    profile_stem: Path | None = None,
+) -> wl_mod.Measurement:
+    """Start the backend and the forwarder, measure, and always stop both."""
+    workdir.mkdir(parents=True)
+    backend = wl.start_backend(workdir, params)
+    try:
+        fwd = peers_mod.Forward(wl.proto, procs.free_port(), backend.port, wl.one_response)
+        running = peers_mod.start_forwarder(peer, fwd, workdir)
+        spies = []
+        try:
+            if profile_stem is not None and peer.name == peers_mod.GOMA and running.proc:
+                spies = profiles.start(running.proc.pid, profile_stem)
+            return wl.measure(running, backend, params)
+        finally:
+            peers_mod.stop_forwarder(running)
+            profiles.stop(spies)
+    finally:
+        backend.stop()
+
+
+def skip_reason(peer: peers_mod.Peer, wl: wl_mod.Workload) -> str | None:
+    if wl.proto not in peer.protocols:
+        return f"{NA_PREFIX}{wl.proto.upper()} not supported"
+    if wl.needs_forwarder and peer.argv is None:
+        return f"{NA_PREFIX}no forwarder"
+    return None
+
+
+NA_PREFIX = "n/a: "
+
+
+def new_result(
+    args: argparse.Namespace,
+    params: wl_mod.Params,
+    rounds: int,
+    peers: list[peers_mod.Peer],
+    wls: list[wl_mod.Workload],
+) -> dict[str, Any]:
+    return {
+        "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "rounds": rounds,
+        "quick": args.quick,
+        "profiled": args.profile is not None,
+        "params": dataclasses.asdict(params),
+        "machine": machine_info(),
+        "peers": {p.name: {"note": p.note, "missing": p.missing()} for p in peers},
+        "workloads": {
+            w.key: {
+                "title": w.title,
+                "unit": w.unit,
+                "proto": w.proto,
+                "higher_is_better": w.higher_is_better,
+            }
+            for w in wls
+        },
+        "samples": {w.key: {} for w in wls},
+        "details": {w.key: {} for w in wls},
+        "errors": {w.key: {} for w in wls},
+        "status": {w.key: {} for w in wls},
+    }
+
+
+def run_rounds(
+    result: dict[str, Any],
+    peers: list[peers_mod.Peer],
+    wls: list[wl_mod.Workload],
+    params: wl_mod.Params,
+    tmp: Path,
+    profile_dir: Path | None = None,
+) -> None:
+    rounds = result["rounds"]
+    for rnd in range(rounds):
+        order = peers[rnd % len(peers) :] + peers[: rnd % len(peers)]
+        for wl in wls:
+            for peer in order:
+                why = peer.missing() or skip_reason(peer, wl)
+                if why:
+                    result["status"][wl.key][peer.name] = why
+                    continue
+                stem = profile_dir / f"{wl.key}-r{rnd + 1}" if profile_dir else None
+                record(
+                    result, rnd, wl, peer, params, tmp / f"r{rnd + 1}" / wl.key / peer.name, stem
+                )
+
+
+def record(
+    result: dict[str, Any],
+    rnd: int,
+    wl: wl_mod.Workload,
+    peer: peers_mod.Peer,
+    params: wl_mod.Params,
+    workdir: Path,
+    profile_stem: Path | None = None,
+) -> None:
+    """Run one cell and store its value (None on error) for this round."""
+    began = time.monotonic()
+    value: float | None = None
+    try:
+        measured = run_cell(peer, wl, params, workdir, profile_stem)
+        value = measured.value
+        result["details"][wl.key].setdefault(peer.name, []).append(measured.detail)
+        shown = f"{value:,.2f} {wl.unit}"
+    except Exception as exc:
+        message = str(exc).strip().replace("\n", " | ")[:300]
+        result["errors"][wl.key].setdefault(peer.name, []).append(message)
+        shown = f"ERROR {message[:120]}"
+    result["samples"][wl.key].setdefault(peer.name, []).append(value)
+    print(
+        f"[round {rnd + 1}/{result['rounds']}] {wl.key:<11} {peer.name:<12} {shown} "
+        f"({time.monotonic() - began:.1f}s)",
+        flush=True,
+    )
+
+
+def finish(result: dict[str, Any], out: Path) -> None:
+    result["medians"] = report.medians(result["samples"])
+    result["ratios"] = report.ratios(result["medians"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, sort_keys=False))
+    chart = report.chart(result, out.with_suffix(".png"))
+    print(report.console(result))
+    print(f"\nresult: {out}" + (f"\nchart:  {chart}" if chart else ""))
+
+
+def publish(result: dict[str, Any], out: Path) -> None:
+    """Copy the result to docs/bench/latest.* and refresh the tables in docs/benchmarks.md."""
+    target = DOCS_DIR / "bench"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out, target / "latest.json")
+    if out.with_suffix(".png").exists():
+        shutil.copy(out.with_suffix(".png"), target / "latest.png")
+    doc = DOCS_DIR / "benchmarks.md"
+    if doc.exists():
+        text = _replace_block(doc.read_text(), MACHINE, report.machine_markdown(result))
+        text = _replace_block(
+            text,
+            TABLE,
+            f"Run of {result['started']}, "
+            f"{result['rounds']} rounds.\n\n" + report.markdown(result),
+        )
+        doc.write_text(text)
+    print(f"published to {target} and {doc}")
+
+
+def _replace_block(text: str, markers: tuple[str, str], block: str) -> str:
+    """Replace what stands between two marker comments (left alone if they are absent)."""
+    start, end = markers
+    if start not in text or end not in text:
+        return text
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{block}{end}{rest.split(end, 1)[1]}"
+
+
+def _sigterm(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # so every try/finally stops its processes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = wl_mod.QUICK if args.quick else wl_mod.Params()
+    if args.idle_connections:
+        params = dataclasses.replace(params, idle_connections=args.idle_connections)
+    rounds = args.rounds or (1 if args.quick else 3)
+    peers = peers_mod.by_name(args.peers)
+    wls = wl_mod.by_key(args.workloads)
+    for peer in peers:
+        if peer.missing():
+            print(f"peer {peer.name}: MISSING ({peer.missing()})", flush=True)
+    signal.signal(signal.SIGTERM, _sigterm)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or RESULTS_DIR / f"{stamp}.json"
+    result = new_result(args, params, rounds, peers, wls)
+    tmp = Path(tempfile.mkdtemp(prefix="goma-bench-"))
+    try:
+        run_rounds(result, peers, wls, params, tmp, args.profile)
+    except KeyboardInterrupt:
+        print("interrupted: writing the partial result", flush=True)
+        result["interrupted"] = True
+    finally:
+        if args.keep:
+            print(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finish(result, out)
+    if args.publish:
+        publish(result, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
