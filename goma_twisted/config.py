@@ -51,6 +51,7 @@ FORWARD_KEYS = (
     "maxSessionsPerIp",
     "proxyProtocol",
     "acceptProxyProtocol",
+    "reusePort",
 )
 # Keys that act on one protocol only; giving one to a forward without
 # that protocol is an error, as it would silently do nothing.
@@ -135,6 +136,7 @@ class Forward:
     max_sessions_per_ip: int | None = None
     proxy_protocol: int | None = None
     accept_proxy_protocol: tuple[IPNetwork, ...] = ()
+    reuse_port: bool = False
 
     @property
     def policy(self) -> AddressPolicy:
@@ -405,6 +407,7 @@ class _Checker:
         sessions_per_ip = self.positive_int(entries.get("maxSessionsPerIp"), path)
         proxy_protocol = self.proxy_version(entries.get("proxyProtocol"), path)
         accept_proxy = self.networks(entries.get("acceptProxyProtocol"), path)
+        reuse_port = self.boolean(entries.get("reusePort"), path)
         if protocols is not None:
             self.protocol_keys(entries, protocols, path)
         if len(self.problems) > before or protocols is None or port is None or target is None:
@@ -427,6 +430,7 @@ class _Checker:
             max_sessions_per_ip=sessions_per_ip,
             proxy_protocol=proxy_protocol,
             accept_proxy_protocol=accept_proxy,
+            reuse_port=reuse_port,
         )
 
     def protocol(
@@ -529,6 +533,20 @@ class _Checker:
             f"got {_describe(value_node)}; expected a whole number of at least 1",
         )
         return None
+
+    def boolean(self, entry: tuple[yaml.Node, yaml.Node] | None, path: str) -> bool:
+        if entry is None:
+            return False
+        key_node, value_node = entry
+        value = self.scalar(value_node)
+        if type(value) is bool:
+            return value
+        self.problem(
+            value_node,
+            _join(path, str(key_node.value)),
+            f"got {_describe(value_node)}; expected true or false",
+        )
+        return False
 
     def networks(
         self, entry: tuple[yaml.Node, yaml.Node] | None, path: str

@@ -289,7 +289,10 @@ def _free_privileged_port() -> int:
     raise AssertionError("no free port below 1024")
 
 
-def test_binds_a_privileged_port_then_drops_to_nobody(tmp_path: Path, backend: int) -> None:
+@pytest.mark.parametrize("reuse_port", [False, True])
+def test_binds_a_privileged_port_then_drops_to_nobody(
+    tmp_path: Path, backend: int, reuse_port: bool
+) -> None:
     if os.geteuid() != 0:
         message = "binding a port below 1024 needs root"
         if os.environ.get("CI"):
@@ -297,7 +300,8 @@ def test_binds_a_privileged_port_then_drops_to_nobody(tmp_path: Path, backend: i
         pytest.skip(message)
     port = _free_privileged_port()
     forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
-    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    forward |= {"address": "127.0.0.1", "reusePort": reuse_port}
+    config = write_config(tmp_path / "goma.yml", [forward])
     log = tmp_path / "goma.log"
     command = twistd_command(
         "-n", "--pidfile=", "--logfile=-", "--uid=nobody", "--gid=nogroup",
