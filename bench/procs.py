@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
@@ -76,7 +76,6 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
-    extra_pids: list[int] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -144,16 +143,6 @@ def wait_bound(proc: Proc, port: int, proto: str, timeout: float = 20.0) -> None
             return
         time.sleep(0.05)
     raise RuntimeError(f"{proc.name} did not bind {proto}/{port} in {timeout}s: {proc.log_tail()}")
-
-
-def wait_tcp_connect(port: int, timeout: float = 20.0) -> None:
-    """Wait until a TCP connect to loopback `port` succeeds (for backends only)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing accepts on tcp/{port} after {timeout}s")
 
 
 def process_tree(pid: int) -> list[int]:

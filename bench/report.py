@@ -124,7 +124,8 @@ def machine_markdown(result: Result) -> str:
     """The machine and tool versions of a run, as a markdown list."""
     m = result["machine"]
     versions = ", ".join(f"{name} {ver}" for name, ver in m["versions"].items())
-    return (
+    commit = f"- goma-pt at commit {result['commit']}\n" if "commit" in result else ""
+    return commit + (
         f"- {m['nproc']} cores ({m['cpu']}), Linux {m['kernel']}, "
         f"RLIMIT_NOFILE hard limit {m['nofile_hard_limit']}\n"
         f"- Python {m['python']}, Twisted {m['twisted']}\n- {versions}\n"

@@ -91,6 +91,28 @@ def _version(argv: list[str]) -> str:
     return match.group(0) if match else text.strip().splitlines()[-1][:60]
 
 
+def tree_commit() -> str:
+    """The commit of the tree under test (`+dirty` when it has uncommitted changes)."""
+    git = ["git", "-C", str(BENCH_DIR.parent)]
+    try:
+        head = (
+            subprocess.run(
+                [*git, "rev-parse", "--short", "HEAD"], capture_output=True, timeout=10, check=True
+            )
+            .stdout.decode()
+            .strip()
+        )
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "goma_twisted"],
+            capture_output=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def machine_info() -> dict[str, Any]:
     cpu = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -156,6 +178,7 @@ def new_result(
     return {
         "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "rounds": rounds,
+        "commit": tree_commit(),
         "quick": args.quick,
         "profiled": args.profile is not None,
         "params": dataclasses.asdict(params),
@@ -284,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         if peer.missing():
             print(f"peer {peer.name}: MISSING ({peer.missing()})", flush=True)
     signal.signal(signal.SIGTERM, _sigterm)
+    # also when started in the background by a shell that set SIGINT to "ignore"
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or RESULTS_DIR / f"{stamp}.json"
     result = new_result(args, params, rounds, peers, wls)

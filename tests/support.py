@@ -145,10 +145,17 @@ class Recorder(protocol.Protocol):
         self.lost.callback(self.received)
 
 
-def connect(reactor: Any, port: int, client: protocol.Protocol, host: str = "127.0.0.1") -> None:
+def connect(
+    reactor: Any,
+    port: int,
+    client: protocol.Protocol,
+    host: str = "127.0.0.1",
+    source: str | None = None,
+) -> None:
+    """Connect C{client} to C{host:port}, from the address C{source} if given."""
     factory = protocol.ClientFactory()
     factory.protocol = lambda: client
-    reactor.connectTCP(host, port, factory)
+    reactor.connectTCP(host, port, factory, bindAddress=(source, 0) if source else None)
 
 
 @implementer(ILogObserver)

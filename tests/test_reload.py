@@ -6,6 +6,7 @@ real loopback sockets; drain deadlines run on a Clock.
 from __future__ import annotations
 
 import socket
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +277,23 @@ async def test_stop_with_no_drain_closes_at_once(reactor: Any, backends: list[in
     await exchange(reactor, client, b"1", b"A:1")
     await service.stopService().addTimeout(5, reactor)
     assert await client.lost.addTimeout(5, reactor) == b"A:1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_changes_who_may_connect(reactor: Any, backends: list[int]) -> None:
+    a, _, _ = backends
+    port = free_port()
+    denied = forward(target=("127.0.0.1", a), port=port, deny=(ip_network("127.0.0.2/32"),))
+    service = service_of(denied, drain_timeout=0)
+    turned_away = Recorder()
+    connect(reactor, port, turned_away, source="127.0.0.2")
+    assert await turned_away.lost.addTimeout(5, reactor) == b""
+    assert await service.apply(
+        GatewayConfig("test", (forward(target=("127.0.0.1", a), port=port),))
+    )
+    welcome = Recorder()
+    connect(reactor, port, welcome, source="127.0.0.2")
+    await welcome.connected_d.addTimeout(5, reactor)
+    await exchange(reactor, welcome, b"in", b"A:in")
+    assert service.listeners[0].factory.refusedCounts == {"denied": 1}  # type: ignore[union-attr]
+    await service.stopService()

@@ -139,6 +139,22 @@ class Hasher(Recorder):
 FIFTY_MB = 50 * 1024 * 1024
 
 
+@pytest.fixture
+def fifty_mb_target(reactor: Any) -> Any:
+    """A target that sends each client 50 MB; the Sources it made, to check them."""
+    sources: list[Source] = []
+
+    def build() -> Source:
+        sources.append(Source(FIFTY_MB))
+        return sources[-1]
+
+    factory = protocol.Factory()
+    factory.protocol = build
+    target = listen_tcp(reactor, factory)
+    yield target, sources
+    target.stopListening()
+
+
 @pytest_twisted.ensureDeferred
 async def test_50_mb_client_to_target_intact(reactor: Any, services: list[Any]) -> None:
     target = listen_tcp(reactor, protocol.Factory.forProtocol(Sink))
@@ -152,22 +168,15 @@ async def test_50_mb_client_to_target_intact(reactor: Any, services: list[Any]) 
 
 
 @pytest_twisted.ensureDeferred
-async def test_50_mb_target_to_client_intact(reactor: Any, services: list[Any]) -> None:
-    sources: list[Source] = []
-
-    def build() -> Source:
-        sources.append(Source(FIFTY_MB))
-        return sources[-1]
-
-    factory = protocol.Factory()
-    factory.protocol = build
-    target = listen_tcp(reactor, factory)
+async def test_50_mb_target_to_client_intact(
+    reactor: Any, services: list[Any], fifty_mb_target: tuple[Any, list[Source]]
+) -> None:
+    target, sources = fifty_mb_target
     service = start_service(forward(target=("127.0.0.1", target.getHost().port)))
     services.append(service)
     client = Hasher()
     connect(reactor, bound_port(service), client)
     await finished(reactor, client.lost, 60)
-    target.stopListening()
     assert client.count == FIFTY_MB
     assert client.digest.hexdigest() == sources[0].digest.hexdigest()
 
@@ -481,17 +490,9 @@ def test_connect_failure_reasons(exception: str, reason: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_stops_reading_is_cut_after_the_close_grace(
-    reactor: Any,
+    reactor: Any, fifty_mb_target: tuple[Any, list[Source]]
 ) -> None:
-    sources: list[Source] = []
-
-    def build() -> Source:
-        sources.append(Source(FIFTY_MB))
-        return sources[-1]
-
-    factory = protocol.Factory()
-    factory.protocol = build
-    target = listen_tcp(reactor, factory)
+    target, sources = fifty_mb_target
     clock = Clock()
     service = start_service(forward(target=("127.0.0.1", target.getHost().port)), clock=clock)
     client = Hasher()
@@ -508,7 +509,6 @@ async def test_a_client_that_stops_reading_is_cut_after_the_close_grace(
     await finished(reactor, stopped, 5)
     client.transport.resumeProducing()  # type: ignore[union-attr]
     await finished(reactor, client.lost, 5)
-    target.stopListening()
     assert client.count < FIFTY_MB
     assert clock.getDelayedCalls() == []
 
