@@ -52,6 +52,7 @@ FORWARD_KEYS = (
     "proxyProtocol",
     "acceptProxyProtocol",
     "udpResponses",
+    "reusePort",
 )
 # Keys that act on one protocol only; giving one to a forward without
 # that protocol is an error, as it would silently do nothing.
@@ -137,6 +138,7 @@ class Forward:
     proxy_protocol: int | None = None
     accept_proxy_protocol: tuple[IPNetwork, ...] = ()
     udp_responses: int | None = None
+    reuse_port: bool = False
 
     @property
     def policy(self) -> AddressPolicy:
@@ -408,6 +410,7 @@ class _Checker:
         proxy_protocol = self.proxy_version(entries.get("proxyProtocol"), path)
         accept_proxy = self.networks(entries.get("acceptProxyProtocol"), path)
         udp_responses = self.positive_int(entries.get("udpResponses"), path)
+        reuse_port = self.boolean(entries.get("reusePort"), path)
         if protocols is not None:
             self.protocol_keys(entries, protocols, path)
         if len(self.problems) > before or protocols is None or port is None or target is None:
@@ -431,6 +434,7 @@ class _Checker:
             proxy_protocol=proxy_protocol,
             accept_proxy_protocol=accept_proxy,
             udp_responses=udp_responses,
+            reuse_port=reuse_port,
         )
 
     def protocol(
@@ -533,6 +537,20 @@ class _Checker:
             f"got {_describe(value_node)}; expected a whole number of at least 1",
         )
         return None
+
+    def boolean(self, entry: tuple[yaml.Node, yaml.Node] | None, path: str) -> bool:
+        if entry is None:
+            return False
+        key_node, value_node = entry
+        value = self.scalar(value_node)
+        if type(value) is bool:
+            return value
+        self.problem(
+            value_node,
+            _join(path, str(key_node.value)),
+            f"got {_describe(value_node)}; expected true or false",
+        )
+        return False
 
     def networks(
         self, entry: tuple[yaml.Node, yaml.Node] | None, path: str

@@ -20,6 +20,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from . import reuseport
 from ._reactor import reactor_or_global
 from .config import ConfigError, Forward, GatewayConfig, format_address, load_config
 from .metrics import ForwardCollector, metrics_site
@@ -39,8 +40,11 @@ class ListenError(Exception):
     """
 
 
-ListenKey = tuple[str, str, int]
-"""What a listener is known by across reloads: protocol, address, port."""
+ListenKey = tuple[str, str, int, bool]
+"""
+What a listener is known by across reloads: protocol, address, port, and
+whether it shares the port (C{reusePort}, which needs a new socket).
+"""
 
 
 class _Listener:
@@ -52,7 +56,8 @@ class _Listener:
 
     @property
     def key(self) -> ListenKey:
-        return (self.protocol, self.forward.address, self.forward.port)
+        forward = self.forward
+        return (self.protocol, forward.address, forward.port, forward.reuse_port)
 
     def getHost(self) -> Any:
         """The address actually bound (port 0 becomes a real port)."""
@@ -84,6 +89,13 @@ class TCPForwardServer(_Listener, internet.TCPServer):
         self.forward = forward
         self.factory.reconfigure(forward)
 
+    def _getPort(self) -> Any:
+        if not self.forward.reuse_port:
+            return super()._getPort()
+        port, factory = self.args
+        reactor = reactor_or_global(self.reactor)
+        return reuseport.listen_tcp(reactor, port, factory, self.kwargs.get("interface", ""))
+
 
 class UDPForwardServer(_Listener, internet.UDPServer):
     protocol = "udp"
@@ -97,6 +109,18 @@ class UDPForwardServer(_Listener, internet.UDPServer):
         """New settings for new sessions; open ones keep their target."""
         self.forward = forward
         self.relay.reconfigure(forward)
+
+    def _getPort(self) -> Any:
+        if not self.forward.reuse_port:
+            return super()._getPort()
+        port, relay = self.args
+        return reuseport.listen_udp(
+            reactor_or_global(self.reactor),
+            port,
+            relay,
+            self.kwargs.get("interface", ""),
+            self.kwargs.get("maxPacketSize", MAX_DATAGRAM),
+        )
 
 
 Listener = TCPForwardServer | UDPForwardServer
@@ -209,7 +233,7 @@ class PassThroughService(MultiService):
         return built
 
     def _adopt(self, listener: Listener) -> None:
-        listener.setName(f"{listener.protocol} {listener.forward.name}")
+        listener.setName(_service_name(listener))
         listener.setServiceParent(self)
         self._listeners[listener.key] = listener
 
@@ -333,7 +357,7 @@ class PassThroughService(MultiService):
     ) -> None:
         for key in keys:
             [listener] = [lst for lst in self._build(wanted[key]) if lst.protocol == key[0]]
-            listener.setName(f"{listener.protocol} {listener.forward.name}")
+            listener.setName(_service_name(listener))
             try:
                 listener.setServiceParent(self)
             except ListenError:
@@ -443,8 +467,18 @@ class PassThroughService(MultiService):
             )
 
 
+def _service_name(listener: Listener) -> str:
+    # Unique as the key is: a reload that turns reusePort on or off starts
+    # the new listener before the old one leaves the MultiService.
+    shared = " reusePort" if listener.forward.reuse_port else ""
+    return f"{listener.protocol} {listener.forward.name}{shared}"
+
+
 def _keys(forward: Forward) -> list[ListenKey]:
-    return [(protocol, forward.address, forward.port) for protocol in forward.protocols]
+    return [
+        (protocol, forward.address, forward.port, forward.reuse_port)
+        for protocol in forward.protocols
+    ]
 
 
 def _stop(listener: Listener) -> Deferred[Any]:

@@ -93,12 +93,27 @@ class Options(usage.Options):
 
 def makeService(options: dict[str, Any]) -> IService:
     _show_without_traceback(ListenError)
+    _install_reactor()
     return PassThroughService(
         options.config,  # type: ignore[attr-defined]
         drain_timeout=options["drain"],
         reload_signal=signal.SIGHUP,
         metrics=options["metrics"],
     )
+
+
+def _install_reactor() -> None:
+    """
+    Run on goma-pt's epoll reactor (L{goma_twisted.reactor}), unless twistd
+    already installed one (C{--reactor}) or this system has no epoll.
+    """
+    if "twisted.internet.reactor" in sys.modules:
+        return
+    try:
+        from .reactor import install
+    except ImportError:
+        return
+    install()
 
 
 def _show_without_traceback(*errors: type[BaseException]) -> None:

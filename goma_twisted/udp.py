@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import base, udp
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import CannotListenError, MessageLengthError
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -50,8 +50,6 @@ QUEUE_FULL = "queue full"
 SEND_FAILED = "send failed"
 REPLY_FAILED = "reply failed"
 DROP_REASONS = (QUEUE_FULL, SEND_FAILED, REPLY_FAILED)
-
-_SEND_ERRORS = (OSError, MessageLengthError)
 
 
 class SessionPort(udp.Port):
@@ -176,8 +174,13 @@ class UDPSession(DatagramProtocol):
                 self.stats.count_dropped(QUEUE_FULL)
             return
         try:
-            self.transport.write(data)  # type: ignore[union-attr,call-arg]
-        except _SEND_ERRORS:
+            # The socket is connected to the target: send() straight away,
+            # without udp.Port.write's checks (any OSError is a drop).
+            self.transport.socket.send(data)  # type: ignore[union-attr]
+        except OSError as e:
+            if isinstance(e, ConnectionRefusedError):
+                # An ICMP error from an earlier datagram, reported here.
+                self.connectionRefused()
             self.stats.count_dropped(SEND_FAILED)
             return
         self.bytesToTarget += len(data)
@@ -327,10 +330,18 @@ class UDPForward(DatagramProtocol):
             )
 
     def reply(self, data: bytes, client: tuple[str, int]) -> bool:
-        """Send a target's datagram to its client from the listening port."""
+        """
+        Send a target's datagram to its client from the listening port.
+
+        The address came from this socket's own recvfrom, so it is valid
+        for it: the datagram goes to C{sendto} directly, without
+        L{udp.Port.write}'s checks of the address on every datagram. Any
+        error (a full socket buffer, EMSGSIZE, an ICMP error pending) drops
+        this datagram and is counted, never raised.
+        """
         try:
-            self.transport.write(data, client)  # type: ignore[union-attr]
-        except _SEND_ERRORS:
+            self.transport.socket.sendto(data, client)  # type: ignore[union-attr]
+        except OSError:
             self.dropped += 1
             self.stats.count_dropped(REPLY_FAILED)
             return False

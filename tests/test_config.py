@@ -333,6 +333,17 @@ def test_guard_keys() -> None:
     assert (b.allow, b.deny, b.accept_proxy_protocol) == ((), (), ())
     assert (b.max_connections, b.max_connections_per_ip, b.proxy_protocol) == (None, None, None)
     assert not b.policy
+    assert not a.reuse_port and not b.reuse_port
+
+
+def test_reuse_port_key() -> None:
+    config = parse_config(
+        forwards(
+            "{protocol: tcp/udp, port: 1, target: 'a:1', reusePort: true}",
+            "{protocol: tcp, port: 2, target: 'a:1', reusePort: false}",
+        )
+    )
+    assert [f.reuse_port for f in config.forwards] == [True, False]
 
 
 @pytest.mark.parametrize(
@@ -359,6 +370,8 @@ def test_guard_keys() -> None:
         ("proxyProtocol: 3", "forwards[0].proxyProtocol: got an integer ('3'); expected 1 (text"),
         ("proxyProtocol: v2", "forwards[0].proxyProtocol: got a string ('v2'); expected 1"),
         ("acceptProxyProtocol: true", "forwards[0].acceptProxyProtocol: got a boolean ('true')"),
+        ("reusePort: 1", "forwards[0].reusePort: got an integer ('1'); expected true or false"),
+        ("reusePort: on-ish", "forwards[0].reusePort: got a string ('on-ish'); expected true"),
         (
             "maxSessions: 10",
             "forwards[0].maxSessions: applies to udp forwards only; this forward is tcp "

@@ -97,7 +97,7 @@ async def test_apply_keeps_unchanged_removes_adds_and_updates(
         forward(target=("127.0.0.1", b), port=p2),
         clock=clock,
     )
-    kept = service._listeners[("tcp", "127.0.0.1", p1)]
+    kept = service._listeners[("tcp", "127.0.0.1", p1, False)]
     through_kept = await connected(reactor, p1)
     through_removed = await connected(reactor, p2)
     await exchange(reactor, through_kept, b"1", b"A:1")
@@ -115,8 +115,11 @@ async def test_apply_keeps_unchanged_removes_adds_and_updates(
         )
         await deferLater(reactor, 0.05)
     assert applied
-    assert service._listeners[("tcp", "127.0.0.1", p1)] is kept
-    assert set(service._listeners) == {("tcp", "127.0.0.1", p1), ("tcp", "127.0.0.1", p3)}
+    assert service._listeners[("tcp", "127.0.0.1", p1, False)] is kept
+    assert set(service._listeners) == {
+        ("tcp", "127.0.0.1", p1, False),
+        ("tcp", "127.0.0.1", p3, False),
+    }
     # The unchanged forward's connection goes on; the removed one's drains.
     await exchange(reactor, through_kept, b"2", b"A:2")
     await exchange(reactor, through_removed, b"2", b"B:2")

@@ -511,3 +511,84 @@ async def test_a_client_that_stops_reading_is_cut_after_the_close_grace(
     await finished(reactor, client.lost, 5)
     assert client.count < FIFTY_MB
     assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_connections_send_at_once(reactor: Any, echo: Any, services: list[Any]) -> None:
+    # The relays above and the end-to-end suite run on the send_now path:
+    # this checks that they do.
+    service = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
+    services.append(service)
+    client = Recorder(send=b"ping", halfClose=False)
+    connect(reactor, bound_port(service), client)
+    [listener] = service.listeners
+    factory = listener.factory  # type: ignore[union-attr]
+    for _ in range(500):
+        if client.received:
+            break
+        await deferLater(reactor, 0.01)
+    [relay] = factory.relays
+    assert relay.client.sendsNow and relay.target is not None and relay.target.sendsNow
+    assert relay.client.transport.bufferSize == tcp.READ_SIZE  # type: ignore[union-attr]
+    client.transport.loseConnection()  # type: ignore[union-attr]
+    await finished(reactor, client.lost)
+
+
+class SendingTransport:
+    """The parts of Twisted's TCP transport that send_now looks at."""
+
+    def __init__(self, takes: int | Exception, queued: bytes = b"") -> None:
+        self.takes = takes
+        self.dataBuffer = queued
+        self._tempDataLen = 0
+        self.disconnecting = False
+        self._writeDisconnecting = False
+        self._aborting = False
+        self.connected = True
+        self.socket = self
+        self.sent: list[bytes] = []
+        self.written: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        if isinstance(self.takes, Exception):
+            raise self.takes
+        self.sent.append(data[: self.takes])
+        return min(self.takes, len(data))
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_send_now_sends_what_the_socket_takes_and_queues_the_rest() -> None:
+    transport = SendingTransport(takes=3)
+    tcp.send_now(transport, b"abcdef")
+    assert transport.sent == [b"abc"]
+    assert transport.written == [b"def"]
+    whole = SendingTransport(takes=100)
+    tcp.send_now(whole, b"abcdef")
+    assert (whole.sent, whole.written) == ([b"abcdef"], [])
+
+
+@pytest.mark.parametrize(
+    "state",
+    ["dataBuffer", "_tempDataLen", "disconnecting", "_writeDisconnecting", "_aborting", "closed"],
+)
+def test_send_now_queues_behind_queued_bytes_and_after_a_close(state: str) -> None:
+    # Sending while bytes wait in the buffer would reorder the stream, and
+    # after loseWriteConnection nothing may be sent at all.
+    transport = SendingTransport(takes=100)
+    if state == "dataBuffer":
+        transport.dataBuffer = b"queued"
+    elif state == "closed":
+        transport.connected = False
+    else:
+        setattr(transport, state, 1)
+    tcp.send_now(transport, b"abcdef")
+    assert (transport.sent, transport.written) == ([], [b"abcdef"])
+
+
+@pytest.mark.parametrize("error", [BlockingIOError(), ConnectionResetError(), BrokenPipeError()])
+def test_send_now_leaves_a_full_socket_and_errors_to_twisted(error: Exception) -> None:
+    transport = SendingTransport(takes=error)
+    tcp.send_now(transport, b"abcdef")
+    assert transport.written == [b"abcdef"]

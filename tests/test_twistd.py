@@ -149,6 +149,22 @@ def test_foreground_forwards_tcp_and_udp_on_one_port(tmp_path: Path, backend: in
     assert f"Forwarding udp 127.0.0.1:{port} to 127.0.0.1:{backend}" in text
     assert "client closed; 8 bytes sent, 8 received" in text
     assert "shutdown; 1 datagrams (8 bytes) sent, 1 (12 bytes) received" in text
+    assert "reactor class: goma_twisted.reactor.EPollReactor" in text
+
+
+def test_a_reactor_chosen_with_twistd_is_kept(tmp_path: Path, backend: int) -> None:
+    port = free_port()
+    forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    log = tmp_path / "goma.log"
+    command = twistd_command(
+        "-n", "--pidfile=", "--logfile=-", "--reactor=poll", "goma-pt", "--config", str(config)
+    )
+    with running(command, log, env=twistd_env()):
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        assert tcp_roundtrip(port, b"over tcp") == b"over tcp"
+        assert udp_roundtrip(port, b"over udp") == b"udp:over udp"
+    assert "reactor class: twisted.internet.pollreactor.PollReactor" in log.read_text()
 
 
 def test_daemon_with_pidfile_starts_forwards_and_stops_on_sigterm(
@@ -273,7 +289,10 @@ def _free_privileged_port() -> int:
     raise AssertionError("no free port below 1024")
 
 
-def test_binds_a_privileged_port_then_drops_to_nobody(tmp_path: Path, backend: int) -> None:
+@pytest.mark.parametrize("reuse_port", [False, True])
+def test_binds_a_privileged_port_then_drops_to_nobody(
+    tmp_path: Path, backend: int, reuse_port: bool
+) -> None:
     if os.geteuid() != 0:
         message = "binding a port below 1024 needs root"
         if os.environ.get("CI"):
@@ -281,7 +300,8 @@ def test_binds_a_privileged_port_then_drops_to_nobody(tmp_path: Path, backend: i
         pytest.skip(message)
     port = _free_privileged_port()
     forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
-    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    forward |= {"address": "127.0.0.1", "reusePort": reuse_port}
+    config = write_config(tmp_path / "goma.yml", [forward])
     log = tmp_path / "goma.log"
     command = twistd_command(
         "-n", "--pidfile=", "--logfile=-", "--uid=nobody", "--gid=nogroup",

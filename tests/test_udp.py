@@ -321,3 +321,40 @@ async def test_udp_responses_ends_a_session_once_answered(
     ends = logs.ends()
     assert [e["reason"] for e in ends] == [udp.ANSWERED, udp.ANSWERED]
     assert [(e["datagramsToTarget"], e["datagramsToClient"]) for e in ends] == [(1, 1), (1, 1)]
+
+
+class FailingSocket:
+    """A socket whose every send fails with C{error}."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    def send(self, data: bytes) -> int:
+        raise self.error
+
+    def sendto(self, data: bytes, address: Any) -> int:
+        raise self.error
+
+
+class FailingTransport:
+    def __init__(self, error: OSError) -> None:
+        self.socket = FailingSocket(error)
+
+
+@pytest.mark.parametrize(
+    "error", [BlockingIOError(), OSError(90, "Message too long"), ConnectionRefusedError()]
+)
+def test_a_failed_reply_or_send_is_dropped_and_counted(error: OSError) -> None:
+    # Replies and sends go to the socket directly: its errors are drops
+    # counted by reason, never exceptions out of the reactor's read loop.
+    relay = udp.UDPForward(forward(("udp",)), 10, reactor=Clock())
+    relay.transport = FailingTransport(error)  # type: ignore[assignment]
+    assert relay.reply(b"answer", ("127.0.0.1", 5353)) is False
+    assert relay.stats.dropped[udp.REPLY_FAILED] == 1
+    session = udp.UDPSession(relay, ("127.0.0.1", 5353))
+    session._queue = None
+    session.transport = FailingTransport(error)  # type: ignore[assignment]
+    session.send(b"query")
+    assert relay.stats.dropped[udp.SEND_FAILED] == 1
+    assert session.datagramsToTarget == 0
+    assert session.refusals == (1 if isinstance(error, ConnectionRefusedError) else 0)

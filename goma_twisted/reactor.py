@@ -1,0 +1,68 @@
+"""
+Twisted's epoll reactor, without a logging context set around each event.
+
+For every I/O event, L{twisted.internet.epollreactor.EPollReactor.doPoll}
+calls the handler through L{twisted.python.log.callWithLogger}: a
+C{logPrefix()} call, a copy of the logging context and its restoration,
+so that a legacy C{log.msg} made inside the handler is labelled with the
+connection's prefix. A relay makes no such call and its events are tiny,
+so that wrapper is a large share of its time per event. This reactor polls
+the same way and calls the same handler directly; an exception escaping a
+handler is still logged, with the connection's prefix, and the loop goes
+on, as with Twisted's.
+
+The difference: a legacy C{twisted.python.log} message emitted during an
+I/O event (Twisted's own "Unhandled Error" reports among them) has the
+system C{-} rather than the connection's prefix. Events from
+L{twisted.logger.Logger}, which goma-pt uses, do not depend on that context.
+
+The goma-pt twistd plugin installs it unless a reactor was chosen with
+C{twistd --reactor} (where epoll exists: this module imports only on
+Linux); a C{.tac} file can call L{install} before anything imports the
+global reactor.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from twisted.internet import epollreactor
+from twisted.internet.main import installReactor
+from twisted.python import log
+
+
+class EPollReactor(epollreactor.EPollReactor):
+    """L{epollreactor.EPollReactor} that calls event handlers directly."""
+
+    def doPoll(self, timeout: float | None) -> None:
+        if timeout is None:
+            timeout = -1  # Wait indefinitely.
+        try:
+            events = self._poller.poll(timeout, len(self._selectables))
+        except OSError as err:
+            if err.errno == errno.EINTR:
+                return
+            raise
+        handle = self._doReadOrWrite
+        selectables = self._selectables
+        for fd, event in events:
+            # Gone since the poll (closed by an earlier event of this batch).
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue
+            try:
+                handle(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                # As callWithLogger does, but only when something failed.
+                log.callWithLogger(selectable, log.err)
+
+    doIteration = doPoll
+
+
+def install() -> EPollReactor:
+    """Install this reactor as the global one; return it."""
+    reactor = EPollReactor()
+    installReactor(reactor)
+    return reactor

@@ -1,0 +1,78 @@
+"""
+goma-pt's epoll reactor: the same events as Twisted's, handlers called
+without a logging context, failures still logged with the connection's
+prefix.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.main import CONNECTION_DONE
+from twisted.python import log
+
+from goma_twisted.reactor import EPollReactor
+
+
+class Reader(FileDescriptor):
+    """Reads a pipe; C{fail} makes its read or its end raise."""
+
+    def __init__(self, reactor: Any, fd: int, fail: str = "") -> None:
+        super().__init__(reactor)
+        self.fd = fd
+        self.fail = fail
+        self.read = b""
+        self.lost: list[Any] = []
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return f"Reader {self.fd}"
+
+    def doRead(self) -> Any:
+        if self.fail == "read":
+            raise ValueError("read failed")
+        self.read += os.read(self.fd, 100)
+        return CONNECTION_DONE if self.fail == "lost" else None
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.append(reason)
+        if self.fail == "lost":
+            raise ValueError("lost failed")
+
+
+def test_failures_are_logged_with_the_prefix_and_the_loop_goes_on() -> None:
+    reactor = EPollReactor()
+    pipes = [os.pipe() for _ in range(3)]
+    readers = [
+        Reader(reactor, pipes[0][0], fail="read"),
+        Reader(reactor, pipes[1][0], fail="lost"),
+        Reader(reactor, pipes[2][0]),
+    ]
+    events: list[dict[str, Any]] = []
+    log.addObserver(events.append)
+    try:
+        for reader in readers:
+            reactor.addReader(reader)
+        for _, write in pipes:
+            os.write(write, b"data")
+        reactor.doPoll(0)
+    finally:
+        log.removeObserver(events.append)
+        for reader in readers:
+            reactor.removeReader(reader)
+        for read, write in pipes:
+            os.close(read)
+            os.close(write)
+        reactor._poller.close()
+    # A failed read ends that descriptor, as in Twisted's reactor; a
+    # failure escaping the handler is logged with the prefix; the third
+    # reader is served all the same.
+    assert readers[0].lost and readers[0].read == b""
+    assert readers[2].read == b"data"
+    errors = [e for e in events if e.get("isError")]
+    assert any(e.get("system") == f"Reader {pipes[1][0]}" for e in errors)
+    assert {e["failure"].value.args[0] for e in errors} >= {"read failed", "lost failed"}
