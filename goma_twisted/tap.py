@@ -86,7 +86,8 @@ class Options(usage.Options):
             # without a traceback or a page of usage text.
             raise SystemExit(f"goma-pt: {e}") from None
         if self["check"]:
-            print(f"{self['config']}: OK, {len(self.config.forwards)} forwards")
+            count = len(self.config.forwards)
+            print(f"{self['config']}: OK, {count} forward{'s' if count != 1 else ''}")
             print(forwards_table(self.config))
             raise SystemExit(0)
 
