@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -506,51 +506,45 @@ class _Checker:
         )
         return ""
 
-    def seconds(self, entry: tuple[yaml.Node, yaml.Node] | None, path: str) -> float | None:
+    def optional(
+        self,
+        entry: tuple[yaml.Node, yaml.Node] | None,
+        path: str,
+        accepts: Callable[[Any], bool],
+        expected: str,
+    ) -> Any:
+        """
+        The value of an optional scalar key, or None when it is absent or
+        not what C{accepts} takes (then recorded, with C{expected}).
+        """
         if entry is None:
             return None
         key_node, value_node = entry
         value = self.scalar(value_node)
-        if (
-            type(value) in (int, float)
-            and math.isfinite(value)  # type: ignore[arg-type]
-            and value > 0  # type: ignore[operator]
-        ):
-            return float(value)  # type: ignore[arg-type]
-        self.problem(
-            value_node,
-            _join(path, str(key_node.value)),
-            f"got {_describe(value_node)}; expected a number of seconds greater than 0",
-        )
+        if accepts(value):
+            return value
+        where = _join(path, str(key_node.value))
+        self.problem(value_node, where, f"got {_describe(value_node)}; {expected}")
         return None
+
+    def seconds(self, entry: tuple[yaml.Node, yaml.Node] | None, path: str) -> float | None:
+        value = self.optional(
+            entry, path, _is_seconds, "expected a number of seconds greater than 0"
+        )
+        return None if value is None else float(value)
 
     def positive_int(self, entry: tuple[yaml.Node, yaml.Node] | None, path: str) -> int | None:
-        if entry is None:
-            return None
-        key_node, value_node = entry
-        value = self.scalar(value_node)
-        if type(value) is int and value >= 1:
-            return value
-        self.problem(
-            value_node,
-            _join(path, str(key_node.value)),
-            f"got {_describe(value_node)}; expected a whole number of at least 1",
+        return self.optional(
+            entry,
+            path,
+            lambda v: type(v) is int and v >= 1,
+            "expected a whole number of at least 1",
         )
-        return None
 
     def boolean(self, entry: tuple[yaml.Node, yaml.Node] | None, path: str) -> bool:
-        if entry is None:
-            return False
-        key_node, value_node = entry
-        value = self.scalar(value_node)
-        if type(value) is bool:
-            return value
-        self.problem(
-            value_node,
-            _join(path, str(key_node.value)),
-            f"got {_describe(value_node)}; expected true or false",
+        return bool(
+            self.optional(entry, path, lambda v: type(v) is bool, "expected true or false")
         )
-        return False
 
     def networks(
         self, entry: tuple[yaml.Node, yaml.Node] | None, path: str
@@ -590,18 +584,12 @@ class _Checker:
         return tuple(result)
 
     def proxy_version(self, entry: tuple[yaml.Node, yaml.Node] | None, path: str) -> int | None:
-        if entry is None:
-            return None
-        key_node, value_node = entry
-        value = self.scalar(value_node)
-        if type(value) is int and value in (1, 2):
-            return value
-        self.problem(
-            value_node,
-            _join(path, str(key_node.value)),
-            f"got {_describe(value_node)}; expected 1 (text header) or 2 (binary header)",
+        return self.optional(
+            entry,
+            path,
+            lambda v: type(v) is int and v in (1, 2),
+            "expected 1 (text header) or 2 (binary header)",
         )
-        return None
 
     def protocol_keys(
         self,
@@ -663,6 +651,10 @@ def parse_target(text: str) -> tuple[Target | None, str]:
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         return None, f"port {port_text!r} is not 1 to 65535"
     return Target(host, int(port_text)), ""
+
+
+def _is_seconds(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value > 0
 
 
 def _is_hostname(host: str) -> bool:
