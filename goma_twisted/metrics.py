@@ -145,7 +145,7 @@ def _udp(sources: list[UDPStats]) -> Iterator[Metric]:
     refused = _counter(
         "goma_pt_udp_sessions_refused",
         "Datagrams from clients without a session that got none, by reason "
-        "(bound: the session table was full); each was dropped.",
+        "(at bound: the session table was full); each was dropped.",
         ("reason",),
     )
     datagrams = _counter(

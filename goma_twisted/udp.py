@@ -272,7 +272,6 @@ class UDPForward(DatagramProtocol):
         self.clock = clock if clock is not None else reactor
         self.sessions: dict[tuple[str, int], UDPSession] = {}
         self.stats = UDPStats(config, END_REASONS, DROP_REASONS, policy.REFUSALS)
-        self.dropped = 0
         self._full = False
         self.policy = config.policy
         # Sessions per client address (maxSessionsPerIp); the total is
@@ -342,7 +341,6 @@ class UDPForward(DatagramProtocol):
         try:
             self.transport.socket.sendto(data, client)  # type: ignore[union-attr]
         except OSError:
-            self.dropped += 1
             self.stats.count_dropped(REPLY_FAILED)
             return False
         return True

@@ -294,6 +294,22 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = ""
 
 
 @contextmanager
+def goma_pt_running(
+    config: Path, log: Path, *options: str, twistd: tuple[str, ...] = (), **popen: Any
+) -> Iterator[subprocess.Popen[bytes]]:
+    """
+    A foreground C{twistd goma-pt --config CONFIG OPTIONS} logging to C{log},
+    ready (every forward listening) when the block starts, stopped when it ends.
+    C{twistd} holds twistd's own options; C{popen}, what else Popen takes.
+    """
+    args = ("-n", "--pidfile=", "--logfile=-", *twistd, "goma-pt", "--config", str(config))
+    popen.setdefault("env", twistd_env())
+    with running(twistd_command(*args, *options), log, **popen) as proc:
+        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+        yield proc
+
+
+@contextmanager
 def running(command: list[str], log: Path, **kwargs: Any) -> Iterator[subprocess.Popen[bytes]]:
     """A process that is always stopped (TERM, then KILL) when the block ends."""
     with open(log, "ab") as out:

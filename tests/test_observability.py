@@ -16,7 +16,16 @@ from typing import Any
 
 from twisted.logger import eventsFromJSONLogFile, formatEvent
 
-from .support import ROOT, free_port, running, twistd_command, twistd_env, wait_for, write_config
+from .support import (
+    ROOT,
+    free_port,
+    goma_pt_running,
+    running,
+    twistd_command,
+    twistd_env,
+    wait_for,
+    write_config,
+)
 from .test_twistd import backend, run_twistd, tcp_roundtrip, udp_roundtrip
 
 __all__ = ["backend"]  # the fixture, used by name
@@ -43,12 +52,7 @@ def test_twistd_serves_exact_metrics_after_traffic(tmp_path: Path, backend: int)
     forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
     config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
     log = tmp_path / "goma.log"
-    command = twistd_command(
-        "-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config),
-        "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1",
-    )  # fmt: skip
-    with running(command, log, env=twistd_env()):
-        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+    with goma_pt_running(config, log, "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1"):
         sizes = [3, 300, 30_000]
         for size in sizes:
             assert tcp_roundtrip(port, b"t" * size) == b"t" * size

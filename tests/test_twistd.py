@@ -20,7 +20,16 @@ from typing import Any
 
 import pytest
 
-from .support import ROOT, free_port, running, twistd_command, twistd_env, wait_for, write_config
+from .support import (
+    ROOT,
+    free_port,
+    goma_pt_running,
+    running,
+    twistd_command,
+    twistd_env,
+    wait_for,
+    write_config,
+)
 
 
 class _EchoHandler(socketserver.BaseRequestHandler):
@@ -139,9 +148,7 @@ def test_foreground_forwards_tcp_and_udp_on_one_port(tmp_path: Path, backend: in
     forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
     config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
     log = tmp_path / "goma.log"
-    command = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
-    with running(command, log, env=twistd_env()):
-        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+    with goma_pt_running(config, log):
         assert tcp_roundtrip(port, b"over tcp") == b"over tcp"
         assert udp_roundtrip(port, b"over udp") == b"udp:over udp"
     text = log.read_text()
@@ -157,11 +164,7 @@ def test_a_reactor_chosen_with_twistd_is_kept(tmp_path: Path, backend: int) -> N
     forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
     config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
     log = tmp_path / "goma.log"
-    command = twistd_command(
-        "-n", "--pidfile=", "--logfile=-", "--reactor=poll", "goma-pt", "--config", str(config)
-    )
-    with running(command, log, env=twistd_env()):
-        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+    with goma_pt_running(config, log, twistd=("--reactor=poll",)):
         assert tcp_roundtrip(port, b"over tcp") == b"over tcp"
         assert udp_roundtrip(port, b"over udp") == b"udp:over udp"
     assert "reactor class: twisted.internet.pollreactor.PollReactor" in log.read_text()
@@ -303,12 +306,14 @@ def test_binds_a_privileged_port_then_drops_to_nobody(
     forward |= {"address": "127.0.0.1", "reusePort": reuse_port}
     config = write_config(tmp_path / "goma.yml", [forward])
     log = tmp_path / "goma.log"
-    command = twistd_command(
-        "-n", "--pidfile=", "--logfile=-", "--uid=nobody", "--gid=nogroup",
-        "goma-pt", "--config", str(config),
-    )  # fmt: skip
-    with running(command, log, env=twistd_env()) as proc:
-        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+    with goma_pt_running(
+        config,
+        log,
+        twistd=(
+            "--uid=nobody",
+            "--gid=nogroup",
+        ),
+    ) as proc:
         status = Path(f"/proc/{proc.pid}/status").read_text()
         uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
         assert uids == ["65534"] * 4
@@ -344,9 +349,7 @@ def test_sighup_reloads_and_a_broken_file_keeps_the_running_set(
         tmp_path / "goma.yml", [_forward(kept, backend), _forward(removed, backend)]
     )
     log = tmp_path / "goma.log"
-    command = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
-    with running(command, log, env=twistd_env()) as proc:
-        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+    with goma_pt_running(config, log) as proc:
         live = socket.create_connection(("127.0.0.1", kept), timeout=5)
         assert _echoes(live, b"before")
         write_config(config, [_forward(kept, backend), _forward(added, backend)])
@@ -374,11 +377,7 @@ def test_sigterm_closes_a_lingering_connection_at_the_drain_deadline(
     port = free_port()
     config = write_config(tmp_path / "goma.yml", [_forward(port, backend)])
     log = tmp_path / "goma.log"
-    command = twistd_command(
-        "-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config), "--drain=1.5"
-    )
-    with running(command, log, env=twistd_env()) as proc:
-        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+    with goma_pt_running(config, log, "--drain=1.5") as proc:
         live = socket.create_connection(("127.0.0.1", port), timeout=10)
         assert _echoes(live, b"hello")
         stopped_at = time.monotonic()
@@ -399,11 +398,7 @@ def test_sigterm_exits_as_soon_as_live_connections_finish(tmp_path: Path, backen
     port = free_port()
     config = write_config(tmp_path / "goma.yml", [_forward(port, backend)])
     log = tmp_path / "goma.log"
-    command = twistd_command(
-        "-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config), "--drain=60"
-    )
-    with running(command, log, env=twistd_env()) as proc:
-        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+    with goma_pt_running(config, log, "--drain=60") as proc:
         live = socket.create_connection(("127.0.0.1", port), timeout=10)
         assert _echoes(live, b"hello")
         proc.send_signal(signal.SIGTERM)
@@ -482,9 +477,7 @@ def test_descriptor_limit_sizes_the_bounds_and_a_flood_never_hits_emfile(
     }
     config = write_config(tmp_path / "goma.yml", [forward])
     log = tmp_path / "goma.log"
-    command = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
-    with running(command, log, env=twistd_env(), preexec_fn=_low_fd_limit):
-        wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
+    with goma_pt_running(config, log, preexec_fn=_low_fd_limit):
         text = log.read_text()
         assert "File descriptors: limit 256 (raised from 128)" in text
         found = re.search(r"(\d+) connections \(derived\); .* (\d+) sessions \(derived\)", text)
