@@ -5,9 +5,10 @@ machines (C{twistd --logger goma_twisted.logs.json_observer}).
 The text log is Twisted's classic one, line for line (C{classic_line}), made
 cheap: every connection and session end is one event, and Twisted's own
 formatting (a Python-level parse of the format string, a time zone worked out
-again for every event) cost more CPU than forwarding a short connection.
+again for every event) was a quarter of goma-pt's CPU per short connection.
+tap.py hands it to twistd (see C{_offer_text_log} there).
 
-Each event is one line holding one JSON object: Twisted's own JSON form
+In the JSON log, each event is one line holding one JSON object: Twisted's own JSON form
 (L{twisted.logger.eventAsJSON}, which L{twisted.logger.eventsFromJSONLogFile}
 reads back), with every field of the event at the top level (C{reason},
 C{bytesToTarget}, ...) and the rendered text line added as C{log_text}.
@@ -102,11 +103,6 @@ def classic_line(event: LogEvent) -> str | None:
     if "\n" in text or "\n" in system:
         line = line[:-1].replace("\n", "\n\t") + "\n"
     return line
-
-
-def text_observer(out: IO[Any]) -> FileLogObserver:
-    """Twisted's C{textFileLogObserver}, with L{classic_line} formatting."""
-    return FileLogObserver(out, classic_line)
 
 
 class ReopeningFile:
