@@ -133,12 +133,11 @@ def _shares(values: list[float], n: int) -> list[float]:
     return [100.0 * v / total for v in top] if total else [0.0] * n
 
 
-def _median_shares(rounds: list[list[float]], n: int) -> str:
-    """Per position (busiest first), the median share over the rounds: "53/47"."""
+def _round_shares(rounds: list[list[float]], n: int) -> str:
+    """Each round's split, busiest first: "53/47, 100/0"."""
     if not rounds:
         return "-"
-    cols = zip(*(_shares(r, n) for r in rounds), strict=True)
-    return "/".join(f"{statistics.median(c):.0f}" for c in cols)
+    return ", ".join("/".join(f"{v:.0f}" for v in _shares(r, n)) for r in rounds)
 
 
 def _work_key(result: Result, key: str) -> str:
@@ -177,7 +176,8 @@ def split_rows(result: Result) -> list[tuple[str, dict[str, str]]]:
 
     `<peer> cpu`: shares of the forwarder's CPU time taken by its busiest N threads (goma-pt
     processes, nginx workers, HAProxy threads); `goma-pt work`: each goma-pt process's share
-    of what its /metrics counted (bytes for bulk, connections, UDP datagrams).
+    of what its /metrics counted (bytes for bulk, connections, UDP datagrams). One split per
+    round: with few connections the kernel's hash may put them all on one process.
     """
     n = int(result.get("procs", 1))
     rows = []
@@ -186,7 +186,7 @@ def split_rows(result: Result) -> list[tuple[str, dict[str, str]]]:
         for peer, details in result["details"].get(key, {}).items():
             tasks = [d["cpu"]["tasks"] for d in details if "cpu" in d]
             if tasks and peer != "direct":
-                cells[f"{peer} cpu"] = _median_shares(tasks, n)
+                cells[f"{peer} cpu"] = _round_shares(tasks, n)
             what = _work_key(result, key)
             work = [
                 [float(proc[what]) for proc in d["processes"]]
@@ -196,7 +196,7 @@ def split_rows(result: Result) -> list[tuple[str, dict[str, str]]]:
             if work:
                 total = statistics.median(sum(w) for w in work)
                 shown = f"{_fmt(total / 1e9)} GB" if what == "bytes" else f"{_fmt(total)} {what}"
-                cells[f"{peer} work"] = f"{_median_shares(work, n)} of {shown}"
+                cells[f"{peer} work"] = f"{_round_shares(work, n)} of {shown}"
         rows.append((key, cells))
     return rows
 
@@ -219,7 +219,7 @@ def split_markdown(result: Result) -> str:
     lines = [
         f"Split over the {result.get('procs', 1)} processes / threads (busiest first, % of the "
         "forwarder's CPU time, or of what each goma-pt process counted in its /metrics; "
-        "median over the rounds):",
+        "one split per round, the total is the median):",
         "",
         *_table(["workload", *cols], [[k, *(c.get(x, "-") for x in cols)] for k, c in rows]),
         "",
