@@ -22,6 +22,7 @@ from bench import procs
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 GOMA = "goma-pt"
+GOMA_ONE = "goma-pt-1p"  # one goma-pt process in a --procs N run: what the others add
 DIRECT = "direct"
 # twistd with the benchmark's own interpreter (`python -m twisted` is `twist`, not twistd)
 TWISTD = [
@@ -54,6 +55,7 @@ class Peer:
     note: str
     idle_cap: int | None = None  # idle_mem: at most this many connections
     multi_note: str | None = None  # how it runs with procs > 1; None: it cannot (skipped)
+    procs: int | None = None  # always this many processes, whatever the run's (a reference)
 
     def describe(self, procs: int = 1) -> str:
         """The note for a run with `procs` processes per forwarder."""
@@ -200,6 +202,15 @@ PEERS: tuple[Peer, ...] = (
         multi_note="this project, {n} twistd processes on one config, reusePort: true",
     ),
     Peer(
+        GOMA_ONE,
+        BOTH,
+        _goma_argv,
+        (str(REPO_ROOT / "goma_twisted" / "tap.py"),),
+        "this project, one twistd process",
+        multi_note="this project, one twistd process (the reference for goma-pt x{n})",
+        procs=1,
+    ),
+    Peer(
         "portforward",
         TCP,
         _portforward_argv,
@@ -252,14 +263,14 @@ PEERS: tuple[Peer, ...] = (
 
 
 # The default peers of a run with several processes per forwarder.
-MULTI_DEFAULT = (GOMA, "haproxy", "nginx", DIRECT)
+MULTI_DEFAULT = (GOMA, GOMA_ONE, "haproxy", "nginx", DIRECT)
 
 
 def by_name(names: list[str] | None, procs: int = 1) -> list[Peer]:
     if not names:
         if procs > 1:
             return [p for p in PEERS if p.name in MULTI_DEFAULT]
-        return list(PEERS)
+        return [p for p in PEERS if p.procs is None]
     known = {p.name: p for p in PEERS}
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -274,7 +285,7 @@ def start_forwarder(peer: Peer, fwd: Forward, workdir: Path) -> Running:
     workdir.mkdir(parents=True, exist_ok=True)
     if peer.name == GOMA and fwd.procs > 1:
         return _start_gomas(peer, fwd, workdir)
-    env = {"PYTHONPATH": str(REPO_ROOT)} if peer.name == GOMA else None
+    env = {"PYTHONPATH": str(REPO_ROOT)} if peer.name.startswith(GOMA) else None
     proc = procs.start(peer.name, peer.argv(fwd, workdir), workdir, env=env)
     try:
         # nginx with reuseport: one listening socket per worker

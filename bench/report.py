@@ -16,7 +16,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.peers import GOMA
+from bench.peers import DIRECT, GOMA, GOMA_ONE
 
 Result = dict[str, Any]
 CHART_RANGE = (0.05, 20.0)  # ratios outside are clipped, with their value written on the bar
@@ -185,7 +185,7 @@ def split_rows(result: Result) -> list[tuple[str, dict[str, str]]]:
         cells: dict[str, str] = {}
         for peer, details in result["details"].get(key, {}).items():
             tasks = [d["cpu"]["tasks"] for d in details if "cpu" in d]
-            if tasks and peer != "direct":
+            if tasks and peer not in (DIRECT, GOMA_ONE):
                 cells[f"{peer} cpu"] = _round_shares(tasks, n)
             what = _work_key(result, key)
             work = [
@@ -215,7 +215,7 @@ def split_markdown(result: Result) -> str:
     cols = sorted(
         {c for _k, cells in rows for c in cells}, key=lambda c: (not c.startswith(GOMA), c)
     )
-    peers = [p for p in result["peers"] if p != "direct"]
+    peers = [p for p in result["peers"] if p != DIRECT]
     lines = [
         f"Split over the {result.get('procs', 1)} processes / threads (busiest first, % of the "
         "forwarder's CPU time, or of what each goma-pt process counted in its /metrics; "

@@ -155,7 +155,11 @@ def run_cell(
     backend = wl.start_backend(workdir, params)
     try:
         fwd = peers_mod.Forward(
-            wl.proto, procs.free_port(), backend.port, wl.one_response, params.clients
+            wl.proto,
+            procs.free_port(),
+            backend.port,
+            wl.one_response,
+            peer.procs or params.clients,
         )
         running = peers_mod.start_forwarder(peer, fwd, workdir)
         spies = []
