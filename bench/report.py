@@ -312,8 +312,10 @@ def chart(result: Result, path: Path) -> Path | None:
         fontsize=8,
     )
     ax.set_ylabel("goma-pt / peer (median)")
+    procs = result.get("procs", 1)
+    who = "goma-pt" if procs == 1 else f"goma-pt x{procs} (--procs {procs})"
     ax.set_title(
-        f"goma-pt relative to each peer ({result['rounds']} rounds, "
+        f"{who} relative to each peer ({result['rounds']} rounds, "
         f"{result['machine'].get('nproc')} cores, {result['started']})",
         fontsize=9,
     )
