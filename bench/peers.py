@@ -2,14 +2,19 @@
 
 Each peer writes its own config into a private temp dir and listens on 127.0.0.1 only.
 `direct` is no forwarder at all: clients talk to the backend (the upper limit).
+
+With `procs` > 1 (`run.py --procs N`) a peer that can use N cores is set up to: goma-pt as N
+twistd processes on one config with `reusePort: true`, nginx with N workers and `reuseport`,
+HAProxy with `nbthread N`; the one-process peers (socat, portforward) are skipped.
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
+import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import procs
@@ -17,6 +22,7 @@ from bench import procs
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 GOMA = "goma-pt"
+GOMA_ONE = "goma-pt-1p"  # one goma-pt process in a --procs N run: what the others add
 DIRECT = "direct"
 # twistd with the benchmark's own interpreter (`python -m twisted` is `twist`, not twistd)
 TWISTD = [
@@ -37,6 +43,7 @@ class Forward:
     listen_port: int
     target_port: int
     one_response: bool = False  # UDP: a session ends after one reply (DNS style)
+    procs: int = 1  # processes / workers / threads the forwarder may use
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,14 @@ class Peer:
     requires: tuple[str, ...]  # executables or files that must exist
     note: str
     idle_cap: int | None = None  # idle_mem: at most this many connections
+    multi_note: str | None = None  # how it runs with procs > 1; None: it cannot (skipped)
+    procs: int | None = None  # always this many processes, whatever the run's (a reference)
+
+    def describe(self, procs: int = 1) -> str:
+        """The note for a run with `procs` processes per forwarder."""
+        if procs == 1 or self.multi_note is None:
+            return self.note
+        return self.multi_note.replace("{n}", str(procs))
 
     def missing(self) -> str | None:
         """Why this peer cannot run here, or None if it can."""
@@ -64,20 +79,34 @@ class Running:
     peer: Peer
     port: int  # where clients connect
     proc: procs.Proc | None
+    more: list[procs.Proc] = field(default_factory=list)  # goma-pt's processes after the first
+    metrics_ports: list[int] = field(default_factory=list)  # goma-pt with procs > 1: one each
+
+    def pids(self) -> list[int]:
+        """Every process of the forwarder (workers and children included)."""
+        tops = ([self.proc] if self.proc else []) + self.more
+        return [pid for top in tops for pid in procs.process_tree(top.pid)]
 
     def rss_kb(self) -> int:
-        return procs.tree_rss_kb(self.proc.pid) if self.proc else 0
+        return sum(procs.rss_kb(pid) for pid in self.pids())
 
 
-def _goma_argv(fwd: Forward, workdir: Path) -> list[str]:
-    # One-reply UDP sessions: udpResponses, goma-pt's proxy_responses; otherwise Goma's defaults.
-    one_reply = "\n          udpResponses: 1" if fwd.one_response else ""
-    (workdir / "goma-pt.yaml").write_text(
+def goma_config(fwd: Forward) -> str:
+    """goma-pt's YAML for `fwd`: Goma's defaults, plus `reusePort` when processes share it."""
+    # One-reply UDP sessions: udpResponses, goma-pt's proxy_responses.
+    extra = "\n          udpResponses: 1" if fwd.one_response else ""
+    if fwd.procs > 1:
+        extra += "\n          reusePort: true"
+    return (
         "gateway:\n  entryPoints:\n    passThrough:\n      forwards:\n"
         f"        - protocol: {fwd.proto}\n          port: {fwd.listen_port}\n"
         f"          address: {procs.LOOPBACK}\n"
-        f"          target: {procs.LOOPBACK}:{fwd.target_port}{one_reply}\n"
+        f"          target: {procs.LOOPBACK}:{fwd.target_port}{extra}\n"
     )
+
+
+def _goma_argv(fwd: Forward, workdir: Path) -> list[str]:
+    (workdir / "goma-pt.yaml").write_text(goma_config(fwd))
     return [*TWISTD, "goma-pt", "--config", str(workdir / "goma-pt.yaml")]
 
 
@@ -114,7 +143,7 @@ def _socat_argv(fwd: Forward, workdir: Path) -> list[str]:
 
 def _haproxy_argv(fwd: Forward, workdir: Path) -> list[str]:
     (workdir / "haproxy.cfg").write_text(
-        "global\n  nbthread 1\n\n"
+        f"global\n  nbthread {fwd.procs}\n\n"
         "defaults\n  mode tcp\n  maxconn 20000\n  timeout connect 5s\n"
         "  timeout client 10m\n  timeout server 10m\n\n"
         f"listen fwd\n  bind {procs.LOOPBACK}:{fwd.listen_port}\n"
@@ -123,14 +152,18 @@ def _haproxy_argv(fwd: Forward, workdir: Path) -> list[str]:
     return ["haproxy", "-db", "-f", str(workdir / "haproxy.cfg")]
 
 
-def _nginx_conf(fwd: Forward, workdir: Path, tuned: bool) -> str:
+def nginx_conf(fwd: Forward, workdir: Path, tuned: bool) -> str:
+    """nginx's config for `fwd`; with several workers each gets its own `reuseport` socket."""
     udp = " udp" if fwd.proto == "udp" else ""
+    if fwd.procs > 1:
+        udp += " reuseport"
     extra = "    proxy_buffer_size 256k;\n" if tuned else ""
     if fwd.one_response:
         extra += "    proxy_responses 1;\n"
     return (
         f"load_module {NGINX_STREAM_MODULE};\n"
-        f"daemon off;\nworker_processes 1;\nworker_rlimit_nofile {procs.nofile_hard_limit()};\n"
+        f"daemon off;\nworker_processes {fwd.procs};\n"
+        f"worker_rlimit_nofile {procs.nofile_hard_limit()};\n"
         f"pid {workdir}/nginx.pid;\nerror_log {workdir}/error.log warn;\n"
         "events { worker_connections 20000; }\n"
         "stream {\n  server {\n"
@@ -142,7 +175,7 @@ def _nginx_conf(fwd: Forward, workdir: Path, tuned: bool) -> str:
 
 def _nginx_argv(tuned: bool) -> Callable[[Forward, Path], list[str]]:
     def argv(fwd: Forward, workdir: Path) -> list[str]:
-        (workdir / "nginx.conf").write_text(_nginx_conf(fwd, workdir, tuned))
+        (workdir / "nginx.conf").write_text(nginx_conf(fwd, workdir, tuned))
         return [
             "nginx",
             "-p",
@@ -166,6 +199,16 @@ PEERS: tuple[Peer, ...] = (
         _goma_argv,
         (str(REPO_ROOT / "goma_twisted" / "tap.py"),),
         "this project, one twistd process",
+        multi_note="this project, {n} twistd processes on one config, reusePort: true",
+    ),
+    Peer(
+        GOMA_ONE,
+        BOTH,
+        _goma_argv,
+        (str(REPO_ROOT / "goma_twisted" / "tap.py"),),
+        "this project, one twistd process",
+        multi_note="this project, one twistd process (the reference for goma-pt x{n})",
+        procs=1,
     ),
     Peer(
         "portforward",
@@ -183,13 +226,21 @@ PEERS: tuple[Peer, ...] = (
         "default 8 KiB buffer; idle_mem capped at 1,000 connections (1,000 processes)",
         idle_cap=1000,
     ),
-    Peer("haproxy", TCP, _haproxy_argv, ("haproxy",), "HAProxy mode tcp, nbthread 1, defaults"),
+    Peer(
+        "haproxy",
+        TCP,
+        _haproxy_argv,
+        ("haproxy",),
+        "HAProxy mode tcp, nbthread 1, defaults",
+        multi_note="HAProxy mode tcp, nbthread {n}, defaults",
+    ),
     Peer(
         "nginx",
         BOTH,
         _nginx_argv(tuned=False),
         ("nginx", str(NGINX_STREAM_MODULE)),
         "nginx stream, worker_processes 1, defaults (16k buffer)",
+        multi_note="nginx stream, worker_processes {n}, listen ... reuseport, defaults",
     ),
     Peer(
         "nginx-tuned",
@@ -197,14 +248,29 @@ PEERS: tuple[Peer, ...] = (
         _nginx_argv(tuned=True),
         ("nginx", str(NGINX_STREAM_MODULE)),
         "nginx stream, worker_processes 1, proxy_buffer_size 256k",
+        multi_note="nginx stream, worker_processes {n}, listen ... reuseport, "
+        "proxy_buffer_size 256k",
     ),
-    Peer(DIRECT, BOTH, None, (), "no forwarder: client to backend (the limit)"),
+    Peer(
+        DIRECT,
+        BOTH,
+        None,
+        (),
+        "no forwarder: client to backend (the limit)",
+        multi_note="no forwarder: client to backend (the limit)",
+    ),
 )
 
 
-def by_name(names: list[str] | None) -> list[Peer]:
+# The default peers of a run with several processes per forwarder.
+MULTI_DEFAULT = (GOMA, GOMA_ONE, "haproxy", "nginx", DIRECT)
+
+
+def by_name(names: list[str] | None, procs: int = 1) -> list[Peer]:
     if not names:
-        return list(PEERS)
+        if procs > 1:
+            return [p for p in PEERS if p.name in MULTI_DEFAULT]
+        return [p for p in PEERS if p.procs is None]
     known = {p.name: p for p in PEERS}
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -217,16 +283,72 @@ def start_forwarder(peer: Peer, fwd: Forward, workdir: Path) -> Running:
     if peer.argv is None:
         return Running(peer, fwd.target_port, None)
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {"PYTHONPATH": str(REPO_ROOT)} if peer.name == GOMA else None
+    if peer.name == GOMA and fwd.procs > 1:
+        return _start_gomas(peer, fwd, workdir)
+    env = {"PYTHONPATH": str(REPO_ROOT)} if peer.name.startswith(GOMA) else None
     proc = procs.start(peer.name, peer.argv(fwd, workdir), workdir, env=env)
     try:
-        procs.wait_bound(proc, fwd.listen_port, fwd.proto)
+        # nginx with reuseport: one listening socket per worker
+        sockets = fwd.procs if peer.name.startswith("nginx") else 1
+        procs.wait_bound(proc, fwd.listen_port, fwd.proto, sockets=sockets)
     except BaseException:
         procs.stop(proc)
         raise
     return Running(peer, fwd.listen_port, proc)
 
 
+def _start_gomas(peer: Peer, fwd: Forward, workdir: Path) -> Running:
+    """`fwd.procs` twistd goma-pt processes on one config, each with its own /metrics port."""
+    assert peer.argv is not None
+    argv = peer.argv(fwd, workdir)
+    env = {"PYTHONPATH": str(REPO_ROOT)}
+    started: list[procs.Proc] = []
+    ports: list[int] = []
+    try:
+        for i in range(1, fwd.procs + 1):
+            ports.append(procs.free_port())
+            metrics = ["--metrics", f"tcp:{ports[-1]}:interface={procs.LOOPBACK}"]
+            # twistd's own options before the plugin name, the plugin's after it
+            cmd = [*argv[: argv.index(GOMA) + 1], *metrics, *argv[argv.index(GOMA) + 1 :]]
+            started.append(procs.start(f"{peer.name}-{i}", cmd, workdir, env=env))
+            # one at a time: each must hold its own socket on the shared port
+            procs.wait_bound(started[-1], fwd.listen_port, fwd.proto, sockets=i)
+    except BaseException:
+        for proc in started:
+            procs.stop(proc)
+        raise
+    return Running(peer, fwd.listen_port, started[0], started[1:], ports)
+
+
 def stop_forwarder(running: Running) -> None:
-    if running.proc is not None:
-        procs.stop(running.proc)
+    for proc in ([running.proc] if running.proc else []) + running.more:
+        procs.stop(proc)
+
+
+# goma-pt's counters that show how the kernel spread the work over its processes
+SPLIT_COUNTERS = {
+    "goma_pt_tcp_connections_accepted_total": "connections",
+    "goma_pt_udp_sessions_created_total": "sessions",
+    "goma_pt_udp_datagrams_total": "datagrams",
+    "goma_pt_bytes_total": "bytes",
+}
+
+
+def split_counts(page: str) -> dict[str, int]:
+    """Sum each of SPLIT_COUNTERS over its series in a Prometheus text page."""
+    out = dict.fromkeys(SPLIT_COUNTERS.values(), 0)
+    for line in page.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in SPLIT_COUNTERS and not line.startswith("#"):
+            out[SPLIT_COUNTERS[name]] += int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def scrape_split(running: Running) -> list[dict[str, int]]:
+    """Each goma-pt process's share of the work, from its /metrics (procs > 1 only)."""
+    out = []
+    for port in running.metrics_ports:
+        url = f"http://{procs.LOOPBACK}:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as page:
+            out.append(split_counts(page.read().decode()))
+    return out

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,9 @@ def nofile_hard_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
-def _proc_net_ports(kind: str) -> set[int]:
-    """Local ports bound in /proc/net/{kind}{,6}; for tcp only those in LISTEN."""
-    ports: set[int] = set()
+def _proc_net_ports(kind: str) -> Counter[int]:
+    """Sockets per local port bound in /proc/net/{kind}{,6}; for tcp only those in LISTEN."""
+    ports: Counter[int] = Counter()
     for name in (kind, kind + "6"):
         path = Path("/proc/net") / name
         if not path.exists():
@@ -60,13 +61,13 @@ def _proc_net_ports(kind: str) -> set[int]:
             cols = line.split()
             if kind == "tcp" and cols[3] != _TCP_LISTEN:
                 continue
-            ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+            ports[int(cols[1].rsplit(":", 1)[1], 16)] += 1
     return ports
 
 
-def is_bound(port: int, proto: str) -> bool:
-    """True if something listens on TCP `port` / has bound UDP `port`."""
-    return port in _proc_net_ports("udp" if proto == "udp" else "tcp")
+def is_bound(port: int, proto: str, sockets: int = 1) -> bool:
+    """True if `sockets` sockets (SO_REUSEPORT) listen on TCP `port` / have bound UDP `port`."""
+    return _proc_net_ports("udp" if proto == "udp" else "tcp")[port] >= sockets
 
 
 @dataclass
@@ -133,13 +134,16 @@ def stop(proc: Proc, grace: float = 3.0) -> None:
         proc.popen.wait(grace)
 
 
-def wait_bound(proc: Proc, port: int, proto: str, timeout: float = 20.0) -> None:
-    """Wait until `proc` has bound `port`; raise with its log tail if it died or timed out."""
+def wait_bound(proc: Proc, port: int, proto: str, timeout: float = 20.0, sockets: int = 1) -> None:
+    """Wait until `port` has `sockets` sockets bound (the last of them by `proc`).
+
+    Raise with the log tail of `proc` if it died or the time ran out.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
             raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}): {proc.log_tail()}")
-        if is_bound(port, proto):
+        if is_bound(port, proto, sockets):
             return
         time.sleep(0.05)
     raise RuntimeError(f"{proc.name} did not bind {proto}/{port} in {timeout}s: {proc.log_tail()}")
@@ -190,6 +194,24 @@ def run_tool(argv: Sequence[str], timeout: float) -> str:
         err = (done.stderr or done.stdout).decode(errors="replace").strip()[-400:]
         raise RuntimeError(f"{argv[0]} exited {done.returncode}: {err}")
     return done.stdout.decode(errors="replace")
+
+
+def task_cpu_seconds(pid: int) -> dict[int, float]:
+    """utime + stime of each thread of `pid`, in seconds (empty if it is gone)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the command: state is field 3 of stat(5), utime 14 and stime 15
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def fd_count(pid: int) -> int:

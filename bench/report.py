@@ -16,7 +16,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.peers import GOMA
+from bench.peers import DIRECT, GOMA, GOMA_ONE
 
 Result = dict[str, Any]
 CHART_RANGE = (0.05, 20.0)  # ratios outside are clipped, with their value written on the bar
@@ -89,6 +89,11 @@ def console(result: Result) -> str:
             lines.append(
                 f"  {peer:<12} {_fmt(med):>12} {_fmt(ratio) if ratio else '':>10}  [{rounds}]"
             )
+    if result.get("procs", 1) > 1:
+        lines.append(f"\n== split over {result['procs']} processes / threads (busiest first)")
+        for key, cells in split_rows(result):
+            shown = "; ".join(f"{c} {v}" for c, v in cells.items())
+            lines.append(f"  {key:<11} {shown}")
     return "\n".join(lines)
 
 
@@ -118,6 +123,125 @@ def markdown(result: Result) -> str:
         + "\n".join(ratio_rows)
         + "\n"
     )
+
+
+def _shares(values: list[float], n: int) -> list[float]:
+    """The `n` largest of `values` as percentages of their sum (padded with zeros)."""
+    top = sorted(values, reverse=True)[:n]
+    top += [0.0] * (n - len(top))
+    total = sum(top)
+    return [100.0 * v / total for v in top] if total else [0.0] * n
+
+
+def _round_shares(rounds: list[list[float]], n: int) -> str:
+    """Each round's split, busiest first: "53/47, 100/0"."""
+    if not rounds:
+        return "-"
+    return ", ".join("/".join(f"{v:.0f}" for v in _shares(r, n)) for r in rounds)
+
+
+def _work_key(result: Result, key: str) -> str:
+    """Which goma-pt counter shows the spread of a workload's work over the processes."""
+    if result["workloads"][key]["proto"] == "udp":
+        return "datagrams"
+    return "bytes" if key.startswith("bulk") else "connections"
+
+
+# what a measurement's detail says was done: (detail key, scale to the shown unit, unit)
+WORK_DONE = {
+    "bulk_up": ("bytes", 1e-9, "s/GB"),
+    "bulk_down": ("bytes", 1e-9, "s/GB"),
+    "tcp_rr": ("requests", 1e-6, "us/req"),
+    "tcp_connect": ("requests", 1e-6, "us/req"),
+    "udp_dns": ("completed", 1e-6, "us/query"),
+    "udp_churn": ("answered", 1e-6, "us/query"),
+}
+
+
+def cpu_per_unit(result: Result, key: str, peer: str) -> float | None:
+    """Median over the rounds of the forwarder's CPU seconds per unit of work done."""
+    if key not in WORK_DONE:
+        return None
+    field, scale, _unit = WORK_DONE[key]
+    per = [
+        d["cpu"]["seconds"] / (d[field] * scale)
+        for d in result["details"].get(key, {}).get(peer, [])
+        if "cpu" in d and d.get(field) and d["cpu"]["seconds"]
+    ]
+    return statistics.median(per) if per else None
+
+
+def split_rows(result: Result) -> list[tuple[str, dict[str, str]]]:
+    """Per workload, how each peer's work was spread over its processes or threads.
+
+    `<peer> cpu`: shares of the forwarder's CPU time taken by its busiest N threads (goma-pt
+    processes, nginx workers, HAProxy threads); `goma-pt work`: each goma-pt process's share
+    of what its /metrics counted (bytes for bulk, connections, UDP datagrams). One split per
+    round: with few connections the kernel's hash may put them all on one process.
+    """
+    n = int(result.get("procs", 1))
+    rows = []
+    for key in result["workloads"]:
+        cells: dict[str, str] = {}
+        for peer, details in result["details"].get(key, {}).items():
+            tasks = [d["cpu"]["tasks"] for d in details if "cpu" in d]
+            if tasks and peer not in (DIRECT, GOMA_ONE):
+                cells[f"{peer} cpu"] = _round_shares(tasks, n)
+            what = _work_key(result, key)
+            work = [
+                [float(proc[what]) for proc in d["processes"]]
+                for d in details
+                if d.get("processes")
+            ]
+            if work:
+                total = statistics.median(sum(w) for w in work)
+                shown = f"{_fmt(total / 1e9)} GB" if what == "bytes" else f"{_fmt(total)} {what}"
+                cells[f"{peer} work"] = f"{_round_shares(work, n)} of {shown}"
+        rows.append((key, cells))
+    return rows
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def split_markdown(result: Result) -> str:
+    """The spread over processes, and CPU per unit of work, as two markdown tables."""
+    rows = split_rows(result)
+    cols = sorted(
+        {c for _k, cells in rows for c in cells}, key=lambda c: (not c.startswith(GOMA), c)
+    )
+    peers = [p for p in result["peers"] if p != DIRECT]
+    lines = [
+        f"Split over the {result.get('procs', 1)} processes / threads (busiest first, % of the "
+        "forwarder's CPU time, or of what each goma-pt process counted in its /metrics; "
+        "one split per round, the total is the median):",
+        "",
+        *_table(["workload", *cols], [[k, *(c.get(x, "-") for x in cols)] for k, c in rows]),
+        "",
+        "Forwarder CPU time per unit of work (all its processes and threads; median over the "
+        "rounds), and goma-pt / peer (lower is better):",
+        "",
+    ]
+    body = []
+    for key in result["workloads"]:
+        if key not in WORK_DONE:
+            continue
+        per = {p: cpu_per_unit(result, key, p) for p in peers}
+        goma = per.get(GOMA)
+        cells = [_fmt(per[p]) if per[p] is not None else "-" for p in peers]
+        for p in peers:
+            value = per[p]
+            if p != GOMA:
+                cells.append(_fmt(goma / value) if goma and value else "-")
+        body.append([key, WORK_DONE[key][2], *cells])
+    head = ["workload", "unit", *peers, *(f"goma-pt / {p}" for p in peers if p != GOMA)]
+    lines += _table(head, body)
+    return "\n".join(lines) + "\n"
 
 
 def machine_markdown(result: Result) -> str:
@@ -188,8 +312,10 @@ def chart(result: Result, path: Path) -> Path | None:
         fontsize=8,
     )
     ax.set_ylabel("goma-pt / peer (median)")
+    procs = result.get("procs", 1)
+    who = "goma-pt" if procs == 1 else f"goma-pt x{procs} (--procs {procs})"
     ax.set_title(
-        f"goma-pt relative to each peer ({result['rounds']} rounds, "
+        f"{who} relative to each peer ({result['rounds']} rounds, "
         f"{result['machine'].get('nproc')} cores, {result['started']})",
         fontsize=9,
     )

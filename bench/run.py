@@ -6,6 +6,8 @@ One command, from the repository root:
     python bench/run.py --quick         # smoke run: 1 round, short workloads
     python bench/run.py --rounds 5 --peers goma-pt nginx haproxy --workloads bulk_up tcp_rr
     python bench/run.py --publish       # also refresh docs/bench/latest.* and docs/benchmarks.md
+    python bench/run.py --procs 2       # 2 goma-pt processes (reusePort), nginx 2 workers,
+                                        # HAProxy 2 threads; without the memory workloads
 
 Each round runs every workload on every forwarder in turn (the peer order rotates per round),
 each forwarder freshly started with its own config in a temp dir on ports picked at run time.
@@ -42,6 +44,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 DOCS_DIR = BENCH_DIR.parent / "docs"
 TABLE = ("<!-- bench:table:start -->", "<!-- bench:table:end -->")
+PROCS_TABLE = ("<!-- bench:procs-table:start -->", "<!-- bench:procs-table:end -->")
 MACHINE = ("<!-- bench:machine:start -->", "<!-- bench:machine:end -->")
 
 VERSION_COMMANDS: dict[str, list[str]] = {
@@ -73,6 +76,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="copy the result to docs/bench/latest.{json,png}, update the table",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with all logs")
+    parser.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N goma-pt processes sharing each port (reusePort), nginx N workers (reuseport), "
+        "HAProxy nbthread N, N-way load clients; socat and portforward are skipped",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -143,13 +154,24 @@ def run_cell(
     workdir.mkdir(parents=True)
     backend = wl.start_backend(workdir, params)
     try:
-        fwd = peers_mod.Forward(wl.proto, procs.free_port(), backend.port, wl.one_response)
+        fwd = peers_mod.Forward(
+            wl.proto,
+            procs.free_port(),
+            backend.port,
+            wl.one_response,
+            peer.procs or params.clients,
+        )
         running = peers_mod.start_forwarder(peer, fwd, workdir)
         spies = []
         try:
             if profile_stem is not None and peer.name == peers_mod.GOMA and running.proc:
                 spies = profiles.start(running.proc.pid, profile_stem)
-            return wl.measure(running, backend, params)
+            before = cpu_snapshot(running)
+            measured = wl.measure(running, backend, params)
+            measured.detail["cpu"] = cpu_split(before, cpu_snapshot(running))
+            if running.metrics_ports:
+                measured.detail["processes"] = peers_mod.scrape_split(running)
+            return measured
         finally:
             peers_mod.stop_forwarder(running)
             profiles.stop(spies)
@@ -157,7 +179,31 @@ def run_cell(
         backend.stop()
 
 
-def skip_reason(peer: peers_mod.Peer, wl: wl_mod.Workload) -> str | None:
+Snapshot = dict[tuple[int, int], float]
+
+
+def cpu_snapshot(running: peers_mod.Running) -> Snapshot:
+    """CPU seconds so far of every thread of the forwarder, by (pid, tid)."""
+    return {
+        (pid, tid): seconds
+        for pid in running.pids()
+        for tid, seconds in procs.task_cpu_seconds(pid).items()
+    }
+
+
+def cpu_split(before: Snapshot, after: Snapshot) -> dict[str, Any]:
+    """The forwarder's CPU during a measurement: in all, and per busy thread (busiest first).
+
+    With several processes or threads, `tasks` shows how evenly the work was spread.
+    """
+    used = {key: after[key] - before.get(key, 0.0) for key in after}
+    busy = sorted((v for v in used.values() if v >= 0.01), reverse=True)
+    return {"seconds": round(sum(used.values()), 3), "tasks": [round(v, 3) for v in busy]}
+
+
+def skip_reason(peer: peers_mod.Peer, wl: wl_mod.Workload, procs_n: int = 1) -> str | None:
+    if procs_n > 1 and peer.multi_note is None:
+        return f"{NA_PREFIX}one process only"
     if wl.proto not in peer.protocols:
         return f"{NA_PREFIX}{wl.proto.upper()} not supported"
     if wl.needs_forwarder and peer.argv is None:
@@ -182,8 +228,11 @@ def new_result(
         "quick": args.quick,
         "profiled": args.profile is not None,
         "params": dataclasses.asdict(params),
+        "procs": params.clients,
         "machine": machine_info(),
-        "peers": {p.name: {"note": p.note, "missing": p.missing()} for p in peers},
+        "peers": {
+            p.name: {"note": p.describe(params.clients), "missing": p.missing()} for p in peers
+        },
         "workloads": {
             w.key: {
                 "title": w.title,
@@ -213,7 +262,7 @@ def run_rounds(
         order = peers[rnd % len(peers) :] + peers[: rnd % len(peers)]
         for wl in wls:
             for peer in order:
-                why = peer.missing() or skip_reason(peer, wl)
+                why = peer.missing() or skip_reason(peer, wl, params.clients)
                 if why:
                     result["status"][wl.key][peer.name] = why
                     continue
@@ -266,18 +315,27 @@ def publish(result: dict[str, Any], out: Path) -> None:
     """Copy the result to docs/bench/latest.* and refresh the tables in docs/benchmarks.md."""
     target = DOCS_DIR / "bench"
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(out, target / "latest.json")
+    n = result.get("procs", 1)
+    stem = "latest" if n == 1 else f"latest-procs{n}"
+    shutil.copy(out, target / f"{stem}.json")
     if out.with_suffix(".png").exists():
-        shutil.copy(out.with_suffix(".png"), target / "latest.png")
+        shutil.copy(out.with_suffix(".png"), target / f"{stem}.png")
     doc = DOCS_DIR / "benchmarks.md"
     if doc.exists():
-        text = _replace_block(doc.read_text(), MACHINE, report.machine_markdown(result))
-        text = _replace_block(
-            text,
-            TABLE,
-            f"Run of {result['started']}, "
-            f"{result['rounds']} rounds.\n\n" + report.markdown(result),
-        )
+        text = doc.read_text()
+        heading = f"Run of {result['started']}, {result['rounds']} rounds"
+        if n == 1:
+            text = _replace_block(text, MACHINE, report.machine_markdown(result))
+            text = _replace_block(text, TABLE, f"{heading}.\n\n" + report.markdown(result))
+        else:
+            text = _replace_block(
+                text,
+                PROCS_TABLE,
+                f"{heading}, goma-pt at {result['commit']}, {n} processes per forwarder.\n\n"
+                + report.markdown(result)
+                + "\n"
+                + report.split_markdown(result),
+            )
         doc.write_text(text)
     print(f"published to {target} and {doc}")
 
@@ -300,9 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     params = wl_mod.QUICK if args.quick else wl_mod.Params()
     if args.idle_connections:
         params = dataclasses.replace(params, idle_connections=args.idle_connections)
+    if args.procs < 1:
+        raise SystemExit("--procs must be at least 1")
+    params = dataclasses.replace(params, clients=args.procs)
     rounds = args.rounds or (1 if args.quick else 3)
-    peers = peers_mod.by_name(args.peers)
-    wls = wl_mod.by_key(args.workloads)
+    peers = peers_mod.by_name(args.peers, args.procs)
+    wls = wl_mod.by_key(args.workloads, args.procs)
     for peer in peers:
         if peer.missing():
             print(f"peer {peer.name}: MISSING ({peer.missing()})", flush=True)
@@ -310,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     # also when started in the background by a shell that set SIGINT to "ignore"
     signal.signal(signal.SIGINT, signal.default_int_handler)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or RESULTS_DIR / f"{stamp}.json"
+    suffix = "" if args.procs == 1 else f"-procs{args.procs}"
+    out = args.out or RESULTS_DIR / f"{stamp}{suffix}.json"
     result = new_result(args, params, rounds, peers, wls)
     tmp = Path(tempfile.mkdtemp(prefix="goma-bench-"))
     try:

@@ -33,6 +33,9 @@ class Params:
     slow_seconds: float = 3.0
     slow_rate: int = 4 << 20  # bytes/s the slow reader consumes
     slow_max_bytes: int = 512 << 20
+    # load-client parallelism, N with --procs N: iperf3 -P N, dnsperf -T N, N udp-churn
+    # processes (the same total in flight); redis-benchmark stays single-threaded
+    clients: int = 1
 
 
 QUICK = Params(
@@ -81,11 +84,13 @@ def _iperf3(reverse: bool) -> Measure:
             str(p.bulk_seconds),
             "--json",
         ] + (["-R"] if reverse else [])
+        if p.clients > 1:
+            argv += ["-P", str(p.clients)]
         out = json.loads(procs.run_tool(argv, timeout=p.bulk_seconds + 30))
         received = out["end"]["sum_received"]
         return Measurement(
             received["bits_per_second"] / 8e9,
-            {"bytes": received["bytes"], "seconds": received["seconds"]},
+            {"bytes": received["bytes"], "seconds": received["seconds"], "streams": p.clients},
         )
 
     return measure
@@ -108,6 +113,8 @@ def _redis_benchmark(keepalive: bool) -> Measure:
             str(requests),
             "--csv",
         ] + ([] if keepalive else ["-k", "0"])
+        # No --threads with --procs N: redis-benchmark 7.0's threaded mode ends its clock on a
+        # 250 ms timer (rates come out as requests / k*0.25 s), and was slower here.
         out = procs.run_tool(argv, timeout=120)
         rows = [line.replace('"', "").split(",") for line in out.strip().splitlines()]
         data = dict(zip(rows[0], rows[-1], strict=False))
@@ -135,6 +142,8 @@ def _dnsperf(fwd: Running, backend: backends.Backend, p: Params) -> Measurement:
         "-t",
         "1",
     ]
+    if p.clients > 1:
+        argv += ["-T", str(p.clients)]
     out = procs.run_tool(argv, timeout=p.udp_seconds + 30)
     qps = re.search(r"Queries per second:\s+([\d.]+)", out)
     lost = re.search(r"Queries lost:\s+(\d+)", out)
@@ -151,6 +160,8 @@ def _dnsperf(fwd: Running, backend: backends.Backend, p: Params) -> Measurement:
 
 
 def _udp_churn(fwd: Running, backend: backends.Backend, p: Params) -> Measurement:
+    if p.clients > 1:
+        return _udp_churn_parallel(fwd, p)
     argv = [
         sys.executable,
         str(backends.LOADGEN),
@@ -162,6 +173,38 @@ def _udp_churn(fwd: Running, backend: backends.Backend, p: Params) -> Measuremen
     ]
     out = json.loads(procs.run_tool(argv, timeout=p.udp_seconds + 30))
     return Measurement(float(out["qps"]), {k: out[k] for k in ("sent", "answered", "lost")})
+
+
+def _udp_churn_parallel(fwd: Running, p: Params) -> Measurement:
+    """`p.clients` udp-churn processes at once, sharing the queries and the in-flight count."""
+    argv = [
+        sys.executable,
+        str(backends.LOADGEN),
+        "udp-churn",
+        str(fwd.port),
+        str(p.udp_seconds),
+        str(p.churn_max_queries // p.clients),
+        str(max(1, p.churn_parallel // p.clients)),
+    ]
+    clients = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(p.clients)
+    ]
+    outs: list[dict[str, float]] = []
+    try:
+        for client in clients:
+            stdout, stderr = client.communicate(timeout=p.udp_seconds + 30)
+            if client.returncode != 0:
+                raise RuntimeError(f"udp-churn exited {client.returncode}: {stderr[-400:]!r}")
+            outs.append(json.loads(stdout))
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+    answered = sum(o["answered"] for o in outs)
+    detail: Detail = {k: sum(o[k] for o in outs) for k in ("sent", "answered", "lost")}
+    return Measurement(answered / max(o["seconds"] for o in outs), detail)
 
 
 def _read_status(path: Path) -> dict[str, int]:
@@ -211,9 +254,7 @@ def _idle_memory(fwd: Running, backend: backends.Backend, p: Params) -> Measurem
         time.sleep(1.0)
         held = _read_status(backend.files["status"]).get("held", held)
         rss = fwd.rss_kb()
-        fds = (
-            sum(procs.fd_count(pid) for pid in procs.process_tree(fwd.proc.pid)) if fwd.proc else 0
-        )
+        fds = sum(procs.fd_count(pid) for pid in fwd.pids())
     finally:
         procs.stop(client)
     if held <= 0:
@@ -337,8 +378,15 @@ WORKLOADS: tuple[Workload, ...] = (
 )
 
 
-def by_key(keys: list[str] | None) -> list[Workload]:
+# Memory per connection does not change with the process count: left out of --procs N runs
+# unless asked for (then RSS is summed over the processes).
+MEMORY = ("idle_mem", "slow_mem")
+
+
+def by_key(keys: list[str] | None, procs: int = 1) -> list[Workload]:
     if not keys:
+        if procs > 1:
+            return [w for w in WORKLOADS if w.key not in MEMORY]
         return list(WORKLOADS)
     known = {w.key: w for w in WORKLOADS}
     unknown = [k for k in keys if k not in known]
