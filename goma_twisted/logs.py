@@ -65,15 +65,15 @@ class _TimeStamps:
     """
 
     def __init__(self) -> None:
-        self._second: float | None = None
-        self._stamp = ""
+        # One tuple, replaced whole: a thread logging too sees a pair.
+        self._last: tuple[float, str] = (-1.5, "")
 
     def __call__(self, when: float) -> str:
-        second = when // 1
-        if second != self._second:
-            self._stamp = formatTime(when)
-            self._second = second
-        return self._stamp
+        second, stamp = self._last
+        if when // 1 != second:
+            stamp = formatTime(when)
+            self._last = (when // 1, stamp)
+        return stamp
 
 
 _stamp = _TimeStamps()
