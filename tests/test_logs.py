@@ -1,0 +1,249 @@
+"""
+The text log twistd writes by default: goma-pt's faster formatter gives
+Twisted's own lines, and twistd still decides where they go.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from twisted.application.service import Application
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogEvent,
+    Logger,
+    eventAsJSON,
+    eventFromJSON,
+    formatEventAsClassicLogText,
+    formatTime,
+)
+
+from goma_twisted import tap, tcp
+from goma_twisted.logs import _TimeStamps, classic_line, event_text
+
+from .support import free_port, running, twistd_command, twistd_env, wait_for, write_config
+from .test_twistd import backend, tcp_roundtrip, udp_roundtrip
+
+__all__ = ["backend"]  # the fixture, used by name
+
+UDP_FORMAT = (
+    "{forward} {client} -> {target}: {reason}; {datagramsToTarget} datagrams "
+    "({bytesToTarget} bytes) sent, {datagramsToClient} ({bytesToClient} bytes) "
+    "received, {duration:.3f}s"
+)
+END: dict[str, Any] = {
+    "forward": "tcp 127.0.0.1:8080",
+    "client": "127.0.0.1:38490",
+    "proxiedBy": None,
+    "target": "127.0.0.1:8000",
+    "targetAddress": "127.0.0.1:8000",
+    "bytesToTarget": 78,
+    "bytesToClient": 688,
+    "duration": 0.013894796371459961,
+    "connectTime": 0.004198551177978516,
+    "reason": "target closed",
+    "detail": None,
+}
+
+
+def emitted(format: Any, namespace: str = "goma_pt.tcp", **fields: Any) -> LogEvent:
+    """The event a Logger emits, caught."""
+    events: list[LogEvent] = []
+    Logger(namespace=namespace, observer=cast(ILogObserver, events.append)).info(format, **fields)
+    return events[0]
+
+
+class _Thing:
+    name = "thing"
+
+    def shout(self) -> str:
+        return "HEY"
+
+
+def _failed() -> LogEvent:
+    events: list[LogEvent] = []
+    try:
+        raise ZeroDivisionError("no")
+    except ZeroDivisionError:
+        Logger(namespace="goma_pt", observer=cast(ILogObserver, events.append)).failure(
+            "it broke: {n}", n=3
+        )
+    return events[0]
+
+
+EVENTS = {
+    "tcp connected": lambda: emitted(tcp._CONNECTED_FORMAT, **END),
+    "tcp ended": lambda: emitted(tcp._ENDED_FORMAT, **END | {"connectTime": None}),
+    "tcp failed": lambda: emitted(
+        tcp._FAILED_FORMAT, **END | {"reason": "connect refused", "detail": "no one there"}
+    ),
+    "udp": lambda: emitted(
+        UDP_FORMAT, "goma_pt.udp", **END | {"datagramsToTarget": 1, "datagramsToClient": 2}
+    ),
+    "plain": lambda: emitted("goma-pt ready: {count} listeners", "goma_pt", count=3),
+    "braces and specs": lambda: emitted("{{literal}} {x!r} {y:>5} {z[1]}", x="a", y=7, z=[0, 9]),
+    "attribute": lambda: emitted("{thing.name}", thing=_Thing()),
+    "twisted call syntax": lambda: emitted("{thing.shout()} {f()}", thing=_Thing(), f=lambda: 4),
+    "missing field": lambda: emitted("{nowhere} to be found"),
+    "several lines": lambda: emitted("one\ntwo {n}", n="and\nthree"),
+    "system": lambda: emitted("legacy", log_system="TCPForwardFactory,0,127.0.0.1"),
+    "no level": lambda: {"log_format": "bare", "log_time": 1.5},
+    "no time": lambda: {"log_format": "timeless", "log_namespace": "x"},
+    "no format": lambda: emitted(None),
+    "empty text": lambda: emitted(""),
+    "bytes format": lambda: emitted(b"bytes {n}", n=1),
+    "failure": _failed,
+    "read back from JSON": lambda: eventFromJSON(
+        eventAsJSON(emitted(tcp._CONNECTED_FORMAT, **END))
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVENTS))
+def test_classic_line_is_twisteds_line(name: str) -> None:
+    event = EVENTS[name]()
+    assert classic_line(event) == formatEventAsClassicLogText(event)
+
+
+def test_the_access_lines_read_as_before() -> None:
+    stamp = formatTime(1795691109.842595)
+    tcp_end = emitted(tcp._CONNECTED_FORMAT, **END) | {"log_time": 1795691109.842595}
+    assert classic_line(tcp_end) == (
+        f"{stamp} [goma_pt.tcp#info] tcp 127.0.0.1:8080 127.0.0.1:38490 -> 127.0.0.1:8000: "
+        "target closed; 78 bytes sent, 688 received, 0.014s (connect 0.004s)\n"
+    )
+    udp_end = emitted(
+        UDP_FORMAT, "goma_pt.udp", **END | {"datagramsToTarget": 1, "datagramsToClient": 2}
+    )
+    assert classic_line(udp_end | {"log_time": 1795691109.0}) == (
+        f"{formatTime(1795691109.0)} [goma_pt.udp#info] tcp 127.0.0.1:8080 127.0.0.1:38490 -> "
+        "127.0.0.1:8000: target closed; 1 datagrams (78 bytes) sent, 2 (688 bytes) received, "
+        "0.014s\n"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(EVENTS))
+def test_event_text_is_twisteds_text(name: str) -> None:
+    from twisted.logger import formatEvent
+
+    event = EVENTS[name]()
+    assert event_text(event) == formatEvent(event)
+
+
+@pytest.fixture
+def new_york() -> Iterator[None]:
+    """Local time with daylight saving, for the offset to change."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "America/New_York"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
+def test_time_stamps_are_twisteds_across_seconds_and_an_offset_change(new_york: None) -> None:
+    # 2026-03-08 07:00:00 UTC: clocks in New York go from 02:00 EST to 03:00 EDT.
+    change = 1772953200.0
+    stamps = _TimeStamps()
+    whens = [change - 2.5, change - 1.0, change - 0.999, change - 0.001, change, change + 0.3]
+    whens += [change + 1.7, change + 3600.25, change + 3600.9, 0.0, 1e9 + 0.5]
+    for when in whens:
+        assert stamps(when) == formatTime(when), when
+    assert stamps(change - 0.001).endswith("01:59:59-0500")
+    assert stamps(change).endswith("03:00:00-0400")
+
+
+def test_twistd_gets_its_own_observer_with_goma_pts_formatting(tmp_path: Path) -> None:
+    observer = _offered(tmp_path, "-n", "--logfile", str(tmp_path / "goma.log"))
+    assert isinstance(observer, FileLogObserver)
+    assert observer.formatEvent is classic_line
+
+
+def test_logger_and_syslog_are_left_to_twistd(tmp_path: Path) -> None:
+    assert _offered(tmp_path, "-n", "--logger", "goma_twisted.logs.json_observer") is None
+    assert _offered(tmp_path, "-n", "--syslog") is None
+
+
+def test_a_tac_or_another_runner_is_left_alone(tmp_path: Path) -> None:
+    application = Application("goma-pt")
+    tap._offer_text_log(application, {"logfile": str(tmp_path / "x.log")})
+    assert application.getComponent(ILogObserver) is None
+    assert not (tmp_path / "x.log").exists()
+
+
+def _offered(tmp_path: Path, *twistd: str) -> Any:
+    """
+    The ILogObserver on the Application twistd makes for these options
+    (twistd's own steps before it starts logging: options, makeService).
+    """
+    import sys
+
+    from twisted.scripts.twistd import ServerOptions, _SomeApplicationRunner
+
+    forward = {"protocol": "tcp", "port": free_port(), "target": "127.0.0.1:1"}
+    config = write_config(tmp_path / "goma.yml", [forward])
+    options = ServerOptions()
+    options.parseOptions([*twistd, "goma-pt", "--config", str(config)])
+    usr1, excepthook = signal.getsignal(signal.SIGUSR1), sys.excepthook
+    try:
+        application = _SomeApplicationRunner(options).createOrGetApplication()
+    finally:
+        signal.signal(signal.SIGUSR1, usr1)
+        sys.excepthook = excepthook
+    observer = application.getComponent(ILogObserver)
+    if observer is not None:
+        observer._outFile.close()
+    return observer
+
+
+LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^]]+\] .+")
+
+
+def test_twistd_logfile_lines_rotation_and_stop(tmp_path: Path, backend: int) -> None:
+    port = free_port()
+    forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    log, rotated, stdout = tmp_path / "goma.log", tmp_path / "goma.log.1", tmp_path / "stdout"
+    command = twistd_command(
+        "-n", "--pidfile=", f"--logfile={log}", "goma-pt", "--config", str(config)
+    )
+    with running(command, stdout, env=twistd_env()) as proc:
+        wait_for(lambda: log.exists() and "goma-pt ready" in log.read_text(), what="ready")
+        assert tcp_roundtrip(port, b"before") == b"before"
+        wait_for(lambda: "client closed" in log.read_text(), what="the TCP end")
+        os.kill(proc.pid, signal.SIGUSR1)  # twistd's own: rotate --logfile
+        wait_for(rotated.exists, what="the log to be rotated")
+        assert tcp_roundtrip(port, b"after!") == b"after!"
+        assert udp_roundtrip(port, b"dgram") == b"udp:dgram"
+        wait_for(lambda: "client closed" in log.read_text(), what="the second TCP end")
+    assert stdout.read_text() == ""
+    before, after = rotated.read_text().splitlines(), log.read_text().splitlines()
+    for line in before + after:
+        assert LINE.fullmatch(line), line
+    assert any("[goma_pt#info] Forwarding tcp 127.0.0.1:" in line for line in before)
+    assert any("[twisted.scripts._twistd_unix.UnixAppLogger#info] twistd " in x for x in before)
+    prefix = f"tcp/udp 127.0.0.1:{port} 127.0.0.1:"
+    ends = [line.split("] ", 1)[1] for line in before + after if "[goma_pt.tcp#info]" in line]
+    assert [end.startswith(prefix) for end in ends] == [True, True]
+    assert f"-> 127.0.0.1:{backend}: client closed; 6 bytes sent, 6 received, " in ends[1]
+    assert re.search(r"received, \d+\.\d{3}s \(connect \d+\.\d{3}s\)$", ends[1])
+    [udp_end] = [line.split("] ", 1)[1] for line in after if "[goma_pt.udp#info]" in line]
+    assert udp_end.startswith(prefix)
+    assert re.search(
+        r": shutdown; 1 datagrams \(5 bytes\) sent, 1 \(9 bytes\) received, \d+\.\d{3}s$", udp_end
+    )
+    # Nothing lost at the stop: the last lines twistd logs are there.
+    assert after[-1].endswith("#info] Server Shut Down.")
