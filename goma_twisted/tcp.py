@@ -94,8 +94,9 @@ class _TCPTransport(ITCPTransport, IPushProducer, IConsumer):
 # How much one read takes from a socket (Twisted reads 64 KiB). It is also
 # the transport's write buffer mark above which the peer's reading pauses,
 # so a pair holds at most about 2 x READ_SIZE per direction besides the
-# kernel's socket buffers. 1 MiB measured 0.78x (up) and 0.69x (down) the
-# CPU per GB of 256 KiB in iperf3 bulk, with no cost per small message.
+# kernel's socket buffers. 1 MiB measured 0.65-0.78x (up) and 0.62-0.69x
+# (down) the CPU per GB of 256 KiB in iperf3 bulk (512 KiB in between),
+# with no cost per small message; the price is a slow reader's peak RSS.
 READ_SIZE = 1024 * 1024
 
 # recv(READ_SIZE) allocates READ_SIZE bytes and shrinks them to what came.
