@@ -11,6 +11,11 @@ the same way and calls the same handler directly; an exception escaping a
 handler is still logged, with the connection's prefix, and the loop goes
 on, as with Twisted's.
 
+An event that is only "readable" (most of a relay's) is dispatched here
+as L{twisted.internet.posixbase._PollLikeMixin._doReadOrWrite} would,
+without that call: the same checks, C{doRead}, and disconnection on what
+it returns or raises. Any other event goes through C{_doReadOrWrite}.
+
 The difference: a legacy C{twisted.python.log} message emitted during an
 I/O event (Twisted's own "Unhandled Error" reports among them) has the
 system C{-} rather than the connection's prefix. Events from
@@ -25,10 +30,18 @@ global reactor.
 from __future__ import annotations
 
 import errno
+import sys
+from select import EPOLLIN
+from typing import Any
 
-from twisted.internet import epollreactor
+from twisted.internet import epollreactor, posixbase
 from twisted.internet.main import installReactor
 from twisted.python import log
+
+# What _doReadOrWrite returns for a descriptor gone to -1; without it
+# (another Twisted), every event goes through _doReadOrWrite.
+_NO_FILEDESC: Any = getattr(posixbase, "_NO_FILEDESC", None)
+_READ_ONLY = EPOLLIN if _NO_FILEDESC is not None else -1
 
 
 class EPollReactor(epollreactor.EPollReactor):
@@ -44,6 +57,7 @@ class EPollReactor(epollreactor.EPollReactor):
                 return
             raise
         handle = self._doReadOrWrite
+        disconnect = self._disconnectSelectable
         selectables = self._selectables
         for fd, event in events:
             # Gone since the poll (closed by an earlier event of this batch).
@@ -51,7 +65,23 @@ class EPollReactor(epollreactor.EPollReactor):
             if selectable is None:
                 continue
             try:
-                handle(selectable, fd, event)
+                if event != _READ_ONLY:
+                    handle(selectable, fd, event)
+                    continue
+                # _doReadOrWrite for a read event alone.
+                inRead = False
+                why: Any
+                try:
+                    if selectable.fileno() == -1:
+                        why = _NO_FILEDESC
+                    else:
+                        why = selectable.doRead()
+                        inRead = True
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    log.err()
+                if why:
+                    disconnect(selectable, why, inRead)
             except KeyboardInterrupt:
                 raise
             except BaseException:

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.error import ConnectionDone, ConnectionFdescWentAway
 from twisted.internet.main import CONNECTION_DONE
 from twisted.python import log
 
@@ -76,3 +77,47 @@ def test_failures_are_logged_with_the_prefix_and_the_loop_goes_on() -> None:
     errors = [e for e in events if e.get("isError")]
     assert any(e.get("system") == f"Reader {pipes[1][0]}" for e in errors)
     assert {e["failure"].value.args[0] for e in errors} >= {"read failed", "lost failed"}
+
+
+class Vanishing(Reader):
+    """A reader whose descriptor reads as -1 once it is registered."""
+
+    gone = False
+
+    def fileno(self) -> int:
+        return -1 if self.gone else self.fd
+
+
+def test_a_read_event_for_a_lost_descriptor_disconnects_it() -> None:
+    # As Twisted's _doReadOrWrite: fileno() -1 ends the selectable
+    # without reading.
+    reactor = EPollReactor()
+    read, write = os.pipe()
+    reader = Vanishing(reactor, read)
+    try:
+        reactor.addReader(reader)
+        reader.gone = True
+        os.write(write, b"data")
+        reactor.doPoll(0)
+    finally:
+        os.close(read)
+        os.close(write)
+        reactor._poller.close()
+    [reason] = reader.lost
+    assert reason.check(ConnectionFdescWentAway)
+    assert reader.read == b""
+    assert reader not in reactor.getReaders()
+
+
+def test_a_read_event_that_ends_the_stream_disconnects_cleanly() -> None:
+    reactor = EPollReactor()
+    read, write = os.pipe()
+    reader = Reader(reactor, read)
+    try:
+        reactor.addReader(reader)
+        os.close(write)
+        reactor.doPoll(0)  # EPOLLHUP alone: through _doReadOrWrite
+        assert reader.lost and reader.lost[0].check(ConnectionDone)
+    finally:
+        os.close(read)
+        reactor._poller.close()

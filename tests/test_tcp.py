@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import struct
 from typing import Any
 
 import pytest
@@ -530,8 +531,40 @@ async def test_real_connections_send_at_once(reactor: Any, echo: Any, services: 
     [relay] = factory.relays
     assert relay.client.sendsNow and relay.target is not None and relay.target.sendsNow
     assert relay.client.transport.bufferSize == tcp.READ_SIZE  # type: ignore[union-attr]
+    # Both sides read through relayRead, which a spurious read event
+    # (nothing to read) leaves without effect.
+    assert relay.client.transport.doRead == relay.client.relayRead  # type: ignore[union-attr]
+    assert relay.target.transport.doRead == relay.target.relayRead  # type: ignore[union-attr]
+    assert relay.client.transport.doRead() is None  # type: ignore[union-attr]
+    assert (relay.bytesToTarget, relay.bytesToClient) == (4, 4)
     client.transport.loseConnection()  # type: ignore[union-attr]
     await finished(reactor, client.lost)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_reset_is_reported_with_exact_counts(
+    reactor: Any, echo: Any, services: list[Any]
+) -> None:
+    # An RST makes relayRead's recv fail: the relay ends as "client reset".
+    service = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
+    services.append(service)
+    client = Recorder(send=b"hello", halfClose=False)
+    [listener] = service.listeners
+    factory = listener.factory  # type: ignore[union-attr]
+    with captured_logs() as logs:
+        connect(reactor, bound_port(service), client)
+        for _ in range(500):
+            if client.received:
+                break
+            await deferLater(reactor, 0.01)
+        [relay] = factory.relays
+        sock = client.transport.socket  # type: ignore[union-attr]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.transport.abortConnection()  # type: ignore[union-attr]
+        await finished(reactor, relay.done)
+    [end] = logs.ends()
+    assert end["reason"] == tcp.CLIENT_RESET
+    assert (end["bytesToTarget"], end["bytesToClient"]) == (5, 5)
 
 
 class SendingTransport:
