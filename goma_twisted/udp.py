@@ -10,17 +10,15 @@ logged once until the table has room again.
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Any
 
-from twisted.internet import base, udp
-from twisted.internet.abstract import isIPv6Address
-from twisted.internet.defer import Deferred
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import policy
 from ._reactor import reactor_or_global
@@ -33,6 +31,12 @@ log = Logger(namespace="goma_pt.udp")
 
 # The largest UDP payload over IPv4; Twisted's default read size is 8 KiB.
 MAX_DATAGRAM = 65535
+# Datagrams a session reads from its socket per readiness event at most
+# (L{udp.Port} bounds its reads by bytes, 256 KiB, for the same fairness).
+READS_PER_EVENT = 64
+# A session's socket: non-blocking and closed on exec from its creation,
+# without the fcntl/ioctl calls that would set those afterwards.
+SESSION_SOCKET_TYPE = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 # Datagrams kept for a session while its target hostname resolves.
 MAX_QUEUED = 64
 
@@ -52,67 +56,26 @@ REPLY_FAILED = "reply failed"
 DROP_REASONS = (QUEUE_FULL, SEND_FAILED, REPLY_FAILED)
 
 
-class SessionPort(udp.Port):
-    """
-    A session's socket, connected to the target.
-
-    Two things differ from L{udp.Port}. Sessions come and go by the
-    thousand, so it does not log its opening and closing: the session's end
-    event says all of it. And an ICMP error from the target (port
-    unreachable while the backend restarts) makes epoll report the socket
-    in error with nothing to read, which the reactor takes for a lost
-    connection; here that is reported to the session as refused, and the
-    socket goes on reading.
-    """
-
-    _closing = False
-
-    def _bindSocket(self) -> None:
-        try:
-            skt = self.createInternetSocket()
-            skt.bind((self.interface, self.port))
-        except OSError as e:
-            raise CannotListenError(self.interface, self.port, e) from e
-        self._realPortNumber = skt.getsockname()[1]
-        self.connected = 1
-        self.socket = skt
-        self.fileno = skt.fileno  # type: ignore[method-assign]
-
-    def stopListening(self) -> Deferred[None] | None:
-        self._closing = True
-        return super().stopListening()
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        if not self._closing and self._pendingError():
-            self.protocol.connectionRefused()
-            self.startReading()
-            return
-        self._realPortNumber = None
-        self.maxThroughput = -1
-        base.BasePort.connectionLost(self, reason)
-        self.protocol.doStop()
-        self.socket.close()
-        del self.socket
-        del self.fileno
-        if hasattr(self, "d"):
-            self.d.callback(None)
-            del self.d
-
-    def _pendingError(self) -> int:
-        """Read (and so clear) the socket's pending error, 0 if none."""
-        try:
-            return self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError:
-            return 0
-
-
-class UDPSession(DatagramProtocol):
+@implementer(IReadDescriptor)
+class UDPSession:
     """
     One client address's conversation with the target, over a socket of
     its own connected to the target.
-    """
 
-    noisy = False
+    The session is its socket's reader in the reactor: a plain non-blocking
+    socket, connected (which binds it), instead of a L{udp.Port}. Sessions
+    come and go by the thousand, one per DNS query when every query has a
+    new source port, and a port's start and stop (its own log lines, a
+    C{callLater(0)}, a Deferred, C{bind} and C{getsockname}) were most of a
+    session's cost. The socket's life is the session's: opened by L{start}
+    (or once the target's name resolves), closed by L{close}.
+
+    An ICMP error from the target (port unreachable while the backend
+    restarts) comes back as C{ECONNREFUSED} from C{recv} or C{send}, or as
+    epoll reporting the socket in error with nothing to read, which the
+    reactor takes for a lost connection: each is counted as unreachable
+    and the session goes on.
+    """
 
     def __init__(self, forward: UDPForward, client: tuple[str, int]) -> None:
         self.forward = forward
@@ -131,8 +94,18 @@ class UDPSession(DatagramProtocol):
         self.refusals = 0
         self.detail: str | None = None
         self.clientIP: IPAddress | None = None
+        # Whether forward.bounds counted this session (see UDPForward._open).
+        self.counted = False
+        self.socket: socket.socket | None = None
+        self._fd = -1
         self._queue: list[bytes] | None = []
         self._timer: IDelayedCall | None = None
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "UDPSession"
 
     def start(self) -> None:
         target = self.forward.config.target
@@ -151,15 +124,28 @@ class UDPSession(DatagramProtocol):
         if self.reason is not None:
             return
         port = self.forward.config.target.port
-        interface = "::" if isIPv6Address(host) else "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            SessionPort(0, self, interface, MAX_DATAGRAM, self.forward.reactor).startListening()
-            self.transport.connect(host, port)  # type: ignore[union-attr]
-        except (CannotListenError, OSError) as e:
+            skt = socket.socket(family, SESSION_SOCKET_TYPE)
+        except OSError as e:
             self.detail = str(e)
             self.close(SOCKET_FAILED)
             return
-        self.targetAddress = format_address(host, port)
+        try:
+            # connect() binds the socket to a free port and fixes its peer:
+            # only the target's datagrams reach it, as recv() reads them.
+            skt.connect((host, port))
+            self.socket = skt
+            self._fd = skt.fileno()
+            self.forward.reactor.addReader(self)
+        except OSError as e:
+            self.socket = None
+            self._fd = -1
+            skt.close()
+            self.detail = str(e)
+            self.close(SOCKET_FAILED)
+            return
+        self.targetAddress = self.forward.targetAddress(host, port)
         queued, self._queue = self._queue, None
         for data in queued or ():
             self.send(data)
@@ -174,9 +160,7 @@ class UDPSession(DatagramProtocol):
                 self.stats.count_dropped(QUEUE_FULL)
             return
         try:
-            # The socket is connected to the target: send() straight away,
-            # without udp.Port.write's checks (any OSError is a drop).
-            self.transport.socket.send(data)  # type: ignore[union-attr]
+            self.socket.send(data)  # type: ignore[union-attr]
         except OSError as e:
             if isinstance(e, ConnectionRefusedError):
                 # An ICMP error from an earlier datagram, reported here.
@@ -188,7 +172,32 @@ class UDPSession(DatagramProtocol):
         self.stats.bytes_to_target += len(data)
         self.stats.datagrams_to_target += 1
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
+    def doRead(self) -> None:
+        """
+        Read the target's datagrams, at most L{READS_PER_EVENT} of them, so
+        that one busy session cannot hold the reactor from the others.
+        """
+        recv = self.socket.recv  # type: ignore[union-attr]
+        for _ in range(READS_PER_EVENT):
+            try:
+                data = recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:
+                # The error is cleared by reading it; datagrams may follow.
+                self.connectionRefused()
+                continue
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                self.detail = str(e)
+                self.close(SOCKET_FAILED)
+                return
+            self.datagramReceived(data)
+            if self.reason is not None:
+                return
+
+    def datagramReceived(self, data: bytes) -> None:
         self.lastActivity = self.clock.seconds()
         if self.forward.reply(data, self.client):
             self.bytesToClient += len(data)
@@ -208,9 +217,28 @@ class UDPSession(DatagramProtocol):
         self.refusals += 1
         self.stats.unreachable += 1
 
-    def stopProtocol(self) -> None:
-        # The socket is gone without a close() of ours: end the session too.
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        """
+        The reactor gave up on the socket (it already stopped reading it):
+        epoll reported an error with nothing to read. A pending ICMP error
+        is an unreachable target, and the socket goes on reading; anything
+        else ends the session.
+        """
+        if self.reason is not None:
+            return
+        if self._pendingError():
+            self.connectionRefused()
+            self.forward.reactor.addReader(self)
+            return
+        self.detail = reason.getErrorMessage() if reason is not None else None
         self.close(SOCKET_FAILED)
+
+    def _pendingError(self) -> int:
+        """Read (and so clear) the socket's pending error, 0 if none."""
+        try:
+            return self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            return 0
 
     def _idleCheck(self) -> None:
         remaining = self.lastActivity + self.forward.config.udp_idle_timeout - self.clock.seconds()
@@ -230,8 +258,12 @@ class UDPSession(DatagramProtocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self.transport is not None:
-            self.transport.stopListening()
+        skt = self.socket
+        if skt is not None:
+            self.forward.reactor.removeReader(self)
+            self._fd = -1
+            self.socket = None
+            skt.close()
         self.forward.sessionEnded(self)
         log.info(
             "{forward} {client} -> {target}: {reason}; {datagramsToTarget} datagrams "
@@ -279,6 +311,7 @@ class UDPForward(DatagramProtocol):
         self.bounds = Bounds(None, config.max_sessions_per_ip)
         # Refusals are counted in the stats and logged rate-limited.
         self.refusalLog = RefusalLog(log.warn, self.clock)
+        self._targetAddresses: dict[tuple[str, int], str] = {}
 
     @property
     def refusedCounts(self) -> dict[str, int]:
@@ -298,23 +331,46 @@ class UDPForward(DatagramProtocol):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         session = self.sessions.get(addr)
         if session is None:
-            if len(self.sessions) >= self.max_sessions:
-                self._refuse(addr)
+            session = self._newSession(addr)
+            if session is None:
                 return
+        session.send(data)
+
+    def _newSession(self, addr: tuple[str, int]) -> UDPSession | None:
+        """Open a session for a new client, or refuse it (None)."""
+        if len(self.sessions) >= self.max_sessions:
+            self._refuse(addr)
+            return None
+        # The client's address as a value is needed only by an access
+        # policy or a per-address bound; without either, no parsing.
+        client = None
+        counted = self.policy or self.bounds.per_ip is not None
+        if counted:
             client = parse_ip(addr[0])
             why = policy.DENIED if not self.policy.permits(client) else self.bounds.admit(client)
             if why is not None:
                 self.stats.count_refused(why)
                 self.refusalLog.refused(self.config.name, format_address(*addr[:2]), why)
-                return
-            session = self.sessions[addr] = UDPSession(self, addr)
-            session.clientIP = client
-            self.stats.opened()
-            session.start()
-            if session.reason is not None:
-                self.stats.count_dropped(session.reason)
-                return
-        session.send(data)
+                return None
+        session = self.sessions[addr] = UDPSession(self, addr)
+        session.clientIP = client
+        session.counted = bool(counted)
+        self.stats.opened()
+        session.start()
+        if session.reason is not None:
+            self.stats.count_dropped(session.reason)
+            return None
+        return session
+
+    def targetAddress(self, host: str, port: int) -> str:
+        """C{host:port} of a session's target, formatted once per address."""
+        key = (host, port)
+        text = self._targetAddresses.get(key)
+        if text is None:
+            if len(self._targetAddresses) >= 64:
+                self._targetAddresses.clear()
+            text = self._targetAddresses[key] = format_address(host, port)
+        return text
 
     def _refuse(self, addr: tuple[str, int]) -> None:
         self.stats.count_refused(policy.AT_BOUND)
@@ -349,7 +405,8 @@ class UDPForward(DatagramProtocol):
         self.stats.ended(session.reason or "unknown")
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
-            self.bounds.release(session.clientIP)
+            if session.counted:
+                self.bounds.release(session.clientIP)
         if self._full and len(self.sessions) < self.max_sessions:
             self._full = False
             log.info(
