@@ -11,6 +11,7 @@ logged once until the table has room again.
 from __future__ import annotations
 
 import errno
+import math
 import socket
 from typing import Any
 
@@ -99,7 +100,8 @@ class UDPSession:
         self.socket: socket.socket | None = None
         self._fd = -1
         self._queue: list[bytes] | None = []
-        self._timer: IDelayedCall | None = None
+        # The idle sweep's bucket this session is in (UDPForward.watch).
+        self.checkAt: float | None = None
 
     def fileno(self) -> int:
         return self._fd
@@ -109,7 +111,7 @@ class UDPSession:
 
     def start(self) -> None:
         target = self.forward.config.target
-        self._timer = self.clock.callLater(self.forward.config.udp_idle_timeout, self._idleCheck)
+        self.forward.watch(self, self.started + self.forward.config.udp_idle_timeout)
         if not target.is_hostname:
             self._open(target.host)
             return
@@ -240,14 +242,6 @@ class UDPSession:
         except (OSError, AttributeError):
             return 0
 
-    def _idleCheck(self) -> None:
-        remaining = self.lastActivity + self.forward.config.udp_idle_timeout - self.clock.seconds()
-        if remaining > 0:
-            self._timer = self.clock.callLater(remaining, self._idleCheck)
-        else:
-            self._timer = None
-            self.close(IDLE_TIMEOUT)
-
     def close(self, reason: str) -> None:
         """End the session: its timer, its socket, its table entry, one log event."""
         if self.reason is not None:
@@ -255,9 +249,8 @@ class UDPSession:
         self.reason = reason
         if self._queue:
             self.stats.count_dropped(reason, len(self._queue))
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        if self.checkAt is not None:
+            self.forward.unwatch(self)
         skt = self.socket
         if skt is not None:
             self.forward.reactor.removeReader(self)
@@ -312,6 +305,10 @@ class UDPForward(DatagramProtocol):
         # Refusals are counted in the stats and logged rate-limited.
         self.refusalLog = RefusalLog(log.warn, self.clock)
         self._targetAddresses: dict[tuple[str, int], str] = {}
+        # Sessions by the time the idle sweep checks them (see watch).
+        self._buckets: dict[float, dict[UDPSession, None]] = {}
+        self._sweep: IDelayedCall | None = None
+        self._sweepAt: float | None = None
 
     @property
     def refusedCounts(self) -> dict[str, int]:
@@ -418,3 +415,63 @@ class UDPForward(DatagramProtocol):
     def stopProtocol(self) -> None:
         for session in list(self.sessions.values()):
             session.close(SHUTDOWN)
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+
+    # Idle expiry. One timer per session (scheduled at its start, cancelled
+    # at its end, usually within milliseconds with udpResponses) cost more
+    # than the rest of a session's Python work; instead, sessions wait in
+    # buckets, one per sweep time (a multiple of the granularity), and one
+    # timer per forward runs the sweep that is due. A session is checked at
+    # its deadline rounded up to the granularity: it ends idle between
+    # udp_idle_timeout and udp_idle_timeout + granularity after its last
+    # datagram, never earlier.
+
+    def watch(self, session: UDPSession, deadline: float) -> None:
+        """Have the sweep check C{session} at C{deadline} (rounded up)."""
+        step = self.granularity
+        at = math.ceil(deadline / step) * step
+        bucket = self._buckets.get(at)
+        if bucket is None:
+            bucket = self._buckets[at] = {}
+        bucket[session] = None
+        session.checkAt = at
+        if self._sweepAt is None or at < self._sweepAt:
+            self._schedule(at)
+
+    def unwatch(self, session: UDPSession) -> None:
+        """Take an ended C{session} out of its bucket."""
+        at, session.checkAt = session.checkAt, None
+        bucket = self._buckets.get(at)  # type: ignore[arg-type]
+        if bucket is not None:
+            bucket.pop(session, None)
+            if not bucket:
+                # The timer stays: when it fires with nothing due, it stops.
+                del self._buckets[at]  # type: ignore[arg-type]
+
+    @property
+    def granularity(self) -> float:
+        """Seconds between sweeps: 1 s, or a tenth of a timeout under 10 s."""
+        return min(1.0, self.config.udp_idle_timeout / 10)
+
+    def _schedule(self, at: float) -> None:
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweepAt = at
+        self._sweep = self.clock.callLater(max(at - self.clock.seconds(), 0), self._runSweep)
+
+    def _runSweep(self) -> None:
+        self._sweep = self._sweepAt = None
+        now = self.clock.seconds()
+        timeout = self.config.udp_idle_timeout
+        for at in sorted(at for at in self._buckets if at <= now):
+            for session in self._buckets.pop(at):
+                session.checkAt = None
+                deadline = session.lastActivity + timeout
+                if deadline <= now:
+                    session.close(IDLE_TIMEOUT)
+                else:
+                    self.watch(session, deadline)
+        if self._buckets and self._sweepAt is None:
+            self._schedule(min(self._buckets))

@@ -478,6 +478,9 @@ async def test_churn_of_answered_sessions_returns_to_baseline(
         await deferLater(reactor, 0.05)
     assert relay.sessions == {}
     assert open_fds() == before
+    # The idle sweep, timed for the first session, finds nothing and stops.
+    assert len(clock.getDelayedCalls()) <= 1
+    clock.advance(300)
     assert clock.getDelayedCalls() == []
     assert relay.stats.sessions_created == 30
     assert relay.stats.sessions_active == 0
@@ -539,3 +542,103 @@ async def test_a_read_error_other_than_refused_ends_the_session(
     assert end["detail"] == "[Errno 113] No route to host"
     assert relay.sessions == {}
     assert session not in reactor.getReaders()
+
+
+class SilentSocket:
+    """A connected socket for sessions that are never read from."""
+
+    def send(self, data: bytes) -> int:
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+class NoReactor:
+    """Sessions opened by hand register with nothing."""
+
+    def addReader(self, reader: Any) -> None:
+        pass
+
+    def removeReader(self, reader: Any) -> None:
+        pass
+
+
+def idle_relay(clock: Clock, timeout: float) -> udp.UDPForward:
+    relay = udp.UDPForward(
+        forward(("udp",), udp_idle_timeout=timeout), 100, reactor=NoReactor(), clock=clock
+    )
+    relay.transport = RecordingTransport()  # type: ignore[assignment]
+    return relay
+
+
+def open_session(relay: udp.UDPForward, port: int) -> udp.UDPSession:
+    session = relay.sessions[("127.0.0.1", port)] = udp.UDPSession(relay, ("127.0.0.1", port))
+    relay.stats.opened()
+    relay.watch(session, session.started + relay.config.udp_idle_timeout)
+    session._queue = None
+    session.socket = SilentSocket()  # type: ignore[assignment]
+    return session
+
+
+def test_idle_sweep_ends_sessions_within_the_granularity_never_before() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 30.0)
+    assert relay.granularity == 1.0
+    clock.advance(0.25)
+    early, late = open_session(relay, 1), open_session(relay, 2)
+    assert len(clock.getDelayedCalls()) == 1  # one timer for the forward
+    clock.advance(10)
+    late.send(b"keep me")  # at 10.25: idle until 40.25
+    clock.advance(20)  # 30.25: the first is due at 31 (30.25 rounded up)
+    assert early.reason is None
+    clock.advance(0.75)
+    assert early.reason == udp.IDLE_TIMEOUT
+    assert late.reason is None
+    clock.advance(9.25)  # 40.25
+    assert late.reason is None
+    clock.advance(0.75)
+    assert late.reason == udp.IDLE_TIMEOUT
+    assert relay.sessions == {}
+    assert relay.stats.sessions_ended[udp.IDLE_TIMEOUT] == 2
+    assert clock.getDelayedCalls() == []
+
+
+def test_idle_sweep_granularity_follows_short_timeouts() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 2.0)
+    assert relay.granularity == pytest.approx(0.2)
+    session = open_session(relay, 1)
+    clock.advance(1.9)
+    assert session.reason is None
+    clock.advance(0.15)
+    assert session.reason == udp.IDLE_TIMEOUT
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_session_ended_before_its_sweep_leaves_it() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 30.0)
+    sessions = [open_session(relay, port) for port in range(1, 6)]
+    for session in sessions:
+        session.close(udp.ANSWERED)
+    assert relay._buckets == {}
+    clock.advance(30)
+    assert clock.getDelayedCalls() == []
+    assert relay.stats.sessions_ended[udp.ANSWERED] == 5
+    assert relay.stats.sessions_ended[udp.IDLE_TIMEOUT] == 0
+
+
+def test_a_shorter_timeout_after_a_reload_moves_the_sweep_earlier() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 300.0)
+    first = open_session(relay, 1)
+    relay.reconfigure(forward(("udp",), udp_idle_timeout=5.0))
+    second = open_session(relay, 2)
+    clock.advance(5)
+    assert second.reason == udp.IDLE_TIMEOUT
+    # The open session keeps its bucket; at its check the new timeout applies.
+    assert first.reason is None
+    clock.advance(295)
+    assert first.reason == udp.IDLE_TIMEOUT
+    assert clock.getDelayedCalls() == []
