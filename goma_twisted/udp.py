@@ -10,17 +10,16 @@ logged once until the table has room again.
 
 from __future__ import annotations
 
+import errno
+import math
 import socket
 from typing import Any
 
-from twisted.internet import base, udp
-from twisted.internet.abstract import isIPv6Address
-from twisted.internet.defer import Deferred
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import policy
 from ._reactor import reactor_or_global
@@ -33,6 +32,12 @@ log = Logger(namespace="goma_pt.udp")
 
 # The largest UDP payload over IPv4; Twisted's default read size is 8 KiB.
 MAX_DATAGRAM = 65535
+# Datagrams a session reads from its socket per readiness event at most
+# (L{udp.Port} bounds its reads by bytes, 256 KiB, for the same fairness).
+READS_PER_EVENT = 64
+# A session's socket: non-blocking and closed on exec from its creation,
+# without the fcntl/ioctl calls that would set those afterwards.
+SESSION_SOCKET_TYPE = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 # Datagrams kept for a session while its target hostname resolves.
 MAX_QUEUED = 64
 
@@ -52,67 +57,26 @@ REPLY_FAILED = "reply failed"
 DROP_REASONS = (QUEUE_FULL, SEND_FAILED, REPLY_FAILED)
 
 
-class SessionPort(udp.Port):
-    """
-    A session's socket, connected to the target.
-
-    Two things differ from L{udp.Port}. Sessions come and go by the
-    thousand, so it does not log its opening and closing: the session's end
-    event says all of it. And an ICMP error from the target (port
-    unreachable while the backend restarts) makes epoll report the socket
-    in error with nothing to read, which the reactor takes for a lost
-    connection; here that is reported to the session as refused, and the
-    socket goes on reading.
-    """
-
-    _closing = False
-
-    def _bindSocket(self) -> None:
-        try:
-            skt = self.createInternetSocket()
-            skt.bind((self.interface, self.port))
-        except OSError as e:
-            raise CannotListenError(self.interface, self.port, e) from e
-        self._realPortNumber = skt.getsockname()[1]
-        self.connected = 1
-        self.socket = skt
-        self.fileno = skt.fileno  # type: ignore[method-assign]
-
-    def stopListening(self) -> Deferred[None] | None:
-        self._closing = True
-        return super().stopListening()
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        if not self._closing and self._pendingError():
-            self.protocol.connectionRefused()
-            self.startReading()
-            return
-        self._realPortNumber = None
-        self.maxThroughput = -1
-        base.BasePort.connectionLost(self, reason)
-        self.protocol.doStop()
-        self.socket.close()
-        del self.socket
-        del self.fileno
-        if hasattr(self, "d"):
-            self.d.callback(None)
-            del self.d
-
-    def _pendingError(self) -> int:
-        """Read (and so clear) the socket's pending error, 0 if none."""
-        try:
-            return self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError:
-            return 0
-
-
-class UDPSession(DatagramProtocol):
+@implementer(IReadDescriptor)
+class UDPSession:
     """
     One client address's conversation with the target, over a socket of
     its own connected to the target.
-    """
 
-    noisy = False
+    The session is its socket's reader in the reactor: a plain non-blocking
+    socket, connected (which binds it), instead of a L{udp.Port}. Sessions
+    come and go by the thousand, one per DNS query when every query has a
+    new source port, and a port's start and stop (its own log lines, a
+    C{callLater(0)}, a Deferred, C{bind} and C{getsockname}) were most of a
+    session's cost. The socket's life is the session's: opened by L{start}
+    (or once the target's name resolves), closed by L{close}.
+
+    An ICMP error from the target (port unreachable while the backend
+    restarts) comes back as C{ECONNREFUSED} from C{recv} or C{send}, or as
+    epoll reporting the socket in error with nothing to read, which the
+    reactor takes for a lost connection: each is counted as unreachable
+    and the session goes on.
+    """
 
     def __init__(self, forward: UDPForward, client: tuple[str, int]) -> None:
         self.forward = forward
@@ -131,12 +95,23 @@ class UDPSession(DatagramProtocol):
         self.refusals = 0
         self.detail: str | None = None
         self.clientIP: IPAddress | None = None
+        # Whether forward.bounds counted this session (see UDPForward._open).
+        self.counted = False
+        self.socket: socket.socket | None = None
+        self._fd = -1
         self._queue: list[bytes] | None = []
-        self._timer: IDelayedCall | None = None
+        # The idle sweep's bucket this session is in (UDPForward.watch).
+        self.checkAt: float | None = None
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "UDPSession"
 
     def start(self) -> None:
         target = self.forward.config.target
-        self._timer = self.clock.callLater(self.forward.config.udp_idle_timeout, self._idleCheck)
+        self.forward.watch(self, self.started + self.forward.config.udp_idle_timeout)
         if not target.is_hostname:
             self._open(target.host)
             return
@@ -151,15 +126,28 @@ class UDPSession(DatagramProtocol):
         if self.reason is not None:
             return
         port = self.forward.config.target.port
-        interface = "::" if isIPv6Address(host) else "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            SessionPort(0, self, interface, MAX_DATAGRAM, self.forward.reactor).startListening()
-            self.transport.connect(host, port)  # type: ignore[union-attr]
-        except (CannotListenError, OSError) as e:
+            skt = socket.socket(family, SESSION_SOCKET_TYPE)
+        except OSError as e:
             self.detail = str(e)
             self.close(SOCKET_FAILED)
             return
-        self.targetAddress = format_address(host, port)
+        try:
+            # connect() binds the socket to a free port and fixes its peer:
+            # only the target's datagrams reach it, as recv() reads them.
+            skt.connect((host, port))
+            self.socket = skt
+            self._fd = skt.fileno()
+            self.forward.reactor.addReader(self)
+        except OSError as e:
+            self.socket = None
+            self._fd = -1
+            skt.close()
+            self.detail = str(e)
+            self.close(SOCKET_FAILED)
+            return
+        self.targetAddress = self.forward.targetAddress(host, port)
         queued, self._queue = self._queue, None
         for data in queued or ():
             self.send(data)
@@ -174,9 +162,7 @@ class UDPSession(DatagramProtocol):
                 self.stats.count_dropped(QUEUE_FULL)
             return
         try:
-            # The socket is connected to the target: send() straight away,
-            # without udp.Port.write's checks (any OSError is a drop).
-            self.transport.socket.send(data)  # type: ignore[union-attr]
+            self.socket.send(data)  # type: ignore[union-attr]
         except OSError as e:
             if isinstance(e, ConnectionRefusedError):
                 # An ICMP error from an earlier datagram, reported here.
@@ -188,7 +174,32 @@ class UDPSession(DatagramProtocol):
         self.stats.bytes_to_target += len(data)
         self.stats.datagrams_to_target += 1
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
+    def doRead(self) -> None:
+        """
+        Read the target's datagrams, at most L{READS_PER_EVENT} of them, so
+        that one busy session cannot hold the reactor from the others.
+        """
+        recv = self.socket.recv  # type: ignore[union-attr]
+        for _ in range(READS_PER_EVENT):
+            try:
+                data = recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:
+                # The error is cleared by reading it; datagrams may follow.
+                self.connectionRefused()
+                continue
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                self.detail = str(e)
+                self.close(SOCKET_FAILED)
+                return
+            self.datagramReceived(data)
+            if self.reason is not None:
+                return
+
+    def datagramReceived(self, data: bytes) -> None:
         self.lastActivity = self.clock.seconds()
         if self.forward.reply(data, self.client):
             self.bytesToClient += len(data)
@@ -208,17 +219,28 @@ class UDPSession(DatagramProtocol):
         self.refusals += 1
         self.stats.unreachable += 1
 
-    def stopProtocol(self) -> None:
-        # The socket is gone without a close() of ours: end the session too.
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        """
+        The reactor gave up on the socket (it already stopped reading it):
+        epoll reported an error with nothing to read. A pending ICMP error
+        is an unreachable target, and the socket goes on reading; anything
+        else ends the session.
+        """
+        if self.reason is not None:
+            return
+        if self._pendingError():
+            self.connectionRefused()
+            self.forward.reactor.addReader(self)
+            return
+        self.detail = reason.getErrorMessage() if reason is not None else None
         self.close(SOCKET_FAILED)
 
-    def _idleCheck(self) -> None:
-        remaining = self.lastActivity + self.forward.config.udp_idle_timeout - self.clock.seconds()
-        if remaining > 0:
-            self._timer = self.clock.callLater(remaining, self._idleCheck)
-        else:
-            self._timer = None
-            self.close(IDLE_TIMEOUT)
+    def _pendingError(self) -> int:
+        """Read (and so clear) the socket's pending error, 0 if none."""
+        try:
+            return self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            return 0
 
     def close(self, reason: str) -> None:
         """End the session: its timer, its socket, its table entry, one log event."""
@@ -227,11 +249,14 @@ class UDPSession(DatagramProtocol):
         self.reason = reason
         if self._queue:
             self.stats.count_dropped(reason, len(self._queue))
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self.transport is not None:
-            self.transport.stopListening()
+        if self.checkAt is not None:
+            self.forward.unwatch(self)
+        skt = self.socket
+        if skt is not None:
+            self.forward.reactor.removeReader(self)
+            self._fd = -1
+            self.socket = None
+            skt.close()
         self.forward.sessionEnded(self)
         log.info(
             "{forward} {client} -> {target}: {reason}; {datagramsToTarget} datagrams "
@@ -279,6 +304,11 @@ class UDPForward(DatagramProtocol):
         self.bounds = Bounds(None, config.max_sessions_per_ip)
         # Refusals are counted in the stats and logged rate-limited.
         self.refusalLog = RefusalLog(log.warn, self.clock)
+        self._targetAddresses: dict[tuple[str, int], str] = {}
+        # Sessions by the time the idle sweep checks them (see watch).
+        self._buckets: dict[float, dict[UDPSession, None]] = {}
+        self._sweep: IDelayedCall | None = None
+        self._sweepAt: float | None = None
 
     @property
     def refusedCounts(self) -> dict[str, int]:
@@ -298,23 +328,46 @@ class UDPForward(DatagramProtocol):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         session = self.sessions.get(addr)
         if session is None:
-            if len(self.sessions) >= self.max_sessions:
-                self._refuse(addr)
+            session = self._newSession(addr)
+            if session is None:
                 return
+        session.send(data)
+
+    def _newSession(self, addr: tuple[str, int]) -> UDPSession | None:
+        """Open a session for a new client, or refuse it (None)."""
+        if len(self.sessions) >= self.max_sessions:
+            self._refuse(addr)
+            return None
+        # The client's address as a value is needed only by an access
+        # policy or a per-address bound; without either, no parsing.
+        client = None
+        counted = self.policy or self.bounds.per_ip is not None
+        if counted:
             client = parse_ip(addr[0])
             why = policy.DENIED if not self.policy.permits(client) else self.bounds.admit(client)
             if why is not None:
                 self.stats.count_refused(why)
                 self.refusalLog.refused(self.config.name, format_address(*addr[:2]), why)
-                return
-            session = self.sessions[addr] = UDPSession(self, addr)
-            session.clientIP = client
-            self.stats.opened()
-            session.start()
-            if session.reason is not None:
-                self.stats.count_dropped(session.reason)
-                return
-        session.send(data)
+                return None
+        session = self.sessions[addr] = UDPSession(self, addr)
+        session.clientIP = client
+        session.counted = bool(counted)
+        self.stats.opened()
+        session.start()
+        if session.reason is not None:
+            self.stats.count_dropped(session.reason)
+            return None
+        return session
+
+    def targetAddress(self, host: str, port: int) -> str:
+        """C{host:port} of a session's target, formatted once per address."""
+        key = (host, port)
+        text = self._targetAddresses.get(key)
+        if text is None:
+            if len(self._targetAddresses) >= 64:
+                self._targetAddresses.clear()
+            text = self._targetAddresses[key] = format_address(host, port)
+        return text
 
     def _refuse(self, addr: tuple[str, int]) -> None:
         self.stats.count_refused(policy.AT_BOUND)
@@ -349,7 +402,8 @@ class UDPForward(DatagramProtocol):
         self.stats.ended(session.reason or "unknown")
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
-            self.bounds.release(session.clientIP)
+            if session.counted:
+                self.bounds.release(session.clientIP)
         if self._full and len(self.sessions) < self.max_sessions:
             self._full = False
             log.info(
@@ -361,3 +415,63 @@ class UDPForward(DatagramProtocol):
     def stopProtocol(self) -> None:
         for session in list(self.sessions.values()):
             session.close(SHUTDOWN)
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+
+    # Idle expiry. One timer per session (scheduled at its start, cancelled
+    # at its end, usually within milliseconds with udpResponses) cost more
+    # than the rest of a session's Python work; instead, sessions wait in
+    # buckets, one per sweep time (a multiple of the granularity), and one
+    # timer per forward runs the sweep that is due. A session is checked at
+    # its deadline rounded up to the granularity: it ends idle between
+    # udp_idle_timeout and udp_idle_timeout + granularity after its last
+    # datagram, never earlier.
+
+    def watch(self, session: UDPSession, deadline: float) -> None:
+        """Have the sweep check C{session} at C{deadline} (rounded up)."""
+        step = self.granularity
+        at = math.ceil(deadline / step) * step
+        bucket = self._buckets.get(at)
+        if bucket is None:
+            bucket = self._buckets[at] = {}
+        bucket[session] = None
+        session.checkAt = at
+        if self._sweepAt is None or at < self._sweepAt:
+            self._schedule(at)
+
+    def unwatch(self, session: UDPSession) -> None:
+        """Take an ended C{session} out of its bucket."""
+        at, session.checkAt = session.checkAt, None
+        bucket = self._buckets.get(at)  # type: ignore[arg-type]
+        if bucket is not None:
+            bucket.pop(session, None)
+            if not bucket:
+                # The timer stays: when it fires with nothing due, it stops.
+                del self._buckets[at]  # type: ignore[arg-type]
+
+    @property
+    def granularity(self) -> float:
+        """Seconds between sweeps: 1 s, or a tenth of a timeout under 10 s."""
+        return min(1.0, self.config.udp_idle_timeout / 10)
+
+    def _schedule(self, at: float) -> None:
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweepAt = at
+        self._sweep = self.clock.callLater(max(at - self.clock.seconds(), 0), self._runSweep)
+
+    def _runSweep(self) -> None:
+        self._sweep = self._sweepAt = None
+        now = self.clock.seconds()
+        timeout = self.config.udp_idle_timeout
+        for at in sorted(at for at in self._buckets if at <= now):
+            for session in self._buckets.pop(at):
+                session.checkAt = None
+                deadline = session.lastActivity + timeout
+                if deadline <= now:
+                    session.close(IDLE_TIMEOUT)
+                else:
+                    self.watch(session, deadline)
+        if self._buckets and self._sweepAt is None:
+            self._schedule(min(self._buckets))

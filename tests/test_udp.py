@@ -353,8 +353,292 @@ def test_a_failed_reply_or_send_is_dropped_and_counted(error: OSError) -> None:
     assert relay.stats.dropped[udp.REPLY_FAILED] == 1
     session = udp.UDPSession(relay, ("127.0.0.1", 5353))
     session._queue = None
-    session.transport = FailingTransport(error)  # type: ignore[assignment]
+    session.socket = FailingSocket(error)  # type: ignore[assignment]
     session.send(b"query")
     assert relay.stats.dropped[udp.SEND_FAILED] == 1
     assert session.datagramsToTarget == 0
     assert session.refusals == (1 if isinstance(error, ConnectionRefusedError) else 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_icmp_error_reported_by_epoll_keeps_the_session_reading(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    # The ICMP error arrives while nothing is sent: epoll reports the socket
+    # in error with nothing to read, the reactor drops it as lost, and the
+    # session counts the refusal and reads the socket again.
+    probe = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+    target_port = probe.getHost().port
+    await probe.stopListening()
+    service = start_service(forward(("udp",), ("127.0.0.1", target_port)))
+    services.append(service)
+    relay = udp_relay(service)
+    c = client(reactor, ports)
+    before = open_fds()
+    c.send(b"anyone?", bound_port(service, "udp"))
+    for _ in range(50):
+        await deferLater(reactor, 0.01)
+        if relay.stats.unreachable:
+            break
+    [session] = relay.sessions.values()
+    assert session.refusals == relay.stats.unreachable == 1
+    assert session in reactor.getReaders()
+    assert open_fds() == before + 1
+    ports.append(reactor.listenUDP(target_port, UDPEcho(b"back:"), interface="127.0.0.1"))
+    c.send(b"again", bound_port(service, "udp"))
+    assert await c.reply(reactor) == b"back:again"
+    assert relay.stats.datagrams_to_client == 1
+
+
+class FanOut(protocol.DatagramProtocol):
+    """Answers each datagram with C{count} numbered datagrams."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        for i in range(self.count):
+            self.transport.write(b"%d" % i, addr)  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_larger_than_one_read_event_arrives_whole(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    count = udp.READS_PER_EVENT * 3 + 5
+    port = reactor.listenUDP(0, FanOut(count), interface="127.0.0.1")
+    ports.append(port)
+    service = start_service(forward(("udp",), ("127.0.0.1", port.getHost().port)))
+    services.append(service)
+    c = client(reactor, ports)
+    c.send(b"go", bound_port(service, "udp"))
+    got = [await c.reply(reactor) for _ in range(count)]
+    assert sorted(got) == sorted(b"%d" % i for i in range(count))
+    [session] = udp_relay(service).sessions.values()
+    assert session.datagramsToClient == count
+
+
+class EndlessSocket:
+    """A connected socket with always one more datagram to read."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        return b"more"
+
+
+class RecordingSocket:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def sendto(self, data: bytes, address: Any) -> int:
+        self.sent.append((data, address))
+        return len(data)
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.socket = RecordingSocket()
+
+
+def test_one_read_event_reads_a_bounded_number_of_datagrams() -> None:
+    relay = udp.UDPForward(forward(("udp",)), 10, reactor=Clock())
+    relay.transport = RecordingTransport()  # type: ignore[assignment]
+    session = udp.UDPSession(relay, ("127.0.0.1", 5353))
+    session.socket = EndlessSocket()  # type: ignore[assignment]
+    session.doRead()
+    assert session.socket.reads == udp.READS_PER_EVENT  # type: ignore[union-attr]
+    assert session.datagramsToClient == udp.READS_PER_EVENT
+    assert relay.stats.datagrams_to_client == udp.READS_PER_EVENT
+
+
+@pytest_twisted.ensureDeferred
+async def test_churn_of_answered_sessions_returns_to_baseline(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    # Every query from a new source port, as the DNS churn benchmark does:
+    # each session opens, is answered, and frees its socket and its timer.
+    _, backend_port = echo(reactor, ports, prefix=b"a:")
+    clock = Clock()
+    service = start_service(
+        forward(("udp",), ("127.0.0.1", backend_port), udp_responses=1), clock=clock
+    )
+    services.append(service)
+    listen = bound_port(service, "udp")
+    clients = [client(reactor, ports) for _ in range(30)]
+    relay = udp_relay(service)
+    before = open_fds()
+    with captured_logs() as logs:
+        for i, c in enumerate(clients):
+            c.send(b"q%d" % i, listen)
+        for i, c in enumerate(clients):
+            assert await c.reply(reactor) == b"a:q%d" % i
+        await deferLater(reactor, 0.05)
+    assert relay.sessions == {}
+    assert open_fds() == before
+    # The idle sweep, timed for the first session, finds nothing and stops.
+    assert len(clock.getDelayedCalls()) <= 1
+    clock.advance(300)
+    assert clock.getDelayedCalls() == []
+    assert relay.stats.sessions_created == 30
+    assert relay.stats.sessions_active == 0
+    assert relay.stats.sessions_ended[udp.ANSWERED] == 30
+    assert relay.stats.datagrams_to_target == relay.stats.datagrams_to_client == 30
+    assert relay.stats.bytes_to_target == sum(len(b"q%d" % i) for i in range(30))
+    assert [e["reason"] for e in logs.ends()] == [udp.ANSWERED] * 30
+    assert {e["targetAddress"] for e in logs.ends()} == {f"127.0.0.1:{backend_port}"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_socket_that_cannot_connect_ends_the_session(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    # connect() to the broadcast address without SO_BROADCAST fails (EACCES).
+    service = start_service(forward(("udp",), ("255.255.255.255", 53)))
+    services.append(service)
+    relay = udp_relay(service)
+    c = client(reactor, ports)
+    before = open_fds()
+    with captured_logs() as logs:
+        c.send(b"q", bound_port(service, "udp"))
+        await deferLater(reactor, 0.05)
+    [end] = logs.ends()
+    assert end["reason"] == udp.SOCKET_FAILED
+    assert end["detail"]
+    assert relay.sessions == {}
+    assert relay.stats.dropped[udp.SOCKET_FAILED] == 1
+    assert relay.stats.sessions_active == 0
+    assert open_fds() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_read_error_other_than_refused_ends_the_session(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    _, backend_port = echo(reactor, ports)
+    service = start_service(forward(("udp",), ("127.0.0.1", backend_port)))
+    services.append(service)
+    relay = udp_relay(service)
+    c = client(reactor, ports)
+    c.send(b"x", bound_port(service, "udp"))
+    await c.reply(reactor)
+    [session] = relay.sessions.values()
+
+    class Unreachable:
+        def recv(self, size: int) -> bytes:
+            raise OSError(113, "No route to host")
+
+        def close(self) -> None:
+            real.close()  # type: ignore[union-attr]
+
+    real = session.socket
+    session.socket = Unreachable()  # type: ignore[assignment]
+    with captured_logs() as logs:
+        session.doRead()
+    [end] = logs.ends()
+    assert end["reason"] == udp.SOCKET_FAILED
+    assert end["detail"] == "[Errno 113] No route to host"
+    assert relay.sessions == {}
+    assert session not in reactor.getReaders()
+
+
+class SilentSocket:
+    """A connected socket for sessions that are never read from."""
+
+    def send(self, data: bytes) -> int:
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+class NoReactor:
+    """Sessions opened by hand register with nothing."""
+
+    def addReader(self, reader: Any) -> None:
+        pass
+
+    def removeReader(self, reader: Any) -> None:
+        pass
+
+
+def idle_relay(clock: Clock, timeout: float) -> udp.UDPForward:
+    relay = udp.UDPForward(
+        forward(("udp",), udp_idle_timeout=timeout), 100, reactor=NoReactor(), clock=clock
+    )
+    relay.transport = RecordingTransport()  # type: ignore[assignment]
+    return relay
+
+
+def open_session(relay: udp.UDPForward, port: int) -> udp.UDPSession:
+    session = relay.sessions[("127.0.0.1", port)] = udp.UDPSession(relay, ("127.0.0.1", port))
+    relay.stats.opened()
+    relay.watch(session, session.started + relay.config.udp_idle_timeout)
+    session._queue = None
+    session.socket = SilentSocket()  # type: ignore[assignment]
+    return session
+
+
+def test_idle_sweep_ends_sessions_within_the_granularity_never_before() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 30.0)
+    assert relay.granularity == 1.0
+    clock.advance(0.25)
+    early, late = open_session(relay, 1), open_session(relay, 2)
+    assert len(clock.getDelayedCalls()) == 1  # one timer for the forward
+    clock.advance(10)
+    late.send(b"keep me")  # at 10.25: idle until 40.25
+    clock.advance(20)  # 30.25: the first is due at 31 (30.25 rounded up)
+    assert early.reason is None
+    clock.advance(0.75)
+    assert early.reason == udp.IDLE_TIMEOUT
+    assert late.reason is None
+    clock.advance(9.25)  # 40.25
+    assert late.reason is None
+    clock.advance(0.75)
+    assert late.reason == udp.IDLE_TIMEOUT
+    assert relay.sessions == {}
+    assert relay.stats.sessions_ended[udp.IDLE_TIMEOUT] == 2
+    assert clock.getDelayedCalls() == []
+
+
+def test_idle_sweep_granularity_follows_short_timeouts() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 2.0)
+    assert relay.granularity == pytest.approx(0.2)
+    session = open_session(relay, 1)
+    clock.advance(1.9)
+    assert session.reason is None
+    clock.advance(0.15)
+    assert session.reason == udp.IDLE_TIMEOUT
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_session_ended_before_its_sweep_leaves_it() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 30.0)
+    sessions = [open_session(relay, port) for port in range(1, 6)]
+    for session in sessions:
+        session.close(udp.ANSWERED)
+    assert relay._buckets == {}
+    clock.advance(30)
+    assert clock.getDelayedCalls() == []
+    assert relay.stats.sessions_ended[udp.ANSWERED] == 5
+    assert relay.stats.sessions_ended[udp.IDLE_TIMEOUT] == 0
+
+
+def test_a_shorter_timeout_after_a_reload_moves_the_sweep_earlier() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 300.0)
+    first = open_session(relay, 1)
+    relay.reconfigure(forward(("udp",), udp_idle_timeout=5.0))
+    second = open_session(relay, 2)
+    clock.advance(5)
+    assert second.reason == udp.IDLE_TIMEOUT
+    # The open session keeps its bucket; at its check the new timeout applies.
+    assert first.reason is None
+    clock.advance(295)
+    assert first.reason == udp.IDLE_TIMEOUT
+    assert clock.getDelayedCalls() == []
