@@ -11,6 +11,8 @@ stays bounded by the socket buffers plus one read.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from errno import EWOULDBLOCK
 from typing import Any
 
@@ -35,6 +37,7 @@ from zope.interface import implementer
 from . import policy
 from ._reactor import reactor_or_global
 from .config import Forward, format_address
+from .connect import Connecting, TargetAddress, lean
 from .policy import Bounds, IPAddress, RefusalLog, matches, parse_ip
 from .proxyprotocol import HeaderReader, ProxyHeaderError, encode
 from .stats import TCPStats
@@ -246,9 +249,37 @@ class _RelaySide(Protocol):
         peer = self.peer
         if peer is not None:
             peer.transport.unregisterProducer()
-            peer.transport.loseWriteConnection()
+            peer.finishWriting()
         if self.writeDone:
             self.transport.loseConnection()
+
+    def finishWriting(self) -> None:
+        """
+        Half-close our connection once what is queued for it is sent.
+
+        With nothing queued, on a real TCP connection, it is done at once:
+        Twisted would wait for writability (an C{epoll_ctl} there and back,
+        a reactor turn and an empty C{send}) to find that out. When our read
+        side is done too, the connection is about to close, which sends the
+        FIN: no C{shutdown} is needed.
+        """
+        transport: Any = self.transport
+        if not self.sendsNow or (
+            transport._tempDataLen
+            or transport.dataBuffer
+            or transport.disconnecting
+            or transport._writeDisconnecting
+            or transport._aborting
+            or not transport.connected
+        ):
+            transport.loseWriteConnection()
+            return
+        # As FileDescriptor.doWrite and tcp.Connection._closeWriteConnection.
+        transport._writeDisconnecting = transport._writeDisconnected = True
+        if not self.readDone:
+            with contextlib.suppress(OSError):
+                transport.socket.shutdown(socket.SHUT_WR)
+        self.writeConnectionLost()
 
     def writeConnectionLost(self) -> None:
         self.writeDone = True
@@ -305,10 +336,15 @@ class ClientSide(_RelaySide):
         self.relay = relay
 
     def connectionMade(self) -> None:
+        # A transport from connect.RelayPort has not started reading.
+        held = getattr(self.transport, "readingHeld", False)
         if self.relay.expectHeader:
+            if held:
+                self.transport.startReading()  # type: ignore[attr-defined]
             self.relay.readHeader(self)
             return
-        self.transport.pauseProducing()
+        if not held:
+            self.transport.pauseProducing()
         self.relay.clientConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -333,6 +369,7 @@ class Relay:
     client: ClientSide
     target: TargetSide | None = None
     reason: str | None = None
+    _done: Deferred[None] | None = None
 
     def __init__(self, factory: TCPForwardFactory) -> None:
         self.factory = factory
@@ -346,7 +383,7 @@ class Relay:
         self.bytesToClient = 0
         self.targetAddress = ""
         self.connectTime: float | None = None
-        self._connector: IConnector | None = None
+        self._connector: IConnector | Connecting | None = None
         self._pending: Deferred[Any] | None = None
         self._connectTimer: IDelayedCall | None = None
         self._idleTimer: IDelayedCall | None = None
@@ -355,7 +392,6 @@ class Relay:
         self._targetGone = True
         self._finished = False
         self.failureDetail: str | None = None
-        self.done: Deferred[None] = Deferred()
         # Who the client is: the connection's own addresses, or what a
         # trusted load balancer's PROXY header says they are.
         self.clientHost = ""
@@ -371,6 +407,19 @@ class Relay:
         self.admitted = False
         self.clientIP: IPAddress | None = None
         self.refusal: str | None = None
+
+    @property
+    def done(self) -> Deferred[None]:
+        """Fires once the relay has ended and reported its end."""
+        if self._done is None:
+            self._done = Deferred()
+            if self._finished:
+                self._done.callback(None)
+        return self._done
+
+    def _fireDone(self) -> None:
+        if self._done is not None:
+            self._done.callback(None)
 
     # Reading an incoming PROXY header
 
@@ -445,10 +494,19 @@ class Relay:
                 # Only the PROXY header needs it, and getHost() is a syscall.
                 host = client.transport.getHost()
                 self.localHost, self.localPort = host.host, host.port
-        client.transport.setTcpKeepAlive(True)
-        client.transport.setTcpNoDelay(True)
+        if not getattr(client.transport, "tcpOptionsSet", False):
+            client.transport.setTcpKeepAlive(True)
+            client.transport.setTcpNoDelay(True)
         target = self.forward.target
         timeout = self.forward.connect_timeout
+        address = self.factory.targetAddress
+        if address is not None:
+            connecting = Connecting(
+                self.reactor, self.clock, address, timeout, TargetSide(self), self.targetFailed
+            )
+            self._connector = connecting
+            connecting.start()
+            return
         factory = _TargetFactory(self)
         if target.is_hostname:
             endpoint = HostnameEndpoint(self.reactor, target.host, target.port, timeout=timeout)
@@ -486,8 +544,9 @@ class Relay:
         client.link(target)
         target.link(client)
         self.targetAddress = _address(target.transport.getPeer())
-        target.transport.setTcpKeepAlive(True)
-        target.transport.setTcpNoDelay(True)
+        if not getattr(target.transport, "tcpOptionsSet", False):
+            target.transport.setTcpKeepAlive(True)
+            target.transport.setTcpNoDelay(True)
         version = self.forward.proxy_protocol
         if version is not None:
             source = (self.clientHost, self.clientPort)
@@ -599,7 +658,7 @@ class Relay:
         if not self.admitted:
             # Refused (and logged as such, rate-limited) or gone before
             # its PROXY header: not a connection that was served.
-            self.done.callback(None)
+            self._fireDone()
             return
         if self.failureDetail:
             text = _FAILED_FORMAT
@@ -619,7 +678,7 @@ class Relay:
             reason=self.reason,
             detail=self.failureDetail,
         )
-        self.done.callback(None)
+        self._fireDone()
 
 
 def matches_trusted(client: IPAddress | None, forward: Forward) -> bool:
@@ -649,6 +708,7 @@ class TCPForwardFactory(Factory):
         self.bounds = Bounds(forward.max_connections, forward.max_connections_per_ip)
         self.policy = forward.policy
         self.stats = TCPStats(forward, END_REASONS, CONNECT_FAILURES, policy.REFUSALS)
+        self.targetAddress = self._targetAddress(forward)
         # Refusals are counted in the stats and logged rate-limited.
         self.refusalLog = RefusalLog(log.warn, self.clock)
 
@@ -657,6 +717,14 @@ class TCPForwardFactory(Factory):
         self.forward = forward
         self.policy = forward.policy
         self.bounds.per_ip = forward.max_connections_per_ip
+        self.targetAddress = self._targetAddress(forward)
+
+    def _targetAddress(self, forward: Forward) -> TargetAddress | None:
+        """Where new connections go, when an IP target can take the lean path."""
+        target = forward.target
+        if target.is_hostname or not lean(self.reactor):
+            return None
+        return TargetAddress(target.host, target.port)
 
     def buildProtocol(self, addr: IAddress | None) -> ClientSide | None:
         """
