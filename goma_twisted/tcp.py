@@ -12,6 +12,7 @@ stays bounded by the socket buffers plus one read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 from errno import EWOULDBLOCK
 from typing import Any
@@ -109,6 +110,11 @@ READ_SIZE = 1024 * 1024
 # these allocations come from the heap whatever the process did before.
 bytes(2 * READ_SIZE)
 
+
+# The reason a relay gives its transports when it closes them: as the
+# reactor does, one Failure for all (its class tree worked out here, once).
+_CLOSED = Failure(error.ConnectionDone())
+_CLOSED.check(error.ConnectionDone)
 
 # What sending at once relies on in Twisted's TCP transport (besides its
 # socket): checked once here, so a Twisted without them falls back to
@@ -251,7 +257,7 @@ class _RelaySide(Protocol):
             peer.transport.unregisterProducer()
             peer.finishWriting()
         if self.writeDone:
-            self.transport.loseConnection()
+            self._close()
 
     def finishWriting(self) -> None:
         """
@@ -284,7 +290,24 @@ class _RelaySide(Protocol):
     def writeConnectionLost(self) -> None:
         self.writeDone = True
         if self.readDone:
-            self.transport.loseConnection()
+            self._close()
+
+    def _close(self) -> None:
+        """
+        Close our connection, both halves done: as C{loseConnection} does
+        then, at once, but with a shared L{Failure} (Twisted makes one each
+        time, and the checks on it work out its class tree each time).
+        """
+        transport: Any = self.transport
+        if (
+            self.sendsNow
+            and transport._writeDisconnected
+            and transport.connected
+            and not transport.disconnecting
+        ):
+            transport.connectionLost(_CLOSED)
+        else:
+            transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         peer, self.peer = self.peer, None
@@ -366,47 +389,48 @@ class Relay:
     the single event that reports its end.
     """
 
+    # The starting state is in class attributes: one relay per connection
+    # is made, and most of it never changes for most connections.
     client: ClientSide
     target: TargetSide | None = None
     reason: str | None = None
     _done: Deferred[None] | None = None
+    bytesToTarget = 0
+    bytesToClient = 0
+    targetAddress = ""
+    connectTime: float | None = None
+    _connector: IConnector | Connecting | None = None
+    _pending: Deferred[Any] | None = None
+    _connectTimer: IDelayedCall | None = None
+    _idleTimer: IDelayedCall | None = None
+    _abortTimer: IDelayedCall | None = None
+    _clientGone = False
+    _targetGone = True
+    _finished = False
+    failureDetail: str | None = None
+    # Who the client is: the connection's own addresses, or what a
+    # trusted load balancer's PROXY header says they are.
+    clientHost = ""
+    clientPort = 0
+    localHost = ""
+    localPort = 0
+    proxiedBy: str | None = None
+    reader: HeaderReader | None = None
+    _headerTimer: IDelayedCall | None = None
+    _early = b""
+    # Set once the client passed allow/deny and the per-address bound.
+    admitted = False
+    clientIP: IPAddress | None = None
+    refusal: str | None = None
 
     def __init__(self, factory: TCPForwardFactory) -> None:
         self.factory = factory
         self.stats = factory.stats
-        self.forward = factory.forward
+        self.forward = forward = factory.forward
         self.reactor = factory.reactor
         self.clock = factory.clock
-        self.started = self.clock.seconds()
-        self.lastActivity = self.started
-        self.bytesToTarget = 0
-        self.bytesToClient = 0
-        self.targetAddress = ""
-        self.connectTime: float | None = None
-        self._connector: IConnector | Connecting | None = None
-        self._pending: Deferred[Any] | None = None
-        self._connectTimer: IDelayedCall | None = None
-        self._idleTimer: IDelayedCall | None = None
-        self._abortTimer: IDelayedCall | None = None
-        self._clientGone = False
-        self._targetGone = True
-        self._finished = False
-        self.failureDetail: str | None = None
-        # Who the client is: the connection's own addresses, or what a
-        # trusted load balancer's PROXY header says they are.
-        self.clientHost = ""
-        self.clientPort = 0
-        self.localHost = ""
-        self.localPort = 0
-        self.proxiedBy: str | None = None
-        self.expectHeader = bool(self.forward.accept_proxy_protocol)
-        self.reader: HeaderReader | None = None
-        self._headerTimer: IDelayedCall | None = None
-        self._early = b""
-        # Set once the client passed allow/deny and the per-address bound.
-        self.admitted = False
-        self.clientIP: IPAddress | None = None
-        self.refusal: str | None = None
+        self.started = self.lastActivity = self.clock.seconds()
+        self.expectHeader = bool(forward.accept_proxy_protocol)
 
     @property
     def done(self) -> Deferred[None]:
@@ -681,6 +705,14 @@ class Relay:
         self._fireDone()
 
 
+@functools.lru_cache(maxsize=1024)
+def _client_ip(host: str) -> IPAddress | None:
+    """L{parse_ip} for an accepted connection's address, remembered: clients
+    come back from the same addresses, and parsing one takes longer than
+    the rest of admitting it."""
+    return parse_ip(host)
+
+
 def matches_trusted(client: IPAddress | None, forward: Forward) -> bool:
     """Whether a connection comes from a load balancer trusted to send PROXY headers."""
     return client is not None and matches(client, forward.accept_proxy_protocol)
@@ -735,7 +767,7 @@ class TCPForwardFactory(Factory):
         port = int(getattr(addr, "port", 0))
         relay = Relay(self)
         if relay.expectHeader:
-            if not matches_trusted(parse_ip(host), self.forward):
+            if not matches_trusted(_client_ip(host), self.forward):
                 self.refused(format_address(host, port), policy.UNTRUSTED)
                 return None
             if self.bounds.full():
@@ -745,7 +777,7 @@ class TCPForwardFactory(Factory):
             # bound wait for the header to name the real client.
             self.bounds.count()
         else:
-            why = self.admit(relay, parse_ip(host))
+            why = self.admit(relay, _client_ip(host))
             if why is not None:
                 self.refused(format_address(host, port), why)
                 return None
