@@ -707,9 +707,11 @@ class Relay:
 
 @functools.lru_cache(maxsize=1024)
 def _client_ip(host: str) -> IPAddress | None:
-    """L{parse_ip} for an accepted connection's address, remembered: clients
+    """
+    L{parse_ip} for an accepted connection's address, remembered: clients
     come back from the same addresses, and parsing one takes longer than
-    the rest of admitting it."""
+    the rest of admitting it.
+    """
     return parse_ip(host)
 
 
