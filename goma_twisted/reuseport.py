@@ -25,6 +25,9 @@ def _bound_socket(kind: int, interface: str, port: int) -> socket.socket:
         skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         skt.bind((interface, port))
         if kind == socket.SOCK_STREAM:
+            # Before listen(), so every accepted socket inherits them.
+            skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            skt.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             skt.listen(BACKLOG)
         skt.setblocking(False)
     except OSError as e:
@@ -33,10 +36,19 @@ def _bound_socket(kind: int, interface: str, port: int) -> socket.socket:
     return skt
 
 
-def listen_tcp(reactor: Any, port: int, factory: Any, interface: str = "") -> Any:
-    """Like C{reactor.listenTCP}, on a C{SO_REUSEPORT} socket."""
+def listen_tcp(
+    reactor: Any, port: int, factory: Any, interface: str = "", adopt: Any = None
+) -> Any:
+    """
+    Like C{reactor.listenTCP}, on a C{SO_REUSEPORT} socket.
+
+    @param adopt: makes the listening port of the socket's descriptor, like
+        (and by default) C{reactor.adoptStreamPort}.
+    """
     skt = _bound_socket(socket.SOCK_STREAM, interface, port)
     try:
+        if adopt is not None:
+            return adopt(reactor, skt.fileno(), skt.family, factory)
         return reactor.adoptStreamPort(skt.fileno(), skt.family, factory)
     finally:
         skt.close()  # the port has a duplicate of the descriptor

@@ -20,7 +20,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from . import reuseport
+from . import connect, reuseport
 from ._reactor import reactor_or_global
 from .config import ConfigError, Forward, GatewayConfig, format_address, load_config
 from .metrics import ForwardCollector, metrics_site
@@ -90,11 +90,15 @@ class TCPForwardServer(_Listener, internet.TCPServer):
         self.factory.reconfigure(forward)
 
     def _getPort(self) -> Any:
-        if not self.forward.reuse_port:
-            return super()._getPort()
         port, factory = self.args
         reactor = reactor_or_global(self.reactor)
-        return reuseport.listen_tcp(reactor, port, factory, self.kwargs.get("interface", ""))
+        interface = self.kwargs.get("interface", "")
+        if self.forward.reuse_port:
+            adopt = connect.adopt_tcp_port if connect.lean(reactor) else None
+            return reuseport.listen_tcp(reactor, port, factory, interface, adopt)
+        if connect.lean(reactor):
+            return connect.listen_tcp(reactor, port, factory, interface)
+        return super()._getPort()
 
 
 class UDPForwardServer(_Listener, internet.UDPServer):

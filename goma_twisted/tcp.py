@@ -11,6 +11,9 @@ stays bounded by the socket buffers plus one read.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import socket
 from errno import EWOULDBLOCK
 from typing import Any
 
@@ -35,6 +38,7 @@ from zope.interface import implementer
 from . import policy
 from ._reactor import reactor_or_global
 from .config import Forward, format_address
+from .connect import Connecting, TargetAddress, lean
 from .policy import Bounds, IPAddress, RefusalLog, matches, parse_ip
 from .proxyprotocol import HeaderReader, ProxyHeaderError, encode
 from .stats import TCPStats
@@ -106,6 +110,11 @@ READ_SIZE = 1024 * 1024
 # these allocations come from the heap whatever the process did before.
 bytes(2 * READ_SIZE)
 
+
+# The reason a relay gives its transports when it closes them: as the
+# reactor does, one Failure for all (its class tree worked out here, once).
+_CLOSED = Failure(error.ConnectionDone())
+_CLOSED.check(error.ConnectionDone)
 
 # What sending at once relies on in Twisted's TCP transport (besides its
 # socket): checked once here, so a Twisted without them falls back to
@@ -246,14 +255,59 @@ class _RelaySide(Protocol):
         peer = self.peer
         if peer is not None:
             peer.transport.unregisterProducer()
-            peer.transport.loseWriteConnection()
+            peer.finishWriting()
         if self.writeDone:
-            self.transport.loseConnection()
+            self._close()
+
+    def finishWriting(self) -> None:
+        """
+        Half-close our connection once what is queued for it is sent.
+
+        With nothing queued, on a real TCP connection, it is done at once:
+        Twisted would wait for writability (an C{epoll_ctl} there and back,
+        a reactor turn and an empty C{send}) to find that out. When our read
+        side is done too, the connection is about to close, which sends the
+        FIN: no C{shutdown} is needed.
+        """
+        transport: Any = self.transport
+        if not self.sendsNow or (
+            transport._tempDataLen
+            or transport.dataBuffer
+            or transport.disconnecting
+            or transport._writeDisconnecting
+            or transport._aborting
+            or not transport.connected
+        ):
+            transport.loseWriteConnection()
+            return
+        # As FileDescriptor.doWrite and tcp.Connection._closeWriteConnection.
+        transport._writeDisconnecting = transport._writeDisconnected = True
+        if not self.readDone:
+            with contextlib.suppress(OSError):
+                transport.socket.shutdown(socket.SHUT_WR)
+        self.writeConnectionLost()
 
     def writeConnectionLost(self) -> None:
         self.writeDone = True
         if self.readDone:
-            self.transport.loseConnection()
+            self._close()
+
+    def _close(self) -> None:
+        """
+        Close our connection, both halves done: as C{loseConnection} does
+        then, at once, but with a shared L{Failure} (Twisted makes one each
+        time, and the checks on it work out its class tree each time).
+        """
+        transport: Any = self.transport
+        if (
+            self.sendsNow
+            and transport._writeDisconnected
+            and transport.connected
+            and not transport.disconnecting
+        ):
+            transport.connectionLost(_CLOSED)
+        else:
+            transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         peer, self.peer = self.peer, None
@@ -305,10 +359,15 @@ class ClientSide(_RelaySide):
         self.relay = relay
 
     def connectionMade(self) -> None:
+        # A transport from connect.RelayPort has not started reading.
+        held = getattr(self.transport, "readingHeld", False)
         if self.relay.expectHeader:
+            if held:
+                self.transport.startReading()  # type: ignore[attr-defined]
             self.relay.readHeader(self)
             return
-        self.transport.pauseProducing()
+        if not held:
+            self.transport.pauseProducing()
         self.relay.clientConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -330,47 +389,61 @@ class Relay:
     the single event that reports its end.
     """
 
+    # The starting state is in class attributes: one relay per connection
+    # is made, and most of it never changes for most connections.
     client: ClientSide
     target: TargetSide | None = None
     reason: str | None = None
+    _done: Deferred[None] | None = None
+    bytesToTarget = 0
+    bytesToClient = 0
+    targetAddress = ""
+    connectTime: float | None = None
+    _connector: IConnector | Connecting | None = None
+    _pending: Deferred[Any] | None = None
+    _connectTimer: IDelayedCall | None = None
+    _idleTimer: IDelayedCall | None = None
+    _abortTimer: IDelayedCall | None = None
+    _clientGone = False
+    _targetGone = True
+    _finished = False
+    failureDetail: str | None = None
+    # Who the client is: the connection's own addresses, or what a
+    # trusted load balancer's PROXY header says they are.
+    clientHost = ""
+    clientPort = 0
+    localHost = ""
+    localPort = 0
+    proxiedBy: str | None = None
+    reader: HeaderReader | None = None
+    _headerTimer: IDelayedCall | None = None
+    _early = b""
+    # Set once the client passed allow/deny and the per-address bound.
+    admitted = False
+    clientIP: IPAddress | None = None
+    refusal: str | None = None
 
     def __init__(self, factory: TCPForwardFactory) -> None:
         self.factory = factory
         self.stats = factory.stats
-        self.forward = factory.forward
+        self.forward = forward = factory.forward
         self.reactor = factory.reactor
         self.clock = factory.clock
-        self.started = self.clock.seconds()
-        self.lastActivity = self.started
-        self.bytesToTarget = 0
-        self.bytesToClient = 0
-        self.targetAddress = ""
-        self.connectTime: float | None = None
-        self._connector: IConnector | None = None
-        self._pending: Deferred[Any] | None = None
-        self._connectTimer: IDelayedCall | None = None
-        self._idleTimer: IDelayedCall | None = None
-        self._abortTimer: IDelayedCall | None = None
-        self._clientGone = False
-        self._targetGone = True
-        self._finished = False
-        self.failureDetail: str | None = None
-        self.done: Deferred[None] = Deferred()
-        # Who the client is: the connection's own addresses, or what a
-        # trusted load balancer's PROXY header says they are.
-        self.clientHost = ""
-        self.clientPort = 0
-        self.localHost = ""
-        self.localPort = 0
-        self.proxiedBy: str | None = None
-        self.expectHeader = bool(self.forward.accept_proxy_protocol)
-        self.reader: HeaderReader | None = None
-        self._headerTimer: IDelayedCall | None = None
-        self._early = b""
-        # Set once the client passed allow/deny and the per-address bound.
-        self.admitted = False
-        self.clientIP: IPAddress | None = None
-        self.refusal: str | None = None
+        self.started = self.lastActivity = self.clock.seconds()
+        self.expectHeader = bool(forward.accept_proxy_protocol)
+
+    @property
+    def done(self) -> Deferred[None]:
+        """Fires once the relay has ended and reported its end."""
+        if self._done is None:
+            self._done = Deferred()
+            if self._finished:
+                self._done.callback(None)
+        return self._done
+
+    def _fireDone(self) -> None:
+        if self._done is not None:
+            self._done.callback(None)
 
     # Reading an incoming PROXY header
 
@@ -445,10 +518,19 @@ class Relay:
                 # Only the PROXY header needs it, and getHost() is a syscall.
                 host = client.transport.getHost()
                 self.localHost, self.localPort = host.host, host.port
-        client.transport.setTcpKeepAlive(True)
-        client.transport.setTcpNoDelay(True)
+        if not getattr(client.transport, "tcpOptionsSet", False):
+            client.transport.setTcpKeepAlive(True)
+            client.transport.setTcpNoDelay(True)
         target = self.forward.target
         timeout = self.forward.connect_timeout
+        address = self.factory.targetAddress
+        if address is not None:
+            connecting = Connecting(
+                self.reactor, self.clock, address, timeout, TargetSide(self), self.targetFailed
+            )
+            self._connector = connecting
+            connecting.start()
+            return
         factory = _TargetFactory(self)
         if target.is_hostname:
             endpoint = HostnameEndpoint(self.reactor, target.host, target.port, timeout=timeout)
@@ -486,8 +568,9 @@ class Relay:
         client.link(target)
         target.link(client)
         self.targetAddress = _address(target.transport.getPeer())
-        target.transport.setTcpKeepAlive(True)
-        target.transport.setTcpNoDelay(True)
+        if not getattr(target.transport, "tcpOptionsSet", False):
+            target.transport.setTcpKeepAlive(True)
+            target.transport.setTcpNoDelay(True)
         version = self.forward.proxy_protocol
         if version is not None:
             source = (self.clientHost, self.clientPort)
@@ -599,7 +682,7 @@ class Relay:
         if not self.admitted:
             # Refused (and logged as such, rate-limited) or gone before
             # its PROXY header: not a connection that was served.
-            self.done.callback(None)
+            self._fireDone()
             return
         if self.failureDetail:
             text = _FAILED_FORMAT
@@ -619,7 +702,17 @@ class Relay:
             reason=self.reason,
             detail=self.failureDetail,
         )
-        self.done.callback(None)
+        self._fireDone()
+
+
+@functools.lru_cache(maxsize=1024)
+def _client_ip(host: str) -> IPAddress | None:
+    """
+    L{parse_ip} for an accepted connection's address, remembered: clients
+    come back from the same addresses, and parsing one takes longer than
+    the rest of admitting it.
+    """
+    return parse_ip(host)
 
 
 def matches_trusted(client: IPAddress | None, forward: Forward) -> bool:
@@ -649,6 +742,7 @@ class TCPForwardFactory(Factory):
         self.bounds = Bounds(forward.max_connections, forward.max_connections_per_ip)
         self.policy = forward.policy
         self.stats = TCPStats(forward, END_REASONS, CONNECT_FAILURES, policy.REFUSALS)
+        self.targetAddress = self._targetAddress(forward)
         # Refusals are counted in the stats and logged rate-limited.
         self.refusalLog = RefusalLog(log.warn, self.clock)
 
@@ -657,6 +751,14 @@ class TCPForwardFactory(Factory):
         self.forward = forward
         self.policy = forward.policy
         self.bounds.per_ip = forward.max_connections_per_ip
+        self.targetAddress = self._targetAddress(forward)
+
+    def _targetAddress(self, forward: Forward) -> TargetAddress | None:
+        """Where new connections go, when an IP target can take the lean path."""
+        target = forward.target
+        if target.is_hostname or not lean(self.reactor):
+            return None
+        return TargetAddress(target.host, target.port)
 
     def buildProtocol(self, addr: IAddress | None) -> ClientSide | None:
         """
@@ -667,7 +769,7 @@ class TCPForwardFactory(Factory):
         port = int(getattr(addr, "port", 0))
         relay = Relay(self)
         if relay.expectHeader:
-            if not matches_trusted(parse_ip(host), self.forward):
+            if not matches_trusted(_client_ip(host), self.forward):
                 self.refused(format_address(host, port), policy.UNTRUSTED)
                 return None
             if self.bounds.full():
@@ -677,7 +779,7 @@ class TCPForwardFactory(Factory):
             # bound wait for the header to name the real client.
             self.bounds.count()
         else:
-            why = self.admit(relay, parse_ip(host))
+            why = self.admit(relay, _client_ip(host))
             if why is not None:
                 self.refused(format_address(host, port), why)
                 return None

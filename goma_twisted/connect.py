@@ -1,0 +1,353 @@
+"""
+Setting up a relayed TCP pair with fewer system calls and less Python
+than Twisted's general-purpose path.
+
+Twisted's C{connectTCP} goes through a Connector, a Deferred, a timeout
+call and two C{connect()} calls, and registers its socket for reading and
+writing, then unregisters both and registers it again for reading: five
+C{epoll_ctl} calls, two C{ioctl}s and two C{getsockopt}s per connection.
+Its accepted connections start reading at once, which the relay undoes
+(the client must wait for its target) and redoes once the target is up.
+
+Here, for a target given as an IP address:
+
+  - L{Connecting} makes a non-blocking socket in one call, sets its TCP
+    options, calls C{connect()}, and waits for writability with one
+    C{epoll_ctl}; the outcome is read with a second C{connect()} (as
+    Twisted does, so a spurious wake-up is told from a finished attempt).
+    A target on a loopback address has usually finished its handshake
+    when the first C{connect()} returns, so it is asked at once and most
+    often needs no wait at all. The connected socket is handed, not
+    duplicated, to an L{OutgoingConnection}: Twisted's own TCP transport.
+  - L{RelayPort} sets the TCP options once on the listening socket (an
+    accepted socket inherits them) and builds L{AcceptedConnection}s,
+    which do not read until told, so a client waiting for its target
+    costs no C{epoll_ctl} pair.
+
+Both transports are Twisted's L{tcp.Connection}; only their construction
+is ours. That leans on attributes Twisted does not document, checked once
+here (L{LEAN}): without them, or on a reactor that is not Twisted's POSIX
+one (a test's memory reactor), the relay uses C{connectTCP} and Twisted's
+own port.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import abstract, error, tcp
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall, IProtocol
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.python.failure import Failure
+
+# What building Twisted's TCP transports by hand relies on.
+LEAN = (
+    all(hasattr(tcp.Connection, name) for name in ("connectionLost", "_closeSocket", "doRead"))
+    and all(hasattr(tcp.Port, name) for name in ("transport", "_preexistingSocket"))
+    and hasattr(tcp.Server, "_addressType")
+    and callable(getattr(tcp, "_getsockname", None))
+    and callable(getattr(error, "getConnectError", None))
+)
+
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+_WAITING = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK, errno.EINTR)
+_CONNECTED = (0, errno.EISCONN)
+
+
+def lean(reactor: Any) -> bool:
+    """Whether C{reactor} can run this module's transports."""
+    return LEAN and _NONBLOCK != 0 and isinstance(reactor, PosixReactorBase)
+
+
+def set_tcp_options(skt: socket.socket) -> None:
+    """The options every relayed socket gets: no Nagle delay, keep-alive probes."""
+    skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    skt.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+class TargetAddress:
+    """
+    A target IP address worked out once for every connection to it: the
+    socket family, the address C{connect()} takes, and the peer address
+    the transport reports.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        self.loopback = ip.is_loopback
+        if ip.version == 6:
+            self.family = socket.AF_INET6
+            info = socket.getaddrinfo(
+                host, port, socket.AF_INET6, socket.SOCK_STREAM, 0,
+                socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+            )  # fmt: skip
+            self.sockaddr: tuple[Any, ...] = info[0][4]
+            self.peer: IPv4Address | IPv6Address = IPv6Address("TCP", host, port)
+        else:
+            self.family = socket.AF_INET
+            self.sockaddr = (host, port)
+            self.peer = IPv4Address("TCP", host, port)
+
+
+def _connect_error(number: int) -> Exception:
+    """The exception Twisted's connector reports for C{connect()}'s errno."""
+    exc: Exception = error.getConnectError((number, os.strerror(number)))
+    return exc
+
+
+class OutgoingConnection(tcp.Connection):
+    """
+    Twisted's TCP transport around a socket that L{Connecting} connected.
+    The socket is already non-blocking and has its TCP options.
+    """
+
+    tcpOptionsSet = True
+
+    def __init__(
+        self,
+        skt: socket.socket,
+        protocol: IProtocol,
+        reactor: Any,
+        peer: IPv4Address | IPv6Address,
+    ) -> None:
+        # tcp.Connection.__init__ without its setblocking() system call.
+        abstract.FileDescriptor.__init__(self, reactor=reactor)
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.protocol = protocol
+        self._peer = peer
+        self.connected = 1
+
+    def logPrefix(self) -> str:
+        return f"{self.protocol.__class__.__name__},client"
+
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        return self._peer
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        host = tcp._getsockname(self.socket)
+        return type(self._peer)("TCP", *host)
+
+
+class Connecting:
+    """
+    One attempt to connect to a L{TargetAddress}, for one protocol.
+
+    On success the protocol gets an L{OutgoingConnection}, reading; on
+    failure C{failed} is called with the same exceptions Twisted's
+    connector gives: L{error.ConnectionRefusedError} and its kin for the
+    errno of C{connect()}, L{error.TimeoutError} after C{timeout} seconds,
+    L{error.UserError} when L{stopConnecting} is called.
+
+    While it waits it is the reactor's writer for the socket (the reactor
+    may also call C{doRead}, for an error event).
+    """
+
+    _socket: socket.socket | None = None
+    _timer: IDelayedCall | None = None
+    _waiting = False
+    done = False
+
+    def __init__(
+        self,
+        reactor: Any,
+        clock: Any,
+        target: TargetAddress,
+        timeout: float,
+        protocol: IProtocol,
+        failed: Callable[[Failure], object],
+    ) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.target = target
+        self.timeout = timeout
+        self.protocol = protocol
+        self.failed = failed
+
+    def start(self) -> None:
+        """Make the socket and connect; may finish (either way) before it returns."""
+        target = self.target
+        try:
+            skt = socket.socket(target.family, socket.SOCK_STREAM | _NONBLOCK)
+        except OSError as e:
+            self._fail(error.ConnectBindError(e.args[0], e.args[1]))
+            return
+        self._socket = skt
+        try:
+            set_tcp_options(skt)
+            result = skt.connect_ex(target.sockaddr)
+            if result in _WAITING and target.loopback:
+                # Over loopback the handshake has usually completed
+                # within the first call: ask before waiting.
+                result = skt.connect_ex(target.sockaddr)
+        except OSError as e:
+            result = e.errno or errno.EIO
+        if result in _WAITING:
+            self._waiting = True
+            self.reactor.addWriter(self)
+            self._timer = self.clock.callLater(self.timeout, self._timedOut)
+        else:
+            self._outcome(result)
+
+    # What the reactor calls while we wait.
+
+    def fileno(self) -> int:
+        skt = self._socket
+        return skt.fileno() if skt is not None else -1
+
+    def doWrite(self) -> None:
+        if not self.done:
+            self._check()
+
+    doRead = doWrite
+
+    def connectionLost(self, reason: Failure) -> None:
+        # An error or hang-up event (the reactor has removed us), or the
+        # reactor shutting down.
+        self._waiting = False
+        if self.done:
+            return
+        skt = self._socket
+        result = errno.EIO
+        if skt is not None:
+            try:
+                result = skt.connect_ex(self.target.sockaddr)
+            except OSError as e:
+                result = e.errno or errno.EIO
+        if result in _WAITING or result in _CONNECTED:
+            # As Twisted's connector reports a loss before connecting.
+            self._fail(error.ConnectError(string=reason))
+        else:
+            self._outcome(result)
+
+    def logPrefix(self) -> str:
+        return "Connecting"
+
+    def stopConnecting(self) -> None:
+        """Give up, as C{IConnector.stopConnecting} does: fails with L{error.UserError}."""
+        if not self.done:
+            self._fail(error.UserError())
+
+    # Outcomes.
+
+    def _check(self) -> None:
+        skt = self._socket
+        assert skt is not None
+        try:
+            result = skt.connect_ex(self.target.sockaddr)
+        except OSError as e:
+            result = e.errno or errno.EIO
+        if result not in _WAITING:
+            self._outcome(result)
+
+    def _outcome(self, result: int) -> None:
+        if result in _CONNECTED:
+            self._connected()
+        else:
+            self._fail(_connect_error(result))
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        if not self.done:
+            self._fail(error.TimeoutError())
+
+    def _stopWaiting(self) -> None:
+        self.done = True
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._waiting:
+            self._waiting = False
+            self.reactor.removeWriter(self)
+
+    def _connected(self) -> None:
+        self._stopWaiting()
+        skt, self._socket = self._socket, None
+        assert skt is not None
+        transport = OutgoingConnection(skt, self.protocol, self.reactor, self.target.peer)
+        transport.startReading()
+        self.protocol.makeConnection(transport)
+
+    def _fail(self, reason: Exception) -> None:
+        self._stopWaiting()
+        skt, self._socket = self._socket, None
+        if skt is not None:
+            skt.close()
+        self.failed(Failure(reason))
+
+
+class AcceptedConnection(tcp.Server):
+    """
+    Twisted's transport for an accepted connection, which starts reading
+    only when C{resumeProducing} or C{startReading} says so. Its TCP options
+    come from the listening socket.
+    """
+
+    tcpOptionsSet = True
+    readingHeld = True
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: IProtocol,
+        client: tuple[Any, ...],
+        server: Any,
+        sessionno: int,
+        reactor: Any,
+    ) -> None:
+        # tcp.Server.__init__ without startReading() and its log strings.
+        tcp.Connection.__init__(self, sock, protocol, reactor)
+        if len(client) != 2:
+            self._addressType = IPv6Address
+        self.server = server
+        self.client = client
+        self.sessionno = sessionno
+        self.hostname = client[0]
+        self.connected = 1
+
+    def logPrefix(self) -> str:
+        return f"{self.protocol.__class__.__name__},{self.sessionno},{self.hostname}"
+
+    def __repr__(self) -> str:
+        return f"<{self.protocol.__class__.__name__} #{self.sessionno}>"
+
+
+class RelayPort(tcp.Port):
+    """
+    Twisted's listening port, building L{AcceptedConnection}s, with the
+    relay's TCP options set on the listening socket for them to inherit.
+    """
+
+    transport = AcceptedConnection
+
+    def createInternetSocket(self) -> socket.socket:
+        skt: socket.socket = super().createInternetSocket()
+        set_tcp_options(skt)
+        return skt
+
+    def startListening(self) -> None:
+        skt = self._preexistingSocket
+        if skt is not None:
+            # Already listening: reuseport sets them before listen() too.
+            set_tcp_options(skt)
+        super().startListening()
+
+
+def listen_tcp(reactor: Any, port: int, factory: Any, interface: str = "") -> RelayPort:
+    """Like C{reactor.listenTCP}, with a L{RelayPort}."""
+    listening = RelayPort(port, factory, 50, interface, reactor)
+    listening.startListening()
+    return listening
+
+
+def adopt_tcp_port(reactor: Any, fd: int, family: int, factory: Any) -> RelayPort:
+    """Like C{reactor.adoptStreamPort}, with a L{RelayPort}."""
+    listening = RelayPort._fromListeningDescriptor(reactor, fd, family, factory)
+    listening.startListening()
+    return listening

@@ -1,0 +1,346 @@
+"""
+The lean connection set-up (L{goma_twisted.connect}): connects over real
+loopback sockets, the failures it reports as Twisted's connector does, and
+a relay whose target connects late.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import error, protocol
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
+
+from goma_twisted import connect, tcp
+
+from .support import Echo, Recorder, bound_port, captured_logs, forward, listen_tcp, start_service
+from .support import connect as connect_client
+
+TIMEOUT = 10
+
+
+async def finished(reactor: Any, d: Deferred[Any], timeout: float = TIMEOUT) -> Any:
+    return await d.addTimeout(timeout, reactor)
+
+
+class Attempt:
+    """A L{connect.Connecting} and what became of it."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        clock: Any = None,
+        loopback: bool | None = None,
+        send: bytes = b"",
+        timeout: float = 10.0,
+    ) -> None:
+        self.protocol = Recorder(send=send, halfClose=bool(send))
+        self.failure: Failure | None = None
+        self.failed: Deferred[None] = Deferred()
+        target = connect.TargetAddress(host, port)
+        if loopback is not None:
+            target.loopback = loopback  # False: wait for the reactor as for a remote target
+        self.connecting = connect.Connecting(
+            reactor, clock or reactor, target, timeout, self.protocol, self._failed
+        )
+
+    def _failed(self, failure: Failure) -> None:
+        self.failure = failure
+        self.failed.callback(None)
+
+
+@pytest.fixture
+def echo(reactor: Any) -> Any:
+    port = listen_tcp(reactor, protocol.Factory.forProtocol(Echo))
+    yield port
+    port.stopListening()
+
+
+@pytest.fixture
+def dead_port(reactor: Any) -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class FullBacklog:
+    """
+    A loopback listener whose accept queue is full, so a connection attempt
+    stays in progress, as with a hung or distant backend, until L{release}.
+    """
+
+    def __init__(self, family: int = socket.AF_INET, host: str = "127.0.0.1") -> None:
+        self.listener = socket.socket(family)
+        self.listener.bind((host, 0))
+        self.listener.listen(0)
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.fillers = []
+        for _ in range(4):
+            filler = socket.socket(family)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(self.listener.getsockname()[:2])
+            self.fillers.append(filler)
+
+    def release(self) -> None:
+        """Let the next (retransmitted) connection attempt through."""
+        for filler in self.fillers:
+            filler.close()
+        self.fillers = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.listener.accept()[0].close()
+
+    def close(self) -> None:
+        for s in [*self.fillers, self.listener]:
+            s.close()
+
+
+@pytest.fixture
+def full_backlog() -> Any:
+    backlog = FullBacklog()
+    yield backlog
+    backlog.close()
+
+
+def sockopts(skt: socket.socket) -> tuple[int, int]:
+    return (
+        skt.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+        skt.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+    )
+
+
+@pytest.mark.parametrize("loopback", [True, False], ids=["asked-at-once", "waited-for"])
+@pytest_twisted.ensureDeferred
+async def test_connects_to_an_ip_target(reactor: Any, echo: Any, loopback: bool) -> None:
+    attempt = Attempt(reactor, "127.0.0.1", echo.getHost().port, loopback=loopback, send=b"hi")
+    attempt.connecting.start()
+    # A loopback handshake is done within connect(); otherwise it waits.
+    assert attempt.connecting.done is loopback
+    assert (attempt.connecting in reactor.getWriters()) is not loopback
+    assert await finished(reactor, attempt.protocol.lost) == b"hi"
+    transport = attempt.protocol.transport
+    assert isinstance(transport, connect.OutgoingConnection)
+    assert transport.getPeer() == IPv4Address("TCP", "127.0.0.1", echo.getHost().port)
+    assert attempt.failure is None
+    assert attempt.connecting not in reactor.getWriters()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_transport_owns_the_socket_connected(reactor: Any, echo: Any) -> None:
+    attempt = Attempt(reactor, "127.0.0.1", echo.getHost().port)
+    attempt.connecting.start()
+    await finished(reactor, attempt.protocol.connected_d)
+    transport = attempt.protocol.transport
+    assert isinstance(transport, connect.OutgoingConnection)
+    assert sockopts(transport.socket) == (1, 1)
+    assert transport.socket.gettimeout() == 0.0  # non-blocking, without an ioctl
+    assert transport.getHost().host == "127.0.0.1"
+    assert transport in reactor.getReaders()
+    transport.loseConnection()
+    await finished(reactor, attempt.protocol.lost)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_target(reactor: Any) -> None:
+    server = listen_tcp(reactor, protocol.Factory.forProtocol(Echo), interface="::1")
+    try:
+        attempt = Attempt(reactor, "::1", server.getHost().port, send=b"six")
+        attempt.connecting.start()
+        assert await finished(reactor, attempt.protocol.lost) == b"six"
+        assert attempt.protocol.transport.getPeer() == IPv6Address(  # type: ignore[union-attr]
+            "TCP", "::1", server.getHost().port
+        )
+    finally:
+        await server.stopListening()
+
+
+@pytest.mark.parametrize("loopback", [True, False], ids=["asked-at-once", "waited-for"])
+@pytest_twisted.ensureDeferred
+async def test_refused_as_twisted_reports_it(reactor: Any, dead_port: int, loopback: bool) -> None:
+    attempt = Attempt(reactor, "127.0.0.1", dead_port, loopback=loopback)
+    attempt.connecting.start()
+    await finished(reactor, attempt.failed)
+    failure = attempt.failure
+    assert failure is not None
+    assert failure.check(error.ConnectionRefusedError)
+    expected = error.getConnectError((errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED)))
+    assert failure.getErrorMessage() == str(expected)
+    assert tcp.connect_failure_reason(failure) == tcp.CONNECT_REFUSED
+    assert attempt.connecting not in reactor.getWriters()
+    assert not attempt.protocol.connected_d.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_times_out_on_its_clock(reactor: Any, full_backlog: FullBacklog) -> None:
+    clock = Clock()
+    attempt = Attempt(reactor, "127.0.0.1", full_backlog.port, clock=clock, timeout=3)
+    attempt.connecting.start()
+    assert not attempt.connecting.done
+    assert attempt.connecting in reactor.getWriters()
+    clock.advance(2.9)
+    await deferLater(reactor, 0.05)
+    assert attempt.failure is None
+    clock.advance(0.1)
+    assert attempt.failure is not None
+    assert attempt.failure.check(error.TimeoutError)
+    assert attempt.failure.getErrorMessage() == str(error.TimeoutError())
+    assert tcp.connect_failure_reason(attempt.failure) == tcp.CONNECT_TIMEOUT
+    assert attempt.connecting not in reactor.getWriters()
+    assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spurious_wake_up_keeps_waiting(reactor: Any, full_backlog: FullBacklog) -> None:
+    clock = Clock()
+    attempt = Attempt(reactor, "127.0.0.1", full_backlog.port, clock=clock)
+    attempt.connecting.start()
+    attempt.connecting.doWrite()
+    attempt.connecting.doRead()
+    assert attempt.failure is None and not attempt.connecting.done
+    assert attempt.connecting in reactor.getWriters()
+    attempt.connecting.stopConnecting()
+    assert attempt.failure is not None and attempt.failure.check(error.UserError)
+    assert attempt.failure.getErrorMessage() == str(error.UserError())
+    assert attempt.connecting not in reactor.getWriters()
+    assert clock.getDelayedCalls() == []
+    attempt.connecting.stopConnecting()  # once only
+
+
+@pytest_twisted.ensureDeferred
+async def test_lost_while_waiting(reactor: Any, full_backlog: FullBacklog) -> None:
+    # As when the reactor shuts down: disconnectAll() calls connectionLost.
+    clock = Clock()
+    attempt = Attempt(reactor, "127.0.0.1", full_backlog.port, clock=clock)
+    attempt.connecting.start()
+    reactor.removeWriter(attempt.connecting)
+    attempt.connecting.connectionLost(Failure(error.ConnectionLost()))
+    assert attempt.failure is not None
+    assert tcp.connect_failure_reason(attempt.failure) == tcp.CONNECT_FAILED
+    assert clock.getDelayedCalls() == []
+
+
+async def _accept(reactor: Any, listener: socket.socket, within: float = 8) -> socket.socket:
+    for _ in range(int(within / 0.02)):
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            await deferLater(reactor, 0.02)
+            continue
+        conn.setblocking(False)
+        return conn
+    raise AssertionError("nothing connected")
+
+
+async def _read_to_eof(reactor: Any, conn: socket.socket, within: float = 8) -> bytes:
+    chunks: list[bytes] = []
+    for _ in range(int(within / 0.01)):
+        try:
+            chunk = conn.recv(65536)
+        except BlockingIOError:
+            await deferLater(reactor, 0.01)
+            continue
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+    raise AssertionError("no EOF")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relay_whose_target_connects_late(reactor: Any, full_backlog: FullBacklog) -> None:
+    # The client sends everything and half-closes while the connect to
+    # the target is still in progress: nothing is lost, the EOF follows.
+    service = start_service(forward(target=("127.0.0.1", full_backlog.port)))
+    factory = service.listeners[0].factory  # type: ignore[union-attr]
+    payload = os.urandom(200_000)
+    client = Recorder(send=payload, halfClose=True)
+    try:
+        with captured_logs() as logs:
+            connect_client(reactor, bound_port(service), client)
+            await finished(reactor, client.connected_d)
+            while not factory.relays:
+                await deferLater(reactor, 0.01)
+            [relay] = factory.relays
+            await deferLater(reactor, 0.2)
+            assert relay.target is None
+            # Waiting, the client is not read (its bytes wait in the kernel).
+            assert relay.client.transport not in reactor.getReaders()
+            full_backlog.release()
+            conn = await _accept(reactor, full_backlog.listener)
+            with conn:
+                received = await _read_to_eof(reactor, conn)
+                conn.sendall(b"got it")
+            assert await finished(reactor, client.lost) == b"got it"
+            await deferLater(reactor, 0.05)
+    finally:
+        await service.stopService()
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    [end] = logs.ends()
+    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert end["connectTime"] > 0.2
+    assert (end["bytesToTarget"], end["bytesToClient"]) == (len(payload), 6)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relay_times_out_connecting_on_its_clock(
+    reactor: Any, full_backlog: FullBacklog
+) -> None:
+    clock = Clock()
+    service = start_service(
+        forward(target=("127.0.0.1", full_backlog.port), connect_timeout=5), clock=clock
+    )
+    client = Recorder(send=b"hello", halfClose=True)
+    try:
+        with captured_logs() as logs:
+            connect_client(reactor, bound_port(service), client)
+            await finished(reactor, client.connected_d)
+            factory = service.listeners[0].factory  # type: ignore[union-attr]
+            while not factory.relays:
+                await deferLater(reactor, 0.01)
+            clock.advance(5)
+            assert await finished(reactor, client.lost) == b""
+            await deferLater(reactor, 0.05)
+    finally:
+        await service.stopService()
+    [end] = logs.ends()
+    assert end["reason"] == tcp.CONNECT_TIMEOUT
+    assert end["detail"] == str(error.TimeoutError())
+    assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("reuse_port", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_accepted_sockets_inherit_the_tcp_options(
+    reactor: Any, echo: Any, reuse_port: bool
+) -> None:
+    service = start_service(
+        forward(target=("127.0.0.1", echo.getHost().port), reuse_port=reuse_port)
+    )
+    factory = service.listeners[0].factory  # type: ignore[union-attr]
+    client = Recorder(send=b"x")
+    try:
+        connect_client(reactor, bound_port(service), client)
+        while client.received != b"x":
+            await deferLater(reactor, 0.01)
+        [relay] = factory.relays
+        assert isinstance(relay.client.transport, connect.AcceptedConnection)
+        assert sockopts(relay.client.transport.socket) == (1, 1)
+        assert relay.target is not None
+        assert isinstance(relay.target.transport, connect.OutgoingConnection)
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await finished(reactor, client.lost)
+    finally:
+        await service.stopService()
