@@ -417,7 +417,8 @@ class UDPForward(DatagramProtocol):
             session.close(SHUTDOWN)
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
-        self._sweep = None
+        # Listening may start again (a rejected reload restarts what it stopped).
+        self._sweep = self._sweepAt = None
 
     # Idle expiry. One timer per session (scheduled at its start, cancelled
     # at its end, usually within milliseconds with udpResponses) cost more

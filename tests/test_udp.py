@@ -676,3 +676,18 @@ def test_a_deadline_that_rounds_below_itself_is_checked_once_after_it() -> None:
     clock.advance(0.3)
     assert session.reason == udp.IDLE_TIMEOUT
     assert clock.getDelayedCalls() == []
+
+
+def test_a_forward_listening_again_after_a_stop_still_sweeps() -> None:
+    # A rejected reload starts the listeners it had stopped again, with
+    # the same UDPForward: its sweep must not think one is still scheduled.
+    clock = Clock()
+    relay = idle_relay(clock, 10.0)
+    open_session(relay, 1)
+    relay.stopProtocol()
+    assert clock.getDelayedCalls() == []
+    clock.advance(20)
+    session = open_session(relay, 2)
+    clock.advance(11)
+    assert session.reason == udp.IDLE_TIMEOUT
+    assert clock.getDelayedCalls() == []
