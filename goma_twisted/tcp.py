@@ -121,7 +121,14 @@ _CLOSED.check(error.ConnectionDone)
 # transport.write() instead of failing.
 _SEND_NOW = all(
     hasattr(tcp.Connection, name)
-    for name in ("dataBuffer", "disconnecting", "_writeDisconnecting", "_aborting", "connected")
+    for name in (
+        "dataBuffer",
+        "disconnecting",
+        "_writeDisconnecting",
+        "_writeDisconnected",
+        "_aborting",
+        "connected",
+    )
 )
 
 
@@ -190,7 +197,13 @@ class _RelaySide(Protocol):
         """Relay to C{peer} from now on."""
         self.peer = peer
         transport = self.transport
-        if _SEND_NOW and isinstance(transport, tcp.Connection):
+        # _tempDataLen is set by FileDescriptor.__init__, so the class-level
+        # check (_SEND_NOW) cannot see it: asked of the transport itself.
+        if (
+            _SEND_NOW
+            and isinstance(transport, tcp.Connection)
+            and hasattr(transport, "_tempDataLen")
+        ):
             self.sendsNow = True
             transport.bufferSize = READ_SIZE
             # Twisted calls shutdown(SHUT_RDWR) before close(), "not really
