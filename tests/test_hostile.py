@@ -11,6 +11,7 @@ import hashlib
 import os
 import socket
 import struct
+import time
 from typing import Any
 
 import pytest_twisted
@@ -418,3 +419,45 @@ async def test_udp_sessions_of_a_forward_removed_by_a_reload_free_their_sockets(
         await backend.stopListening()
     assert open_fds() == before
     assert [e["reason"] for e in logs.ends()] == [udp.SHUTDOWN] * 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_reset_met_first_by_a_send_is_still_a_reset(reactor: Any) -> None:
+    # The target's next bytes meet the client's reset in send(), which
+    # clears the socket's error: the read that follows finds only an end
+    # of stream.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.setblocking(False)
+    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
+    try:
+        with captured_logs() as logs:
+            client = raw_client(bound_port(service))
+            conn = await _accept(reactor, listener)
+            client.sendall(b"hello")
+            assert await _read_some(reactor, conn) == b"hello"
+            [relay] = relays(service)
+            # Without the reactor running: the target's answer is read (and
+            # sent at once) before the client's event is handled, as when
+            # both come in one poll and the target's is first.
+            reset(client)
+            conn.sendall(b"answer")
+            time.sleep(0.05)
+            assert relay.target.transport.doRead() is None
+            await until(reactor, lambda: not relays(service))
+            conn.close()
+    finally:
+        await service.stopService()
+        listener.close()
+    [end] = logs.ends()
+    assert end["reason"] == tcp.CLIENT_RESET
+
+
+async def _read_some(reactor: Any, conn: socket.socket, within: float = 8) -> bytes:
+    for _ in range(int(within / 0.01)):
+        try:
+            return conn.recv(65536)
+        except BlockingIOError:
+            await deferLater(reactor, 0.01)
+    raise AssertionError("nothing came")
