@@ -49,7 +49,10 @@ from twisted.python.failure import Failure
 # What building Twisted's TCP transports by hand relies on.
 LEAN = (
     all(hasattr(tcp.Connection, name) for name in ("connectionLost", "_closeSocket", "doRead"))
-    and all(hasattr(tcp.Port, name) for name in ("transport", "_preexistingSocket"))
+    and all(
+        hasattr(tcp.Port, name)
+        for name in ("transport", "_preexistingSocket", "_fromListeningDescriptor")
+    )
     and hasattr(tcp.Server, "_addressType")
     and callable(getattr(tcp, "_getsockname", None))
     and callable(getattr(error, "getConnectError", None))

@@ -121,11 +121,18 @@ _CLOSED.check(error.ConnectionDone)
 # transport.write() instead of failing.
 _SEND_NOW = all(
     hasattr(tcp.Connection, name)
-    for name in ("dataBuffer", "disconnecting", "_writeDisconnecting", "_aborting", "connected")
+    for name in (
+        "dataBuffer",
+        "disconnecting",
+        "_writeDisconnecting",
+        "_writeDisconnected",
+        "_aborting",
+        "connected",
+    )
 )
 
 
-def send_now(transport: Any, data: bytes) -> None:
+def send_now(transport: Any, data: bytes) -> bool:
     """
     Write C{data} to a Twisted TCP transport, sending at once what the
     socket takes when nothing is queued ahead of it.
@@ -138,8 +145,10 @@ def send_now(transport: Any, data: bytes) -> None:
     could go after these bytes), and Twisted's buffering and the
     producer/consumer pausing stay in charge of whatever the socket does
     not take. Any error other than a full socket is left to Twisted too:
-    the data goes to C{write}, whose next send meets the same error and
-    ends the connection in the usual way.
+    the data goes to C{write}, whose next send ends the connection in the
+    usual way. It returns True then: C{send} took the socket's pending
+    error (a reset), so a read that follows finds only an end of stream,
+    and the caller must remember the reset (see L{_RelaySide.sendFailed}).
     """
     if (
         transport._tempDataLen
@@ -150,16 +159,17 @@ def send_now(transport: Any, data: bytes) -> None:
         or not transport.connected
     ):
         transport.write(data)
-        return
+        return False
     try:
         sent = transport.socket.send(data)
     except BlockingIOError:
         sent = 0
     except OSError:
         transport.write(data)
-        return
+        return True
     if sent < len(data):
         transport.write(data[sent:])
+    return False
 
 
 # Whether a linked side may replace its transport's doRead (relayRead):
@@ -185,12 +195,21 @@ class _RelaySide(Protocol):
     sendsNow = False
     # Which of the relay's byte counters what this side reads adds to.
     fromClient = False
+    # Whether sending to this side met an error (a reset): its end of
+    # stream is then a lost connection, not a close.
+    sendFailed = False
 
     def link(self, peer: _RelaySide) -> None:
         """Relay to C{peer} from now on."""
         self.peer = peer
         transport = self.transport
-        if _SEND_NOW and isinstance(transport, tcp.Connection):
+        # _tempDataLen is set by FileDescriptor.__init__, so the class-level
+        # check (_SEND_NOW) cannot see it: asked of the transport itself.
+        if (
+            _SEND_NOW
+            and isinstance(transport, tcp.Connection)
+            and hasattr(transport, "_tempDataLen")
+        ):
             self.sendsNow = True
             transport.bufferSize = READ_SIZE
             # Twisted calls shutdown(SHUT_RDWR) before close(), "not really
@@ -218,7 +237,7 @@ class _RelaySide(Protocol):
                 return None
             return CONNECTION_LOST
         if not data:
-            return CONNECTION_DONE
+            return CONNECTION_LOST if self.sendFailed else CONNECTION_DONE
         count = len(data)
         relay = self.relay
         if self.fromClient:
@@ -233,7 +252,8 @@ class _RelaySide(Protocol):
         if peer is None:
             return None
         if peer.sendsNow:
-            send_now(peer.transport, data)
+            if send_now(peer.transport, data):
+                peer.sendFailed = True
         else:
             peer.transport.write(data)
         return None
@@ -243,7 +263,8 @@ class _RelaySide(Protocol):
         peer = self.peer
         if peer is not None:
             if peer.sendsNow:
-                send_now(peer.transport, data)
+                if send_now(peer.transport, data):
+                    peer.sendFailed = True
             else:
                 peer.transport.write(data)
 

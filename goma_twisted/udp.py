@@ -417,7 +417,8 @@ class UDPForward(DatagramProtocol):
             session.close(SHUTDOWN)
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
-        self._sweep = None
+        # Listening may start again (a rejected reload restarts what it stopped).
+        self._sweep = self._sweepAt = None
 
     # Idle expiry. One timer per session (scheduled at its start, cancelled
     # at its end, usually within milliseconds with udpResponses) cost more
@@ -432,6 +433,10 @@ class UDPForward(DatagramProtocol):
         """Have the sweep check C{session} at C{deadline} (rounded up)."""
         step = self.granularity
         at = math.ceil(deadline / step) * step
+        if at < deadline:
+            # Rounded below it in floating point (3.6 / 0.3 -> 3.5999...):
+            # a sweep there would put the session back in the same bucket.
+            at += step
         bucket = self._buckets.get(at)
         if bucket is None:
             bucket = self._buckets[at] = {}
@@ -473,5 +478,9 @@ class UDPForward(DatagramProtocol):
                     session.close(IDLE_TIMEOUT)
                 else:
                     self.watch(session, deadline)
-        if self._buckets and self._sweepAt is None:
-            self._schedule(min(self._buckets))
+        # A session moved on may have scheduled a later bucket than one
+        # still waiting: the next sweep is the earliest bucket's.
+        if self._buckets:
+            first = min(self._buckets)
+            if self._sweepAt is None or first < self._sweepAt:
+                self._schedule(first)

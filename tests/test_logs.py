@@ -85,6 +85,15 @@ EVENTS = {
     "tcp failed": lambda: emitted(
         tcp._FAILED_FORMAT, **END | {"reason": "connect refused", "detail": "no one there"}
     ),
+    "tcp failed, braces and non-ASCII in the detail, IPv6 client": lambda: emitted(
+        tcp._FAILED_FORMAT,
+        **END
+        | {
+            "client": "[2001:db8::1]:5353",
+            "reason": "connect failed",
+            "detail": "{x} {} caf\u00e9 \u2603",
+        },
+    ),
     "udp": lambda: emitted(
         UDP_FORMAT, "goma_pt.udp", **END | {"datagramsToTarget": 1, "datagramsToClient": 2}
     ),

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import protocol
+from twisted.internet import tcp as twisted_tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock, deferLater
@@ -625,3 +626,20 @@ def test_send_now_leaves_a_full_socket_and_errors_to_twisted(error: Exception) -
     transport = SendingTransport(takes=error)
     tcp.send_now(transport, b"abcdef")
     assert transport.written == [b"abcdef"]
+
+
+def test_a_transport_without_twisteds_write_counters_keeps_twisteds_paths(reactor: Any) -> None:
+    # _tempDataLen is an instance attribute: a Twisted without it must get
+    # write() and doRead(), not an AttributeError on every message.
+    ours, theirs = socket.socketpair()
+    try:
+        transport = twisted_tcp.Connection(ours, protocol.Protocol(), reactor)
+        del transport._tempDataLen
+        side, other = tcp.TargetSide(None), tcp.TargetSide(None)  # type: ignore[arg-type]
+        side.transport = transport  # type: ignore[assignment]
+        side.link(other)
+        assert not side.sendsNow
+        assert "doRead" not in vars(transport)
+    finally:
+        ours.close()
+        theirs.close()

@@ -642,3 +642,52 @@ def test_a_shorter_timeout_after_a_reload_moves_the_sweep_earlier() -> None:
     clock.advance(295)
     assert first.reason == udp.IDLE_TIMEOUT
     assert clock.getDelayedCalls() == []
+
+
+def test_a_session_moved_later_by_the_sweep_does_not_delay_an_earlier_bucket() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 10.0)
+    busy = open_session(relay, 1)  # checked at 10
+    clock.advance(0.5)
+    quiet = open_session(relay, 2)  # idle from 10.5: checked at 11
+    clock.advance(4.5)
+    busy.send(b"still here")  # at 5: idle from 15
+    clock.advance(5)  # 10: the sweep moves the busy one to 15
+    assert busy.reason is None and quiet.reason is None
+    clock.advance(1)  # 11: never later than timeout + granularity
+    assert quiet.reason == udp.IDLE_TIMEOUT
+    assert busy.reason is None
+    clock.advance(4)
+    assert busy.reason == udp.IDLE_TIMEOUT
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_deadline_that_rounds_below_itself_is_checked_once_after_it() -> None:
+    # 3.6 / 0.3 rounds up to 12, and 12 * 0.3 is 3.5999999999999996: a
+    # bucket before the deadline, where the sweep would put the session
+    # back again and again without the clock moving.
+    clock = Clock()
+    relay = idle_relay(clock, 3.0)
+    clock.advance(0.6000000000000001)
+    session = open_session(relay, 1)
+    assert relay._sweepAt is not None and relay._sweepAt >= 3.6
+    clock.advance(relay._sweepAt - clock.seconds())
+    assert session.reason is None or clock.seconds() >= 3.6
+    clock.advance(0.3)
+    assert session.reason == udp.IDLE_TIMEOUT
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_forward_listening_again_after_a_stop_still_sweeps() -> None:
+    # A rejected reload starts the listeners it had stopped again, with
+    # the same UDPForward: its sweep must not think one is still scheduled.
+    clock = Clock()
+    relay = idle_relay(clock, 10.0)
+    open_session(relay, 1)
+    relay.stopProtocol()
+    assert clock.getDelayedCalls() == []
+    clock.advance(20)
+    session = open_session(relay, 2)
+    clock.advance(11)
+    assert session.reason == udp.IDLE_TIMEOUT
+    assert clock.getDelayedCalls() == []
