@@ -192,8 +192,14 @@ class Connecting:
         except OSError as e:
             result = e.errno or errno.EIO
         if result in _WAITING:
+            try:
+                self.reactor.addWriter(self)
+            except OSError as e:
+                # epoll_ctl out of memory or watches: a failed attempt, not
+                # an exception that would leave the held client unserved.
+                self._fail(error.ConnectError(string=str(e)))
+                return
             self._waiting = True
-            self.reactor.addWriter(self)
             self._timer = self.clock.callLater(self.timeout, self._timedOut)
         else:
             self._outcome(result)
@@ -274,7 +280,12 @@ class Connecting:
         skt, self._socket = self._socket, None
         assert skt is not None
         transport = OutgoingConnection(skt, self.protocol, self.reactor, self.target.peer)
-        transport.startReading()
+        try:
+            transport.startReading()
+        except OSError as e:
+            skt.close()
+            self.failed(Failure(error.ConnectError(string=str(e))))
+            return
         self.protocol.makeConnection(transport)
 
     def _fail(self, reason: Exception) -> None:

@@ -220,6 +220,45 @@ async def test_a_spurious_wake_up_keeps_waiting(reactor: Any, full_backlog: Full
     attempt.connecting.stopConnecting()  # once only
 
 
+class _NoWatches:
+    """A reactor whose epoll has no room left: every registration fails."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def addWriter(self, selectable: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    addReader = addWriter
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reactor_that_cannot_watch_fails_the_attempt(
+    reactor: Any, full_backlog: FullBacklog, echo: Any
+) -> None:
+    # Waiting for a connect, or reading a connected socket, needs an
+    # epoll_ctl: when it fails the attempt fails, its socket closed, rather
+    # than raising into the accept path and leaving the held client unserved.
+    clock = Clock()
+    waiting = Attempt(_NoWatches(reactor), "127.0.0.1", full_backlog.port, clock=clock)
+    waiting.connecting.start()
+    port = echo.getHost().port
+    connected = Attempt(_NoWatches(reactor), "127.0.0.1", port, clock=clock, loopback=True)
+    connected.connecting.start()
+    for attempt in (waiting, connected):
+        assert attempt.connecting.done
+        assert attempt.failure is not None
+        assert attempt.failure.check(error.ConnectError)
+        assert os.strerror(errno.ENOSPC) in attempt.failure.getErrorMessage()
+        assert tcp.connect_failure_reason(attempt.failure) == tcp.CONNECT_FAILED
+        assert attempt.connecting.fileno() == -1
+        assert attempt.protocol.transport is None
+    assert clock.getDelayedCalls() == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_lost_while_waiting(reactor: Any, full_backlog: FullBacklog) -> None:
     # As when the reactor shuts down: disconnectAll() calls connectionLost.
