@@ -327,7 +327,11 @@ class PassThroughService(MultiService):
         keep their listeners, connections and sessions. A forward whose
         settings changed keeps its listener; new connections get the new
         settings. Removed forwards stop listening and their connections
-        drain. If a new listener cannot bind, everything stays as it was.
+        drain. If a new listener cannot bind, the old listeners are back as
+        they were; one exception: a new listener that needed the port of a
+        removed one could only try once that one had stopped, so the UDP
+        sessions of the removed forward have ended by then (its TCP
+        connections are kept).
         """
         wanted = {
             listener_key: forward for forward in config.forwards for listener_key in _keys(forward)
