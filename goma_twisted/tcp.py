@@ -224,11 +224,10 @@ class _RelaySide(Protocol):
     def relayRead(self) -> Any:
         """
         C{doRead} of this side's transport once the pair is linked: the
-        work of Twisted's C{doRead}, C{dataReceived} and L{Relay.activity}
-        in one call before L{send_now}, as these calls were much of the
-        Python time per message. It returns what Twisted's C{doRead}
-        returns, so the reactor handles an end of stream or an error as
-        before.
+        work of Twisted's C{doRead} and C{dataReceived} in one call before
+        L{relayData}, as Twisted's calls were much of the Python time per
+        message. It returns what Twisted's C{doRead} returns, so the
+        reactor handles an end of stream or an error as before.
         """
         try:
             data = self.transport.socket.recv(READ_SIZE)  # type: ignore[attr-defined]
@@ -238,6 +237,11 @@ class _RelaySide(Protocol):
             return CONNECTION_LOST
         if not data:
             return CONNECTION_LOST if self.sendFailed else CONNECTION_DONE
+        self.relayData(data)
+        return None
+
+    def relayData(self, data: bytes) -> None:
+        """Count what this side read, mark the relay active, and pass it to the peer."""
         count = len(data)
         relay = self.relay
         if self.fromClient:
@@ -247,26 +251,18 @@ class _RelaySide(Protocol):
             relay.bytesToClient += count
             relay.stats.bytes_to_client += count
         if relay._idleTimer is not None:
+            # Only the idle check reads it.
             relay.lastActivity = relay.clock.seconds()
         peer = self.peer
         if peer is None:
-            return None
+            return
         if peer.sendsNow:
             if send_now(peer.transport, data):
                 peer.sendFailed = True
         else:
             peer.transport.write(data)
-        return None
 
-    def dataReceived(self, data: bytes) -> None:
-        self.relay.activity(self, len(data))
-        peer = self.peer
-        if peer is not None:
-            if peer.sendsNow:
-                if send_now(peer.transport, data):
-                    peer.sendFailed = True
-            else:
-                peer.transport.write(data)
+    dataReceived = relayData
 
     def readConnectionLost(self) -> None:
         # Our sender is done: stop it from pausing or resuming us, and
@@ -598,8 +594,7 @@ class Relay:
             target.transport.write(encode(version, source, (self.localHost, self.localPort)))
         early, self._early = self._early, b""
         if early:
-            self.activity(client, len(early))
-            target.transport.write(early)
+            client.relayData(early)
         target.transport.registerProducer(client.transport, True)
         client.transport.registerProducer(target.transport, True)
         client.transport.resumeProducing()
@@ -621,17 +616,6 @@ class Relay:
         self._connectTimer = None
 
     # Relaying
-
-    def activity(self, side: _RelaySide, count: int) -> None:
-        if side is self.client:
-            self.bytesToTarget += count
-            self.stats.bytes_to_target += count
-        else:
-            self.bytesToClient += count
-            self.stats.bytes_to_client += count
-        if self._idleTimer is not None:
-            # Only the idle check reads it.
-            self.lastActivity = self.clock.seconds()
 
     def halfClosed(self, side: _RelaySide) -> None:
         if self.reason is None:
