@@ -7,7 +7,6 @@ bound to 127.0.0.2 or 127.0.0.3 is a genuinely different source address.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from typing import Any
 
@@ -41,6 +40,7 @@ from .support import (
     bound_port,
     captured_logs,
     forward,
+    open_fds,
     start_service,
     udp_relay,
 )
@@ -362,10 +362,6 @@ async def test_udp_sessions_per_client_address(reactor: Any, cleanup: list[Any])
     relay = udp_relay(service)
     assert relay.refusedCounts == {policy.AT_BOUND_PER_IP: 2}
     assert relay.bounds.by_ip == {"127.0.0.2": 2, "127.0.0.3": 1}
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest_twisted.ensureDeferred

@@ -6,7 +6,6 @@ stops while connects are pending, and descriptors back to their count.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import socket
@@ -26,15 +25,11 @@ from .support import (
     captured_logs,
     forward,
     listen_tcp,
+    open_fds,
     start_service,
     udp_relay,
 )
 from .test_connect import FullBacklog, _accept, _read_to_eof, finished
-
-
-def open_fds() -> int:
-    gc.collect()  # sockets an earlier test left to the collector
-    return len(os.listdir("/proc/self/fd"))
 
 
 def raw_client(port: int, host: str = "127.0.0.1") -> socket.socket:
@@ -43,6 +38,15 @@ def raw_client(port: int, host: str = "127.0.0.1") -> socket.socket:
     skt.connect((host, port))
     skt.setblocking(False)
     return skt
+
+
+def raw_listener() -> socket.socket:
+    """A plain non-blocking loopback listener, to accept the relay's connection by hand."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.setblocking(False)
+    return listener
 
 
 def reset(skt: socket.socket) -> None:
@@ -113,10 +117,7 @@ async def test_a_target_that_resets_at_once(reactor: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_half_closes_in_turn_with_data_after_the_first(reactor: Any) -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(5)
-    listener.setblocking(False)
+    listener = raw_listener()
     service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
     try:
         with captured_logs() as logs:
@@ -426,10 +427,7 @@ async def test_a_client_reset_met_first_by_a_send_is_still_a_reset(reactor: Any)
     # The target's next bytes meet the client's reset in send(), which
     # clears the socket's error: the read that follows finds only an end
     # of stream.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(5)
-    listener.setblocking(False)
+    listener = raw_listener()
     service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
     try:
         with captured_logs() as logs:

@@ -5,6 +5,7 @@ The UDP relay over real loopback sockets, with a Clock for session expiry.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 import pytest
@@ -22,6 +23,8 @@ from .support import (
     bound_port,
     captured_logs,
     forward,
+    free_port,
+    open_fds,
     start_service,
     udp_relay,
 )
@@ -135,10 +138,6 @@ async def test_largest_datagram_passes_intact(
     assert await c.reply(reactor) == payload
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @pytest_twisted.ensureDeferred
 async def test_idle_sessions_expire_and_free_their_sockets(
     reactor: Any, ports: list[Any], services: list[Any]
@@ -210,9 +209,7 @@ async def test_icmp_refused_keeps_the_forward_and_the_session(
 ) -> None:
     # A target port nobody listens on yet: the kernel answers with ICMP
     # port unreachable, which the session socket reports as refused.
-    probe = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
-    target_port = probe.getHost().port
-    await probe.stopListening()
+    target_port = free_port(socket.SOCK_DGRAM)
     service = start_service(forward(("udp",), ("127.0.0.1", target_port)))
     services.append(service)
     listen = bound_port(service, "udp")
@@ -367,9 +364,7 @@ async def test_icmp_error_reported_by_epoll_keeps_the_session_reading(
     # The ICMP error arrives while nothing is sent: epoll reports the socket
     # in error with nothing to read, the reactor drops it as lost, and the
     # session counts the refusal and reads the socket again.
-    probe = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
-    target_port = probe.getHost().port
-    await probe.stopListening()
+    target_port = free_port(socket.SOCK_DGRAM)
     service = start_service(forward(("udp",), ("127.0.0.1", target_port)))
     services.append(service)
     relay = udp_relay(service)
