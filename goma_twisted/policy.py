@@ -7,6 +7,7 @@ a flood cannot flood. No sockets here; the relays ask, this answers.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,11 +36,16 @@ MIN_DEFAULT_BOUND = 16
 MAX_DEFAULT_BOUND = 65536
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_ip(host: str) -> IPAddress | None:
     """
     The address a client connected from, as a value: an IPv4 client of a
     dual-stack listener (C{::ffff:192.0.2.1}) is the IPv4 address it is,
     and an IPv6 zone (C{fe80::1%eth0}) is dropped. None if not an address.
+
+    Remembered for the last 1024 addresses: clients come back from the
+    same ones, and parsing one took longer than the rest of admitting a
+    TCP connection or a UDP session.
     """
     host = host.partition("%")[0]
     try:

@@ -12,7 +12,6 @@ stays bounded by the socket buffers plus one read.
 from __future__ import annotations
 
 import contextlib
-import functools
 import socket
 from errno import EWOULDBLOCK
 from typing import Any
@@ -710,16 +709,6 @@ class Relay:
         self._fireDone()
 
 
-@functools.lru_cache(maxsize=1024)
-def _client_ip(host: str) -> IPAddress | None:
-    """
-    L{parse_ip} for an accepted connection's address, remembered: clients
-    come back from the same addresses, and parsing one takes longer than
-    the rest of admitting it.
-    """
-    return parse_ip(host)
-
-
 def matches_trusted(client: IPAddress | None, forward: Forward) -> bool:
     """Whether a connection comes from a load balancer trusted to send PROXY headers."""
     return client is not None and matches(client, forward.accept_proxy_protocol)
@@ -774,7 +763,7 @@ class TCPForwardFactory(Factory):
         port = int(getattr(addr, "port", 0))
         relay = Relay(self)
         if relay.expectHeader:
-            if not matches_trusted(_client_ip(host), self.forward):
+            if not matches_trusted(parse_ip(host), self.forward):
                 self.refused(format_address(host, port), policy.UNTRUSTED)
                 return None
             if self.bounds.full():
@@ -784,7 +773,7 @@ class TCPForwardFactory(Factory):
             # bound wait for the header to name the real client.
             self.bounds.count()
         else:
-            why = self.admit(relay, _client_ip(host))
+            why = self.admit(relay, parse_ip(host))
             if why is not None:
                 self.refused(format_address(host, port), why)
                 return None
