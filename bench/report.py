@@ -289,7 +289,7 @@ def chart(result: Result, path: Path) -> Path | None:
         ys = [result["ratios"][k].get(peer) for k in keys]
         shown = [min(max(y, CHART_RANGE[0]), CHART_RANGE[1]) if y else 0.0 for y in ys]
         ax.bar(xs, shown, width, label=peer)
-        for x, y, bar in zip(xs, ys, shown, strict=True):
+        for x, y, bar in zip(xs, ys, shown):
             if y and bar != y:  # clipped: print the real ratio on the bar
                 ax.text(
                     x,

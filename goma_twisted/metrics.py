@@ -14,7 +14,7 @@ import the global reactor, which would pre-empt C{twistd --reactor}.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Union
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -37,7 +37,7 @@ from .stats import TCPStats, UDPStats
 # which protocol, and the target as configured.
 LABELS = ("protocol", "address", "port", "target")
 
-Stats = TCPStats | UDPStats
+Stats = Union[TCPStats, UDPStats]
 
 
 def forward_labels(stats: Stats) -> list[str]:

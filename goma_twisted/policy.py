@@ -10,12 +10,13 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Union
 
 from attrs import field, frozen
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Union rather than |: these are evaluated at run time, and PyPy is Python 3.9.
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 # Why a client was refused, as counters and refusal log events name it.
 DENIED = "denied"

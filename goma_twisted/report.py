@@ -12,7 +12,7 @@ def forwards_table(config: GatewayConfig) -> str:
     rows = [_HEADINGS, *(_row(forward) for forward in config.forwards)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADINGS))]
     lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths))
         for row in rows
     ]
     return "\n".join(line.rstrip() for line in lines)

@@ -10,7 +10,7 @@ import resource
 import signal
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Union
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from twisted.application import internet
@@ -127,7 +127,7 @@ class UDPForwardServer(_Listener, internet.UDPServer):
         )
 
 
-Listener = TCPForwardServer | UDPForwardServer
+Listener = Union[TCPForwardServer, UDPForwardServer]
 
 DEFAULT_DRAIN_TIMEOUT = 5.0
 
@@ -442,16 +442,16 @@ class PassThroughService(MultiService):
             [lst.forward.max_connections for lst in tcp],
             [lst.forward.max_sessions for lst in udp],
         )
-        for listener, (bound, _) in zip(tcp, budget.tcp, strict=True):
+        for listener, (bound, _) in zip(tcp, budget.tcp):
             listener.factory.bounds.total = bound
-        for udp_listener, (bound, _) in zip(udp, budget.udp, strict=True):
+        for udp_listener, (bound, _) in zip(udp, budget.udp):
             udp_listener.relay.max_sessions = bound
         shares = [
             f"{lst.forward.name} {bound} connections" + (" (derived)" if derived else "")
-            for lst, (bound, derived) in zip(tcp, budget.tcp, strict=True)
+            for lst, (bound, derived) in zip(tcp, budget.tcp)
         ] + [
             f"{lst.forward.name} {bound} sessions" + (" (derived)" if derived else "")
-            for lst, (bound, derived) in zip(udp, budget.udp, strict=True)
+            for lst, (bound, derived) in zip(udp, budget.udp)
         ]
         raised = f" (raised from {soft_before})" if soft_before != limit else ""
         log.info(

@@ -51,7 +51,7 @@ class Histogram:
         """(upper bound, observations at or below it) for each bucket, +Inf last."""
         result = []
         total = 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+        for bound, count in zip((*self.bounds, float("inf")), self.counts):
             total += count
             result.append((bound, total))
         return result

@@ -676,7 +676,7 @@ def test_fuzzed_header_path_refuses_or_relays_intact(stream: bytes, data: Any) -
     )
     client.makeConnection(transport)
     cuts = sorted(set(data.draw(st.lists(st.integers(0, len(stream)), max_size=6))))
-    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
     pieces = [p for p in pieces if p]
     # The transport delivers while it is reading, as a socket would.
     delivered = 0

@@ -141,7 +141,7 @@ def normal(endpoint: Any) -> Any:
 def read_all(data: bytes, cuts: list[int]) -> tuple[ProxiedAddresses, bytes] | None:
     """Feed C{data} to a reader in pieces cut at C{cuts}; the result, if any."""
     reader = HeaderReader()
-    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
     for index, piece in enumerate(pieces):
         result = reader.feed(piece)
         if result is not None:
