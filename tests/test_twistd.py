@@ -12,6 +12,7 @@ import signal
 import socket
 import socketserver
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -514,3 +515,31 @@ def test_descriptor_limit_sizes_the_bounds_and_a_flood_never_hits_emfile(
     assert "refused 127.0.0.3:" in text and ": denied" in text
     assert "refused 127.0.0.2:" in text and ": at bound" in text
     assert "sessions open, the bound; dropping datagrams" in text
+
+
+class _FakePyPyJIT:
+    def __init__(self) -> None:
+        self.params: list[str] = []
+
+    def set_param(self, params: str) -> None:
+        self.params.append(params)
+
+
+def test_on_pypy_the_jit_compiles_sooner_unless_the_operator_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from goma_twisted import tap
+
+    jit = _FakePyPyJIT()
+    monkeypatch.setitem(sys.modules, "pypyjit", jit)
+    assert tap._tune_jit(["pypy3", "-c", "...", "-n", "goma-pt"])
+    assert jit.params == [tap.JIT_PARAMS]
+    assert not tap._tune_jit(["pypy3", "--jit", "threshold=5000", "-c", "..."])
+    assert jit.params == [tap.JIT_PARAMS]
+
+
+def test_on_cpython_there_is_no_jit_to_tune(monkeypatch: pytest.MonkeyPatch) -> None:
+    from goma_twisted import tap
+
+    monkeypatch.setitem(sys.modules, "pypyjit", None)  # import raises ImportError
+    assert not tap._tune_jit([])
