@@ -2,7 +2,7 @@
 
 One command, from the repository root:
 
-    python bench/run.py                 # full run: 3 rounds, about 12-15 minutes
+    python bench/run.py                 # full run: 3 rounds, about 20 minutes
     python bench/run.py --quick         # smoke run: 1 round, short workloads
     python bench/run.py --rounds 5 --peers goma-pt nginx haproxy --workloads bulk_up tcp_rr
     python bench/run.py --publish       # also refresh docs/bench/latest.* and docs/benchmarks.md
