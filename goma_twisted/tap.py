@@ -72,6 +72,20 @@ class Options(usage.Options):
 
     config: GatewayConfig
 
+    def parseOptions(self, options: Any = None) -> None:
+        """
+        As L{usage.Options.parseOptions}, but a usage error of goma-pt's own
+        options exits 1 whatever the Twisted: twistd before Twisted 26.10
+        (the newest for Python 3.9, so for PyPy 3.9) prints it and exits 0.
+        The output is twistd's: the usage text, then the problem.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            print(self)
+            print(f"{' '.join(sys.argv[0:2])}: {e}")
+            raise SystemExit(1) from None
+
     def postOptions(self) -> None:
         if self["metrics"] is not None:
             try:

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from goma_twisted.tap import Options
+
 from .support import (
     ROOT,
     free_port,
@@ -102,6 +104,18 @@ def test_without_config_it_says_how_to_give_one() -> None:
     result = run_twistd("-n", "--pidfile=", "goma-pt")
     assert result.returncode != 0
     assert "no config file given; use --config FILE" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["--drain", "x"], ["--config", "x", "-m", "9108"], ["--no"]])
+def test_a_usage_error_exits_1_whatever_twisteds_twistd_does(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # twistd before Twisted 26.10 (all that Python 3.9, so PyPy, gets)
+    # prints a usage error and exits 0: goma-pt's options exit 1 themselves.
+    with pytest.raises(SystemExit) as exited:
+        Options().parseOptions(args)
+    assert exited.value.code == 1
+    assert "--config=" in capsys.readouterr().out
 
 
 def test_a_broken_config_is_one_clear_message(tmp_path: Path) -> None:
