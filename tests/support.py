@@ -268,6 +268,21 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port")
 
 
+@contextmanager
+def unreachable_udp_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """
+    A UDP port whose datagrams get ICMP port unreachable while the block
+    runs. A port merely free may be bound by anyone on the machine before
+    the test sends (other suites, a benchmark's clients); this one is held
+    by a socket connected elsewhere, which the kernel gives no one else's
+    datagrams, and which no other socket can share.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind((host, 0))
+        held.connect((host, 9))
+        yield int(held.getsockname()[1])
+
+
 def twistd_command(*args: str) -> list[str]:
     """The twistd next to this Python, so the tests use the same installation."""
     twistd = Path(sys.executable).with_name("twistd")

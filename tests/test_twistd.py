@@ -163,7 +163,9 @@ def test_foreground_forwards_tcp_and_udp_on_one_port(tmp_path: Path, backend: in
     forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
     config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
     log = tmp_path / "goma.log"
-    with goma_pt_running(config, log):
+    with goma_pt_running(config, log) as proc:
+        # On the interpreter running the tests (PyPy's run tests goma-pt on PyPy).
+        assert os.path.realpath(f"/proc/{proc.pid}/exe") == os.path.realpath(sys.executable)
         assert tcp_roundtrip(port, b"over tcp") == b"over tcp"
         assert udp_roundtrip(port, b"over udp") == b"udp:over udp"
     text = log.read_text()
