@@ -46,6 +46,8 @@ from twisted.internet.interfaces import IDelayedCall, IProtocol
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 
+from .config import format_address
+
 # What building Twisted's TCP transports by hand relies on.
 LEAN = (
     all(hasattr(tcp.Connection, name) for name in ("connectionLost", "_closeSocket", "doRead"))
@@ -96,6 +98,8 @@ class TargetAddress:
             self.family = socket.AF_INET
             self.sockaddr = (host, port)
             self.peer = IPv4Address("TCP", host, port)
+        # The peer as the relay's end event shows it.
+        self.text = format_address(host, port)
 
 
 def _connect_error(number: int) -> Exception:

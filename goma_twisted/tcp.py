@@ -31,7 +31,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -39,11 +38,12 @@ from . import policy
 from ._reactor import reactor_or_global
 from .config import Forward, format_address
 from .connect import Connecting, TargetAddress, lean
+from .logs import EventLogger
 from .policy import Bounds, IPAddress, RefusalLog, matches, parse_ip
 from .proxyprotocol import HeaderReader, ProxyHeaderError, encode
 from .stats import TCPStats
 
-log = Logger(namespace="goma_pt.tcp")
+log = EventLogger(namespace="goma_pt.tcp")
 
 # Why a connection ended, as the end-of-connection event reports it.
 CLIENT_CLOSED = "client closed"
@@ -338,13 +338,10 @@ class _RelaySide(Protocol):
             return False
         # The second end: both ways done on both sides.
         self.readDone = peer.writeDone = True
-        self.relay.halfClosed(self)
         self.peer = peer.peer = None
         _closeTransport(other)
         _closeTransport(transport)
-        relay = self.relay
-        relay.sideLost(peer, _CLOSED)
-        relay.sideLost(self, _CLOSED)
+        self.relay.pairClosed()
         return True
 
     def relayData(self, data: bytes) -> None:
@@ -551,6 +548,8 @@ class Relay:
         self.factory = factory
         self.stats = factory.stats
         self.forward = forward = factory.forward
+        # The forward's name and target as the end event gives them.
+        self.labels = factory.labels
         self.reactor = factory.reactor
         self.clock = factory.clock
         self.started = self.lastActivity = self.clock.seconds()
@@ -564,10 +563,6 @@ class Relay:
             if self._finished:
                 self._done.callback(None)
         return self._done
-
-    def _fireDone(self) -> None:
-        if self._done is not None:
-            self._done.callback(None)
 
     # Reading an incoming PROXY header
 
@@ -678,11 +673,12 @@ class Relay:
             pending.cancel()
 
     def targetConnected(self, target: TargetSide) -> None:
-        self._cancelConnectTimer()
+        if self._connectTimer is not None:
+            self._cancelConnectTimer()
         self.connectTime = self.clock.seconds() - self.started
         self.stats.connected(self.connectTime)
         self._pending = None
-        self._connector = None
+        connector, self._connector = self._connector, None
         if self._clientGone:
             target.transport.loseConnection()
             return
@@ -691,7 +687,10 @@ class Relay:
         client = self.client
         client.link(target)
         target.link(client)
-        self.targetAddress = _address(target.transport.getPeer())
+        if isinstance(connector, Connecting):
+            self.targetAddress = connector.target.text
+        else:
+            self.targetAddress = _address(target.transport.getPeer())
         if not getattr(target.transport, "tcpOptionsSet", False):
             target.transport.setTcpKeepAlive(True)
             target.transport.setTcpNoDelay(True)
@@ -768,6 +767,15 @@ class Relay:
             sides.append(self.target)
         return [side for side in sides if side.transport is not None]
 
+    def pairClosed(self) -> None:
+        """
+        Both sides closed cleanly at once (L{_RelaySide.endOfStream}): as
+        L{sideLost} for each, the first half-close having named the reason.
+        """
+        self._clientGone = self._targetGone = True
+        if self._connector is None:
+            self._finish()
+
     def sideLost(self, side: _RelaySide, reason: Failure) -> None:
         if side is self.client:
             self._clientGone = True
@@ -784,8 +792,10 @@ class Relay:
         if self._finished:
             return
         self._finished = True
-        self._cancelConnectTimer()
-        self._endHeader()
+        if self._connectTimer is not None:
+            self._cancelConnectTimer()
+        if self.reader is not None or self._headerTimer is not None:
+            self._endHeader()
         for timer in (self._idleTimer, self._abortTimer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -794,18 +804,20 @@ class Relay:
         if not self.admitted:
             # Refused (and logged as such, rate-limited) or gone before
             # its PROXY header: not a connection that was served.
-            self._fireDone()
+            if self._done is not None:
+                self._done.callback(None)
             return
         if self.failureDetail:
             text = _FAILED_FORMAT
         else:
             text = _ENDED_FORMAT if self.connectTime is None else _CONNECTED_FORMAT
+        forwardName, targetText = self.labels
         log.info(
             text,
-            forward=self.forward.name,
+            forward=forwardName,
             client=format_address(self.clientHost, self.clientPort),
             proxiedBy=self.proxiedBy,
-            target=str(self.forward.target),
+            target=targetText,
             targetAddress=self.targetAddress,
             bytesToTarget=self.bytesToTarget,
             bytesToClient=self.bytesToClient,
@@ -814,7 +826,8 @@ class Relay:
             reason=self.reason,
             detail=self.failureDetail,
         )
-        self._fireDone()
+        if self._done is not None:
+            self._done.callback(None)
 
 
 def matches_trusted(client: IPAddress | None, forward: Forward) -> bool:
@@ -845,6 +858,7 @@ class TCPForwardFactory(Factory):
         self.policy = forward.policy
         self.stats = TCPStats(forward, END_REASONS, CONNECT_FAILURES, policy.REFUSALS)
         self.targetAddress = self._targetAddress(forward)
+        self.labels = (forward.name, str(forward.target))
         # Refusals are counted in the stats and logged rate-limited.
         self.refusalLog = RefusalLog(log.warn, self.clock)
 
@@ -854,6 +868,7 @@ class TCPForwardFactory(Factory):
         self.policy = forward.policy
         self.bounds.per_ip = forward.max_connections_per_ip
         self.targetAddress = self._targetAddress(forward)
+        self.labels = (forward.name, str(forward.target))
 
     def _targetAddress(self, forward: Forward) -> TargetAddress | None:
         """Where new connections go, when an IP target can take the lean path."""

@@ -798,3 +798,12 @@ async def test_a_fin_behind_queued_bytes_waits_for_them(
     [end] = logs.ends()
     assert end["reason"] == tcp.CLIENT_CLOSED
     assert (end["bytesToTarget"], end["bytesToClient"]) == (3, len(received))
+
+
+def test_end_event_labels_follow_a_reload_for_new_connections_only() -> None:
+    factory = tcp.TCPForwardFactory(forward(target=("192.0.2.1", 80)), MemoryReactorClock())
+    before = tcp.Relay(factory)
+    factory.reconfigure(forward(target=("192.0.2.2", 8080)))
+    after = tcp.Relay(factory)
+    assert before.labels == ("tcp 127.0.0.1:0", "192.0.2.1:80")
+    assert after.labels == ("tcp 127.0.0.1:0", "192.0.2.2:8080")
