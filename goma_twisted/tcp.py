@@ -633,10 +633,10 @@ class Relay:
         if not self.clientHost:
             peer = client.transport.getPeer()
             self.clientHost, self.clientPort = peer.host, peer.port
-            if self.forward.proxy_protocol is not None:
-                # Only the PROXY header needs it, and getHost() is a syscall.
-                host = client.transport.getHost()
-                self.localHost, self.localPort = host.host, host.port
+        if self.forward.proxy_protocol is not None and not self.localHost:
+            # Only the PROXY header needs it, and getHost() is a syscall.
+            host = client.transport.getHost()
+            self.localHost, self.localPort = host.host, host.port
         if not getattr(client.transport, "tcpOptionsSet", False):
             client.transport.setTcpKeepAlive(True)
             client.transport.setTcpNoDelay(True)
@@ -900,6 +900,9 @@ class TCPForwardFactory(Factory):
             if why is not None:
                 self.refused(format_address(host, port), why)
                 return None
+            if host:
+                # The address the transport's getPeer() would build again.
+                relay.clientHost, relay.clientPort = host, port
         self.relays.add(relay)
         self.stats.opened()
         return ClientSide(relay)
