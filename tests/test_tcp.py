@@ -747,14 +747,16 @@ async def test_target_close_then_client_close_end_in_relay_read(
 
 
 class SlowSink(Sink):
-    """A Sink that reads nothing for its first half second, from a small buffer."""
+    """A Sink that reads nothing until told, from a small buffer."""
+
+    instances: list[SlowSink] = []
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        SlowSink.instances.append(self)
         transport: Any = self.transport
         transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         transport.pauseProducing()
-        transport.reactor.callLater(0.5, transport.resumeProducing)
 
 
 implementer(IHalfCloseableProtocol)(SlowSink)
@@ -767,7 +769,10 @@ async def test_a_fin_behind_queued_bytes_waits_for_them(
     # The target reads nothing at first: bytes wait in the relay's buffer
     # for it when the client's FIN comes, which must go after them, by
     # Twisted's way (loseWriteConnection).
+    SlowSink.instances.clear()
     target = listen_tcp(reactor, protocol.Factory.forProtocol(SlowSink))
+    # The window the sink offers is set from this at the handshake.
+    target.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     service = start_service(forward(target=("127.0.0.1", target.getHost().port)))
     services.append(service)
     [listener] = service.listeners
@@ -783,11 +788,22 @@ async def test_a_fin_behind_queued_bytes_waits_for_them(
         [relay] = factory.relays
         outgoing: Any = relay.target.transport  # type: ignore[union-attr]
         outgoing.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        queued = os.urandom(200_000)  # below the pause mark: the client still reads
+        # More than the small buffers on the way take, below the pause mark
+        # (the transport's bufferSize, 64 KiB at least): the client's side
+        # still reads, and finds the FIN.
+        queued = os.urandom(48_000)
         outgoing.write(queued)
         await deferLater(reactor, 0.05)
         assert outgoing.dataBuffer or outgoing._tempDataLen
         client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        for _ in range(500):
+            if relay.client.readDone:
+                break
+            await deferLater(reactor, 0.01)
+        assert relay.client.readDone
+        assert outgoing.dataBuffer or outgoing._tempDataLen
+        [sink] = SlowSink.instances
+        sink.transport.resumeProducing()  # type: ignore[union-attr]
         received = await finished(reactor, client.lost)
         await deferLater(reactor, 0.05)
     target.stopListening()
