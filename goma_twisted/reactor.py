@@ -47,6 +47,15 @@ _READ_ONLY = EPOLLIN if _NO_FILEDESC is not None else -1
 class EPollReactor(epollreactor.EPollReactor):
     """L{epollreactor.EPollReactor} that calls event handlers directly."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # What closeSocket keeps in step with: Twisted's own records of
+        # what is watched (checked once: else it asks removeReader).
+        self._records = all(
+            isinstance(getattr(self, name, None), kind)
+            for name, kind in (("_reads", set), ("_writes", set), ("_selectables", dict))
+        )
+
     def doPoll(self, timeout: float | None) -> None:
         if timeout is None:
             timeout = -1  # Wait indefinitely.
@@ -89,6 +98,25 @@ class EPollReactor(epollreactor.EPollReactor):
                 log.callWithLogger(selectable, log.err)
 
     doIteration = doPoll
+
+    def closeSocket(self, selectable: Any, skt: Any) -> None:
+        """
+        Stop watching C{selectable} and close its socket C{skt}, without the
+        C{epoll_ctl} that C{removeReader} and C{removeWriter} make: closing
+        the last descriptor of a socket takes it out of the epoll set. Only
+        for a socket no other descriptor shares (no C{dup}, no fork), such
+        as the relay's accepted and connected ones.
+        """
+        if self._records:
+            fd = skt.fileno()
+            if self._selectables.get(fd) is selectable:
+                del self._selectables[fd]
+                self._reads.discard(fd)
+                self._writes.discard(fd)
+        else:
+            self.removeReader(selectable)
+            self.removeWriter(selectable)
+        skt.close()
 
 
 def install() -> EPollReactor:

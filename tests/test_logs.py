@@ -256,3 +256,23 @@ def test_twistd_logfile_lines_rotation_and_stop(tmp_path: Path, backend: int) ->
     )
     # Nothing lost at the stop: the last lines twistd logs are there.
     assert after[-1].endswith("#info] Server Shut Down.")
+
+
+def test_event_logger_makes_twisteds_event() -> None:
+    from twisted.logger import Logger, LogLevel
+
+    from goma_twisted.logs import EventLogger
+
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    EventLogger(namespace="goma_pt.x", observer=cast(Any, ours.append)).info("{a} b", a=1)
+    Logger(namespace="goma_pt.x", observer=cast(Any, theirs.append)).info("{a} b", a=1)
+    [event], [expected] = ours, theirs
+    assert event.keys() == expected.keys()
+    for key in ("a", "log_level", "log_namespace", "log_source", "log_format"):
+        assert event[key] == expected[key]
+    assert event["log_level"] is LogLevel.info
+    # Not a level: Twisted's emit reports it, as for its own Logger.
+    loud = EventLogger(namespace="goma_pt.x", observer=cast(Any, ours.append))
+    loud.emit(cast(Any, "loud"), "x")
+    assert "invalid log level" in ours[-1]["log_format"]

@@ -7,8 +7,11 @@ prefix.
 from __future__ import annotations
 
 import os
+import select
+import socket
 from typing import Any
 
+import pytest
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone, ConnectionFdescWentAway
 from twisted.internet.main import CONNECTION_DONE
@@ -120,4 +123,67 @@ def test_a_read_event_that_ends_the_stream_disconnects_cleanly() -> None:
         assert reader.lost and reader.lost[0].check(ConnectionDone)
     finally:
         os.close(read)
+        reactor._poller.close()
+
+
+class Socketed(FileDescriptor):
+    """A socket's reader, for closeSocket."""
+
+    def __init__(self, reactor: Any, skt: socket.socket) -> None:
+        super().__init__(reactor)
+        self.socket = skt
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def doRead(self) -> Any:
+        return None
+
+
+@pytest.mark.parametrize("watched", ["reading", "writing", "both", "neither"])
+def test_close_socket_forgets_the_descriptor_and_closes_it(watched: str) -> None:
+    # closeSocket leaves the reactor's records as removeReader and
+    # removeWriter would, without their epoll_ctl: the kernel takes a
+    # closed socket out of the epoll set itself.
+    reactor = EPollReactor()
+    ours, theirs = socket.socketpair()
+    selectable = Socketed(reactor, ours)
+    try:
+        if watched in ("reading", "both"):
+            reactor.addReader(selectable)
+        if watched in ("writing", "both"):
+            reactor.addWriter(selectable)
+        fd = ours.fileno()
+        reactor.closeSocket(selectable, ours)
+        assert ours.fileno() == -1
+        assert selectable not in reactor.getReaders()
+        assert selectable not in reactor.getWriters()
+        assert reactor._selectables == {
+            fd: s for fd, s in reactor._selectables.items() if s is not selectable
+        }
+        # The epoll set has let it go: the number can be watched anew.
+        again = socket.socket()
+        try:
+            assert again.fileno() == fd
+            reactor._poller.register(fd, select.EPOLLIN)
+            reactor._poller.unregister(fd)
+        finally:
+            again.close()
+    finally:
+        theirs.close()
+        reactor._poller.close()
+
+
+def test_close_socket_without_twisteds_records_asks_remove_reader() -> None:
+    reactor = EPollReactor()
+    reactor._records = False
+    ours, theirs = socket.socketpair()
+    selectable = Socketed(reactor, ours)
+    try:
+        reactor.addReader(selectable)
+        reactor.closeSocket(selectable, ours)
+        assert ours.fileno() == -1
+        assert selectable not in reactor.getReaders()
+    finally:
+        theirs.close()
         reactor._poller.close()
