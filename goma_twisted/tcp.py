@@ -155,14 +155,7 @@ def send_now(transport: Any, data: bytes) -> bool:
     error (a reset), so a read that follows finds only an end of stream,
     and the caller must remember the reset (see L{_RelaySide.sendFailed}).
     """
-    if (
-        transport._tempDataLen
-        or transport.dataBuffer
-        or transport.disconnecting
-        or transport._writeDisconnecting
-        or transport._aborting
-        or not transport.connected
-    ):
+    if not _writable(transport):
         transport.write(data)
         return False
     try:
