@@ -26,8 +26,8 @@ from twisted.logger import (
     formatTime,
 )
 
-from goma_twisted import tap, tcp
-from goma_twisted.logs import _TimeStamps, classic_line, event_text
+from goma_twisted import tap, tcp, udp
+from goma_twisted.logs import _TimeStamps, classic_line, emitter, event_text
 
 from .support import free_port, running, twistd_command, twistd_env, wait_for, write_config
 from .test_twistd import backend, tcp_roundtrip, udp_roundtrip
@@ -114,6 +114,24 @@ EVENTS = {
         eventAsJSON(emitted(tcp._CONNECTED_FORMAT, **END))
     ),
 }
+
+
+def test_the_udp_end_format_is_the_one_documented() -> None:
+    assert udp.SESSION_END_FORMAT == UDP_FORMAT
+
+
+def test_an_emitter_emits_what_the_logger_would() -> None:
+    # The same event (keys, order, values) to the logger's observer; only the time differs.
+    events: list[LogEvent] = []
+    logger = Logger(namespace="goma_pt.udp", observer=cast(ILogObserver, events.append))
+    before = time.time()
+    emitter(logger)(UDP_FORMAT, **END)
+    logger.info(UDP_FORMAT, **END)
+    fast, slow = events
+    assert before <= fast["log_time"] <= slow["log_time"]
+    assert list(fast) == list(slow)
+    assert {**fast, "log_time": 0} == {**slow, "log_time": 0}
+    assert classic_line(fast) == classic_line({**slow, "log_time": fast["log_time"]})
 
 
 @pytest.mark.parametrize("name", sorted(EVENTS))

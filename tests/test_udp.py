@@ -686,3 +686,30 @@ def test_a_forward_listening_again_after_a_stop_still_sweeps() -> None:
     clock.advance(11)
     assert session.reason == udp.IDLE_TIMEOUT
     assert clock.getDelayedCalls() == []
+
+
+def test_an_open_session_keeps_its_target_through_a_reload() -> None:
+    # New sessions go to a reload's new target; one already open keeps its
+    # socket, and its end event names the target it used.
+    old, new = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    relay = udp.UDPForward(
+        forward(("udp",), ("127.0.0.1", old)), 10, reactor=NoReactor(), clock=Clock()
+    )
+    relay.transport = RecordingTransport()  # type: ignore[assignment]
+    first = relay._newSession(("127.0.0.1", 5353))
+    relay.reconfigure(forward(("udp",), ("127.0.0.1", new)))
+    second = relay._newSession(("127.0.0.1", 5354))
+    assert first is not None and second is not None
+    assert first.socket is not None and second.socket is not None
+    assert first.socket.getpeername() == ("127.0.0.1", old)
+    assert second.socket.getpeername() == ("127.0.0.1", new)
+    with captured_logs() as logs:
+        first.close(udp.SHUTDOWN)
+        second.close(udp.SHUTDOWN)
+    ends = logs.ends()
+    assert [(e["target"], e["targetAddress"]) for e in ends] == [
+        (f"127.0.0.1:{old}", f"127.0.0.1:{old}"),
+        (f"127.0.0.1:{new}", f"127.0.0.1:{new}"),
+    ]
+    assert [e["client"] for e in ends] == ["127.0.0.1:5353", "127.0.0.1:5354"]
+    assert relay.sessions == {}
