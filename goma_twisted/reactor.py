@@ -90,6 +90,22 @@ class EPollReactor(epollreactor.EPollReactor):
 
     doIteration = doPoll
 
+    def forgetReader(self, reader: Any) -> None:
+        """
+        L{removeReader}, for a reader whose descriptor its caller closes
+        right after and shares with no other descriptor (not duplicated,
+        closed on exec): the close takes it out of the epoll set, so the
+        C{epoll_ctl} call removing it first is left out. A reader that is
+        also a writer, or not this reactor's, goes through L{removeReader}.
+        """
+        fd = reader.fileno()
+        reads = self._reads
+        if fd in reads and fd not in self._writes and self._selectables.get(fd) is reader:
+            del self._selectables[fd]
+            reads.remove(fd)
+        else:
+            self.removeReader(reader)
+
 
 def install() -> EPollReactor:
     """Install this reactor as the global one; return it."""

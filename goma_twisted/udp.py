@@ -273,7 +273,7 @@ class UDPSession:
             self.forward.unwatch(self)
         skt = self.socket
         if skt is not None:
-            self.forward.reactor.removeReader(self)
+            self.forward.forgetReader(self)
             self._fd = -1
             self.socket = None
             skt.close()
@@ -315,6 +315,11 @@ class UDPForward(DatagramProtocol):
         self.max_sessions = max_sessions
         self.reactor = reactor = reactor_or_global(reactor)
         self.clock = clock if clock is not None else reactor
+        # A session's socket is its own and closed with the session: goma-pt's
+        # reactor stops reading it without an epoll_ctl call (see forgetReader).
+        self.forgetReader: Any = getattr(reactor, "forgetReader", None) or getattr(
+            reactor, "removeReader", None
+        )
         self.sessions: dict[tuple[str, int], UDPSession] = {}
         self.stats = UDPStats(config, END_REASONS, DROP_REASONS, policy.REFUSALS)
         self._full = False

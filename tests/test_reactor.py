@@ -121,3 +121,52 @@ def test_a_read_event_that_ends_the_stream_disconnects_cleanly() -> None:
     finally:
         os.close(read)
         reactor._poller.close()
+
+
+def test_a_forgotten_reader_closed_at_once_leaves_the_epoll_set() -> None:
+    # forgetReader drops a reader without epoll_ctl: closing its descriptor
+    # takes it out of the epoll set. Its next event never comes, and the
+    # descriptor number, taken again, serves its new reader alone.
+    reactor = EPollReactor()
+    read, write = os.pipe()
+    old = Reader(reactor, read)
+    try:
+        reactor.addReader(old)
+        os.write(write, b"pending")
+        reactor.forgetReader(old)
+        assert old not in reactor.getReaders()
+        os.close(read)
+        assert reactor._poller.poll(0) == []
+        read, again = os.pipe()
+        assert read == old.fd
+        new = Reader(reactor, read)
+        reactor.addReader(new)
+        os.write(again, b"new")
+        reactor.doPoll(0)
+        assert new.read == b"new" and old.read == b""
+        reactor.forgetReader(new)
+        assert new not in reactor.getReaders()
+    finally:
+        os.close(read)
+        os.close(write)
+        os.close(again)
+        reactor._poller.close()
+
+
+def test_forgetting_a_reader_that_also_writes_only_stops_its_reads() -> None:
+    reactor = EPollReactor()
+    read, write = os.pipe()
+    both = Reader(reactor, read)
+    other = Reader(reactor, write)
+    try:
+        reactor.addReader(both)
+        reactor.addWriter(both)
+        reactor.forgetReader(both)
+        assert both not in reactor.getReaders() and reactor.getWriters() == [both]
+        reactor.forgetReader(other)  # never added: nothing to do
+        assert reactor.getWriters() == [both]
+    finally:
+        reactor.removeWriter(both)
+        os.close(read)
+        os.close(write)
+        reactor._poller.close()
