@@ -189,10 +189,12 @@ class UDPSession:
                 self.connectionRefused()
             self.stats.count_dropped(SEND_FAILED)
             return
-        self.bytesToTarget += len(data)
+        size = len(data)
+        self.bytesToTarget += size
         self.datagramsToTarget += 1
-        self.stats.bytes_to_target += len(data)
-        self.stats.datagrams_to_target += 1
+        stats = self.stats
+        stats.bytes_to_target += size
+        stats.datagrams_to_target += 1
 
     def doRead(self) -> None:
         """
@@ -220,16 +222,32 @@ class UDPSession:
                 return
 
     def datagramReceived(self, data: bytes) -> None:
+        """
+        Send a target's datagram to its client from the listening port.
+
+        The address came from that socket's own recvfrom, so it is valid
+        for it: the datagram goes to C{sendto} directly, without
+        L{udp.Port.write}'s checks of the address on every datagram. Any
+        error (a full socket buffer, EMSGSIZE, an ICMP error pending) drops
+        this datagram and is counted, never raised.
+        """
         self.lastActivity = self.clock.seconds()
-        if self.forward.reply(data, self.client):
-            self.bytesToClient += len(data)
+        forward = self.forward
+        stats = self.stats
+        try:
+            forward.transport.socket.sendto(data, self.client)  # type: ignore[union-attr]
+        except OSError:
+            stats.count_dropped(REPLY_FAILED)
+        else:
+            size = len(data)
+            self.bytesToClient += size
             self.datagramsToClient += 1
-            self.stats.bytes_to_client += len(data)
-            self.stats.datagrams_to_client += 1
+            stats.bytes_to_client += size
+            stats.datagrams_to_client += 1
         # udpResponses: a query/answer protocol (DNS) needs the session only
         # until its answers are in; its socket is freed at once.
         self.answers += 1
-        expected = self.forward.udpResponses
+        expected = forward.udpResponses
         if expected is not None and self.answers >= expected:
             self.close(ANSWERED)
 
@@ -422,23 +440,6 @@ class UDPForward(DatagramProtocol):
                 sessions=len(self.sessions),
                 client=format_address(*addr[:2]),
             )
-
-    def reply(self, data: bytes, client: tuple[str, int]) -> bool:
-        """
-        Send a target's datagram to its client from the listening port.
-
-        The address came from this socket's own recvfrom, so it is valid
-        for it: the datagram goes to C{sendto} directly, without
-        L{udp.Port.write}'s checks of the address on every datagram. Any
-        error (a full socket buffer, EMSGSIZE, an ICMP error pending) drops
-        this datagram and is counted, never raised.
-        """
-        try:
-            self.transport.socket.sendto(data, client)  # type: ignore[union-attr]
-        except OSError:
-            self.stats.count_dropped(REPLY_FAILED)
-            return False
-        return True
 
     def sessionEnded(self, session: UDPSession) -> None:
         self.stats.ended(session.reason or "unknown")

@@ -346,9 +346,11 @@ def test_a_failed_reply_or_send_is_dropped_and_counted(error: OSError) -> None:
     # counted by reason, never exceptions out of the reactor's read loop.
     relay = udp.UDPForward(forward(("udp",)), 10, reactor=Clock())
     relay.transport = FailingTransport(error)  # type: ignore[assignment]
-    assert relay.reply(b"answer", ("127.0.0.1", 5353)) is False
-    assert relay.stats.dropped[udp.REPLY_FAILED] == 1
     session = udp.UDPSession(relay, ("127.0.0.1", 5353))
+    session.datagramReceived(b"answer")
+    assert relay.stats.dropped[udp.REPLY_FAILED] == 1
+    assert session.datagramsToClient == relay.stats.datagrams_to_client == 0
+    assert session.answers == 1  # it came, even if it could not be passed on
     session._queue = None
     session.socket = FailingSocket(error)  # type: ignore[assignment]
     session.send(b"query")
