@@ -2,6 +2,8 @@
 
 Each peer writes its own config into a private temp dir and listens on 127.0.0.1 only.
 `direct` is no forwarder at all: clients talk to the backend (the upper limit).
+`goma-pt-pypy` is goma-pt's own twistd, config and code run by PyPy from the venv that
+bench/install.sh makes (`run.py --pypy` points at another).
 
 With `procs` > 1 (`run.py --procs N`) a peer that can use N cores is set up to: goma-pt as N
 twistd processes on one config with `reusePort: true`, nginx with N workers and `reuseport`,
@@ -23,16 +25,27 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 GOMA = "goma-pt"
 GOMA_ONE = "goma-pt-1p"  # one goma-pt process in a --procs N run: what the others add
+GOMA_PYPY = "goma-pt-pypy"  # goma-pt's twistd, same code and config, on PyPy
 DIRECT = "direct"
-# twistd with the benchmark's own interpreter (`python -m twisted` is `twist`, not twistd)
-TWISTD = [
-    sys.executable,
-    "-c",
-    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-    "-n",
-    "--pidfile=",
-    "--logfile=-",
-]
+# The PyPy venv of bench/install.sh: goma-pt's runtime dependencies, not goma-pt itself
+# (the checkout's code comes from PYTHONPATH, as for goma-pt). `run.py --pypy` overrides it.
+PYPY_VENV = Path("/opt/goma-pt-pypy")
+
+
+def twistd(python: str) -> list[str]:
+    """twistd run by `python` (`python -m twisted` is `twist`, not twistd)."""
+    return [
+        python,
+        "-c",
+        "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+        "-n",
+        "--pidfile=",
+        "--logfile=-",
+    ]
+
+
+# twistd with the benchmark's own interpreter
+TWISTD = twistd(sys.executable)
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,31 @@ def goma_config(fwd: Forward) -> str:
 def _goma_argv(fwd: Forward, workdir: Path) -> list[str]:
     (workdir / "goma-pt.yaml").write_text(goma_config(fwd))
     return [*TWISTD, "goma-pt", "--config", str(workdir / "goma-pt.yaml")]
+
+
+def pypy_python(venv: Path) -> Path:
+    """The interpreter of a PyPy venv."""
+    return venv / "bin" / "python"
+
+
+def _goma_pypy_argv(venv: Path) -> Callable[[Forward, Path], list[str]]:
+    def argv(fwd: Forward, workdir: Path) -> list[str]:
+        (workdir / "goma-pt.yaml").write_text(goma_config(fwd))
+        config = str(workdir / "goma-pt.yaml")
+        return [*twistd(str(pypy_python(venv))), "goma-pt", "--config", config]
+
+    return argv
+
+
+def goma_pypy(venv: Path) -> Peer:
+    """goma-pt's twistd on the PyPy of `venv` (missing if that venv has no interpreter)."""
+    return Peer(
+        GOMA_PYPY,
+        BOTH,
+        _goma_pypy_argv(venv),
+        (str(REPO_ROOT / "goma_twisted" / "tap.py"), str(pypy_python(venv))),
+        f"this project on PyPy ({venv}), one twistd process",
+    )
 
 
 def _portforward_argv(fwd: Forward, workdir: Path) -> list[str]:
@@ -210,6 +248,7 @@ PEERS: tuple[Peer, ...] = (
         multi_note="this project, one twistd process (the reference for goma-pt x{n})",
         procs=1,
     ),
+    goma_pypy(PYPY_VENV),
     Peer(
         "portforward",
         TCP,
@@ -266,12 +305,15 @@ PEERS: tuple[Peer, ...] = (
 MULTI_DEFAULT = (GOMA, GOMA_ONE, "haproxy", "nginx", DIRECT)
 
 
-def by_name(names: list[str] | None, procs: int = 1) -> list[Peer]:
+def by_name(names: list[str] | None, procs: int = 1, pypy: Path | None = None) -> list[Peer]:
+    """The peers to run, goma-pt-pypy on the venv `pypy` (default PYPY_VENV)."""
+    known = {p.name: p for p in PEERS}
+    if pypy is not None:
+        known[GOMA_PYPY] = goma_pypy(pypy)
     if not names:
         if procs > 1:
-            return [p for p in PEERS if p.name in MULTI_DEFAULT]
-        return [p for p in PEERS if p.procs is None]
-    known = {p.name: p for p in PEERS}
+            return [p for p in known.values() if p.name in MULTI_DEFAULT]
+        return [p for p in known.values() if p.procs is None]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown peer(s): {', '.join(unknown)}; known: {', '.join(known)}")

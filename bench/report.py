@@ -1,5 +1,8 @@
 """Reporting: medians, ratios goma-pt / peer, the console table, markdown and the PNG chart.
 
+goma-pt (on CPython) is the reference of every table; goma-pt-pypy, the same goma-pt run by
+PyPy, is a column like the peers, and has its own ratios goma-pt-pypy / peer beside.
+
 Also a small CLI to re-render a saved result:
   python bench/report.py bench/results/<stamp>.json [--chart out.png] [--markdown]
 """
@@ -16,7 +19,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.peers import DIRECT, GOMA, GOMA_ONE
+from bench.peers import DIRECT, GOMA, GOMA_ONE, GOMA_PYPY
 
 Result = dict[str, Any]
 CHART_RANGE = (0.05, 20.0)  # ratios outside are clipped, with their value written on the bar
@@ -34,17 +37,27 @@ def medians(samples: dict[str, dict[str, list[float | None]]]) -> dict[str, dict
     return out
 
 
-def ratios(meds: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """goma-pt median / peer median, per workload (peers measured in the same run)."""
+def ratios(meds: dict[str, dict[str, float]], ref: str = GOMA) -> dict[str, dict[str, float]]:
+    """`ref` median / peer median, per workload (peers measured in the same run)."""
     out: dict[str, dict[str, float]] = {}
     for key, per_peer in meds.items():
-        goma = per_peer.get(GOMA)
+        mine = per_peer.get(ref)
         out[key] = {
-            peer: goma / value
+            peer: mine / value
             for peer, value in per_peer.items()
-            if goma is not None and value and peer != GOMA
+            if mine is not None and value and peer != ref
         }
     return out
+
+
+def has_pypy(result: Result) -> bool:
+    """True if goma-pt-pypy was in the run and has at least one median."""
+    return any(GOMA_PYPY in meds for meds in result["medians"].values())
+
+
+def pypy_ratios(result: Result) -> dict[str, dict[str, float]]:
+    """goma-pt-pypy / peer (from the medians: results saved before it had no such key)."""
+    return ratios(result["medians"], GOMA_PYPY)
 
 
 def _fmt(value: float | None) -> str:
@@ -74,21 +87,29 @@ def _cell_status(result: Result, key: str, peer: str) -> str | None:
 def console(result: Result) -> str:
     """The per-workload table printed at the end of a run."""
     lines: list[str] = []
+    pypy = pypy_ratios(result) if has_pypy(result) else None
     for key, wl in result["workloads"].items():
         better = "higher" if wl["higher_is_better"] else "lower"
         lines.append(f"\n== {key}: {wl['title']} [{wl['unit']}, {better} is better]")
-        lines.append(f"  {'peer':<12} {'median':>12} {'goma/peer':>10}  rounds")
+        unit = WORK_DONE[key][2] if key in WORK_DONE else ""
+        head = f"  {'peer':<13} {'median':>12} {'goma/peer':>10}"
+        head += f" {'pypy/peer':>10}" if pypy else ""
+        lines.append(head + (f" {'cpu ' + unit:>13}" if unit else "") + "  rounds")
         for peer in result["peers"]:
             med = result["medians"].get(key, {}).get(peer)
             ratio = result["ratios"].get(key, {}).get(peer)
             rounds = ", ".join(_fmt(v) for v in result["samples"].get(key, {}).get(peer, []))
             why = _cell_status(result, key, peer)
             if med is None:
-                lines.append(f"  {peer:<12} {'-':>12} {'-':>10}  {why or ''}"[:160])
+                lines.append(f"  {peer:<13} {'-':>12} {'-':>10}  {why or ''}"[:160])
                 continue
-            lines.append(
-                f"  {peer:<12} {_fmt(med):>12} {_fmt(ratio) if ratio else '':>10}  [{rounds}]"
-            )
+            line = f"  {peer:<13} {_fmt(med):>12} {_fmt(ratio) if ratio else '':>10}"
+            if pypy:
+                mine = pypy.get(key, {}).get(peer)
+                line += f" {_fmt(mine) if mine else '':>10}"
+            if unit:
+                line += f" {_fmt(cpu_per_unit(result, key, peer)):>13}"
+            lines.append(f"{line}  [{rounds}]")
     if result.get("procs", 1) > 1:
         lines.append(f"\n== split over {result['procs']} processes / threads (busiest first)")
         for key, cells in split_rows(result):
@@ -97,32 +118,57 @@ def console(result: Result) -> str:
     return "\n".join(lines)
 
 
-def markdown(result: Result) -> str:
-    """Two markdown tables: medians per peer, then ratios goma-pt / peer."""
+def _ratio_rows(result: Result, ref: str, rats: dict[str, dict[str, float]]) -> list[str]:
+    """A markdown table of `ref` / peer per workload (1 in `ref`'s own column)."""
     peers = list(result["peers"])
-    head = "| workload | unit | " + " | ".join(peers) + " |"
-    sep = "|---|---|" + "---:|" * len(peers)
-    med_rows, ratio_rows = [head, sep], [head.replace("| unit ", "| better "), sep]
+    rows = [
+        "| workload | better | " + " | ".join(peers) + " |",
+        "|---|---|" + "---:|" * len(peers),
+    ]
     for key, wl in result["workloads"].items():
         meds = result["medians"].get(key, {})
-        rats = result["ratios"].get(key, {})
+        mine = rats.get(key, {})
+        cells = [
+            "1" if p == ref and p in meds else (_fmt(mine[p]) if p in mine else "-") for p in peers
+        ]
+        better = "higher" if wl["higher_is_better"] else "lower"
+        rows.append(f"| {key} | {better} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def markdown(result: Result) -> str:
+    """Markdown tables: medians per peer, ratios goma-pt / peer, and with goma-pt-pypy in the
+    run its ratios goma-pt-pypy / peer; for a one-process run, CPU per unit of work."""
+    peers = list(result["peers"])
+    med_rows = [
+        "| workload | unit | " + " | ".join(peers) + " |",
+        "|---|---|" + "---:|" * len(peers),
+    ]
+    for key, wl in result["workloads"].items():
+        meds = result["medians"].get(key, {})
         med_cells = [
             _fmt(meds.get(p)) if p in meds else _short_status(result, key, p) for p in peers
         ]
-        rat_cells = [
-            "1" if p == GOMA and p in meds else (_fmt(rats[p]) if p in rats else "-")
-            for p in peers
-        ]
         med_rows.append(f"| {key} | {wl['unit']} | " + " | ".join(med_cells) + " |")
-        better = "higher" if wl["higher_is_better"] else "lower"
-        ratio_rows.append(f"| {key} | {better} | " + " | ".join(rat_cells) + " |")
-    return (
+    text = (
         "Medians of the rounds:\n\n"
         + "\n".join(med_rows)
-        + "\n\nRatio goma-pt / peer (same run):\n\n"
-        + "\n".join(ratio_rows)
+        + "\n\nRatio goma-pt / peer (goma-pt on CPython, same run):\n\n"
+        + "\n".join(_ratio_rows(result, GOMA, result["ratios"]))
         + "\n"
     )
+    if has_pypy(result):
+        text += (
+            "\nRatio goma-pt-pypy / peer (the same goma-pt on PyPy, same run; its goma-pt "
+            "column is PyPy / CPython):\n\n"
+            + "\n".join(_ratio_rows(result, GOMA_PYPY, pypy_ratios(result)))
+            + "\n"
+        )
+    if result.get("procs", 1) == 1 and any(
+        cpu_per_unit(result, k, p) for k in WORK_DONE for p in peers
+    ):
+        text += "\n" + cpu_markdown(result)
+    return text
 
 
 def _shares(values: list[float], n: int) -> list[float]:
@@ -169,6 +215,43 @@ def cpu_per_unit(result: Result, key: str, peer: str) -> float | None:
         if "cpu" in d and d.get(field) and d["cpu"]["seconds"]
     ]
     return statistics.median(per) if per else None
+
+
+def cpu_markdown(result: Result) -> str:
+    """CPU per unit of work of every forwarder, then the ratios of goma-pt (and of
+    goma-pt-pypy when it ran) to each peer, one row per workload and reference."""
+    peers = [p for p in result["peers"] if p != DIRECT]
+    refs = [r for r in (GOMA, GOMA_PYPY) if r in peers]
+    keys = [k for k in result["workloads"] if k in WORK_DONE]
+    per = {k: {p: cpu_per_unit(result, k, p) for p in peers} for k in keys}
+    values = [
+        [k, WORK_DONE[k][2], *(_fmt(per[k][p]) if per[k][p] else "-" for p in peers)] for k in keys
+    ]
+    rows = []
+    for k in keys:
+        for ref in refs:
+            mine = per[k][ref]
+            rows.append(
+                [
+                    k,
+                    ref,
+                    *(
+                        "1" if p == ref and mine else _fmt(mine / v) if mine and v else "-"
+                        for p, v in per[k].items()
+                    ),
+                ]
+            )
+    lines = [
+        "Forwarder CPU time per unit of work (utime + stime of all its processes and "
+        "threads during the measurement; median over the rounds; lower is better):",
+        "",
+        *_table(["workload", "unit", *peers], values),
+        "",
+        f"Ratio of CPU per unit, {' or '.join(refs)} / peer (lower is better):",
+        "",
+        *_table(["workload", "of", *peers], rows),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def split_rows(result: Result) -> list[tuple[str, dict[str, str]]]:
@@ -249,10 +332,20 @@ def machine_markdown(result: Result) -> str:
     m = result["machine"]
     versions = ", ".join(f"{name} {ver}" for name, ver in m["versions"].items())
     commit = f"- goma-pt at commit {result['commit']}\n" if "commit" in result else ""
+    pypy = m.get("pypy")
+    if pypy and "missing" not in pypy:
+        pypy_line = (
+            f"- goma-pt-pypy: PyPy {pypy['pypy']} (Python {pypy['python']}), "
+            f"Twisted {pypy['twisted']}\n"
+        )
+    elif pypy:
+        pypy_line = f"- goma-pt-pypy: missing ({pypy['missing']})\n"
+    else:
+        pypy_line = ""
     return commit + (
         f"- {m['nproc']} cores ({m['cpu']}), Linux {m['kernel']}, "
         f"RLIMIT_NOFILE hard limit {m['nofile_hard_limit']}\n"
-        f"- Python {m['python']}, Twisted {m['twisted']}\n- {versions}\n"
+        f"- Python {m['python']}, Twisted {m['twisted']}\n{pypy_line}- {versions}\n"
     )
 
 
@@ -264,37 +357,41 @@ def _short_status(result: Result, key: str, peer: str) -> str:
     return why
 
 
-def chart(result: Result, path: Path) -> Path | None:
-    """Grouped bars of goma-pt / peer per workload (log scale, 1.0 = parity)."""
-    try:
-        import matplotlib
+def chart_panels(result: Result) -> list[tuple[str, dict[str, dict[str, float]], list[str]]]:
+    """What the chart draws: per panel its reference, the ratios and the peers with a bar.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart (pip install '.[bench]')", file=sys.stderr)
-        return None
+    goma-pt / peer always; with goma-pt-pypy in the run, goma-pt-pypy / peer below it.
+    """
     keys = [k for k in result["workloads"] if result["ratios"].get(k)]
-    peers = [
-        p
-        for p in result["peers"]
-        if p != GOMA and any(p in result["ratios"].get(k, {}) for k in keys)
-    ]
-    if not keys or not peers:
-        return None
-    fig, ax = plt.subplots(figsize=(max(9.0, 1.5 * len(keys)), 5.0))
+    panels = [(GOMA, result["ratios"])]
+    if has_pypy(result):
+        panels.append((GOMA_PYPY, pypy_ratios(result)))
+    out = []
+    for ref, rats in panels:
+        peers = [
+            p for p in result["peers"] if p != ref and any(p in rats.get(k, {}) for k in keys)
+        ]
+        if peers:
+            out.append((ref, rats, peers))
+    return out
+
+
+def _bars(
+    ax: Any, rats: dict[str, dict[str, float]], keys: list[str], peers: list[str], color: Any
+) -> None:
+    """One group of bars per workload, one bar per peer (clipped ones labelled)."""
     width = 0.8 / len(peers)
     for i, peer in enumerate(peers):
         xs = [j + (i - (len(peers) - 1) / 2) * width for j in range(len(keys))]
-        ys = [result["ratios"][k].get(peer) for k in keys]
+        ys = [rats.get(k, {}).get(peer) for k in keys]
         shown = [min(max(y, CHART_RANGE[0]), CHART_RANGE[1]) if y else 0.0 for y in ys]
-        ax.bar(xs, shown, width, label=peer)
+        ax.bar(xs, shown, width, label=peer, color=color(peer))
         for x, y, bar in zip(xs, ys, shown):
             if y and bar != y:  # clipped: print the real ratio on the bar
                 ax.text(
                     x,
                     bar,
-                    f"{y:.2g}",
+                    _fmt(y),
                     rotation=90,
                     fontsize=6,
                     ha="center",
@@ -304,22 +401,54 @@ def chart(result: Result, path: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_ylim(*CHART_RANGE)
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels(
-        [
-            k + ("\n(lower is better)" if not result["workloads"][k]["higher_is_better"] else "")
-            for k in keys
-        ],
-        fontsize=8,
+
+
+def chart(result: Result, path: Path) -> Path | None:
+    """Grouped bars of goma-pt / peer per workload (log scale, 1.0 = parity), and below them
+    goma-pt-pypy / peer when the run has it (the same colour for a peer in both)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install '.[bench]')", file=sys.stderr)
+        return None
+    keys = [k for k in result["workloads"] if result["ratios"].get(k)]
+    panels = chart_panels(result)
+    if not keys or not panels:
+        return None
+    names = list(result["peers"])
+    palette = plt.get_cmap("tab10")
+
+    def color(peer: str) -> Any:
+        return palette(names.index(peer) % 10)
+
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(max(9.0, 1.5 * len(keys)), 4.2 * len(panels) + 0.8),
+        squeeze=False,
+        sharex=True,
     )
-    ax.set_ylabel("goma-pt / peer (median)")
     procs = result.get("procs", 1)
-    who = "goma-pt" if procs == 1 else f"goma-pt x{procs} (--procs {procs})"
-    ax.set_title(
-        f"{who} relative to each peer ({result['rounds']} rounds, "
-        f"{result['machine'].get('nproc')} cores, {result['started']})",
+    labels = [
+        k + ("\n(lower is better)" if not result["workloads"][k]["higher_is_better"] else "")
+        for k in keys
+    ]
+    for ax, (ref, rats, peers) in zip(axes[:, 0], panels):
+        _bars(ax, rats, keys, peers, color)
+        who = ref
+        if ref == GOMA:
+            who = "goma-pt (CPython)" if procs == 1 else f"goma-pt x{procs} (--procs {procs})"
+        ax.set_ylabel(f"{ref} / peer (median)", fontsize=8)
+        ax.set_title(f"{who} relative to each peer", fontsize=9)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[-1, 0].set_xticklabels(labels, fontsize=8)
+    fig.suptitle(
+        f"{result['rounds']} rounds, {result['machine'].get('nproc')} cores, {result['started']}",
         fontsize=9,
     )
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

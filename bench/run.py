@@ -2,7 +2,7 @@
 
 One command, from the repository root:
 
-    python bench/run.py                 # full run: 3 rounds, about 12-15 minutes
+    python bench/run.py                 # full run: 3 rounds, about 20 minutes
     python bench/run.py --quick         # smoke run: 1 round, short workloads
     python bench/run.py --rounds 5 --peers goma-pt nginx haproxy --workloads bulk_up tcp_rr
     python bench/run.py --publish       # also refresh docs/bench/latest.* and docs/benchmarks.md
@@ -11,7 +11,9 @@ One command, from the repository root:
 
 Each round runs every workload on every forwarder in turn (the peer order rotates per round),
 each forwarder freshly started with its own config in a temp dir on ports picked at run time.
-It prints medians and ratios goma-pt / peer, and writes bench/results/<stamp>.json and .png.
+Before each measurement a shorter run of the same workload warms the forwarder up (not
+counted; PyPy's JIT needs it). It prints medians and ratios goma-pt / peer and
+goma-pt-pypy / peer, and writes bench/results/<stamp>.json and .png.
 Needs the peers and load tools of bench/install.sh; a missing one is reported, not dropped.
 """
 
@@ -36,8 +38,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import backends, procs, profiles, report
 from bench import peers as peers_mod
-from bench import procs, profiles, report
 from bench import workloads as wl_mod
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -85,6 +87,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "HAProxy nbthread N, N-way load clients; socat and portforward are skipped",
     )
     parser.add_argument(
+        "--pypy",
+        type=Path,
+        default=peers_mod.PYPY_VENV,
+        metavar="VENV",
+        help="the PyPy venv that runs goma-pt-pypy (default %(default)s, made by "
+        "bench/install.sh); without it that peer is reported missing",
+    )
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="measure each forwarder straight after its start, without the unmeasured "
+        "warm-up run of the same workload (PyPy's JIT then counts its compile time)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
@@ -124,7 +140,27 @@ def tree_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def machine_info() -> dict[str, Any]:
+PYPY_VERSION = (
+    "import platform, sys, twisted; v = sys.pypy_version_info; "
+    "print(f'{v.major}.{v.minor}.{v.micro}', platform.python_version(), twisted.__version__)"
+)
+
+
+def pypy_info(venv: Path) -> dict[str, str]:
+    """PyPy's own version, its Python version and its Twisted, or why there are none."""
+    python = peers_mod.pypy_python(venv)
+    if not python.exists():
+        return {"missing": f"{python} not found"}
+    done = subprocess.run(
+        [str(python), "-c", PYPY_VERSION], capture_output=True, timeout=60, check=False
+    )
+    words = done.stdout.decode(errors="replace").split()
+    if done.returncode != 0 or len(words) != 3:
+        return {"missing": done.stderr.decode(errors="replace").strip()[-200:]}
+    return dict(zip(("pypy", "python", "twisted"), words))
+
+
+def machine_info(pypy: Path | None = None) -> dict[str, Any]:
     cpu = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -140,6 +176,7 @@ def machine_info() -> dict[str, Any]:
         "twisted": twisted.__version__,
         "nofile_hard_limit": procs.nofile_hard_limit(),
         "versions": {name: _version(cmd) for name, cmd in VERSION_COMMANDS.items()},
+        **({"pypy": pypy_info(pypy)} if pypy is not None else {}),
     }
 
 
@@ -164,11 +201,14 @@ def run_cell(
         running = peers_mod.start_forwarder(peer, fwd, workdir)
         spies = []
         try:
+            warm = warm_up(wl, running, backend, params)
             if profile_stem is not None and peer.name == peers_mod.GOMA and running.proc:
                 spies = profiles.start(running.proc.pid, profile_stem)
             before = cpu_snapshot(running)
             measured = wl.measure(running, backend, params)
             measured.detail["cpu"] = cpu_split(before, cpu_snapshot(running))
+            if warm is not None:
+                measured.detail["warmup"] = warm
             if running.metrics_ports:
                 measured.detail["processes"] = peers_mod.scrape_split(running)
             return measured
@@ -177,6 +217,26 @@ def run_cell(
             profiles.stop(spies)
     finally:
         backend.stop()
+
+
+def warm_up(
+    wl: wl_mod.Workload,
+    running: peers_mod.Running,
+    backend: backends.Backend,
+    params: wl_mod.Params,
+) -> dict[str, Any] | None:
+    """A shorter run of the same workload, not counted: what it did and its CPU, or None.
+
+    Every forwarder gets it, so that PyPy's JIT has compiled the hot path before the
+    measurement (goma-pt-pypy's first few thousand connections cost about twice the later
+    ones) and no one is measured cold.
+    """
+    warm = wl_mod.warmup_params(wl, params)
+    if warm is None:
+        return None
+    before = cpu_snapshot(running)
+    done = wl.measure(running, backend, warm)
+    return {"value": done.value, **done.detail, "cpu": cpu_split(before, cpu_snapshot(running))}
 
 
 Snapshot = dict[tuple[int, int], float]
@@ -229,7 +289,8 @@ def new_result(
         "profiled": args.profile is not None,
         "params": dataclasses.asdict(params),
         "procs": params.clients,
-        "machine": machine_info(),
+        "warmup": params.warmup,
+        "machine": machine_info(args.pypy),
         "peers": {
             p.name: {"note": p.describe(params.clients), "missing": p.missing()} for p in peers
         },
@@ -304,6 +365,7 @@ def record(
 def finish(result: dict[str, Any], out: Path) -> None:
     result["medians"] = report.medians(result["samples"])
     result["ratios"] = report.ratios(result["medians"])
+    result["ratios_pypy"] = report.ratios(result["medians"], peers_mod.GOMA_PYPY)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, sort_keys=False))
     chart = report.chart(result, out.with_suffix(".png"))
@@ -360,9 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         params = dataclasses.replace(params, idle_connections=args.idle_connections)
     if args.procs < 1:
         raise SystemExit("--procs must be at least 1")
-    params = dataclasses.replace(params, clients=args.procs)
+    params = dataclasses.replace(params, clients=args.procs, warmup=not args.no_warmup)
     rounds = args.rounds or (1 if args.quick else 3)
-    peers = peers_mod.by_name(args.peers, args.procs)
+    peers = peers_mod.by_name(args.peers, args.procs, args.pypy)
     wls = wl_mod.by_key(args.workloads, args.procs)
     for peer in peers:
         if peer.missing():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -36,6 +37,17 @@ class Params:
     # load-client parallelism, N with --procs N: iperf3 -P N, dnsperf -T N, N udp-churn
     # processes (the same total in flight); redis-benchmark stays single-threaded
     clients: int = 1
+    # The unmeasured warm-up run of the same workload before each measurement (every peer),
+    # long enough for PyPy's JIT: goma-pt-pypy's CPU per new connection was 840 us over the
+    # first 2,000, about 300 over the next 4,000 and 225-275 after 8,000; per request 41 us
+    # over the first 10,000, 24 after 20,000; per churned UDP session 208 us over the first
+    # 5,000, 100-118 after. Bulk and udp_dns showed no warm-up effect (1 s is plenty).
+    warmup: bool = True
+    warm_bulk_seconds: int = 1
+    warm_udp_seconds: int = 2  # udp_dns, and udp_churn's time bound
+    warm_ping_requests: int = 20_000
+    warm_conn_requests: int = 10_000
+    warm_churn_queries: int = 10_000
 
 
 QUICK = Params(
@@ -46,6 +58,10 @@ QUICK = Params(
     churn_max_queries=5_000,
     idle_connections=1_000,
     slow_seconds=1.0,
+    warm_udp_seconds=1,
+    warm_ping_requests=10_000,
+    warm_conn_requests=3_000,
+    warm_churn_queries=3_000,
 )
 
 
@@ -381,6 +397,24 @@ WORKLOADS: tuple[Workload, ...] = (
 # Memory per connection does not change with the process count: left out of --procs N runs
 # unless asked for (then RSS is summed over the processes).
 MEMORY = ("idle_mem", "slow_mem")
+
+
+def warmup_params(wl: Workload, p: Params) -> Params | None:
+    """The sizes of `wl`'s warm-up run, or None when it has none.
+
+    The memory workloads have none: they measure RSS growth from the forwarder's state at
+    the start, not speed.
+    """
+    if not p.warmup or wl.key in MEMORY:
+        return None
+    return dataclasses.replace(
+        p,
+        bulk_seconds=p.warm_bulk_seconds,
+        udp_seconds=p.warm_udp_seconds,
+        ping_requests=p.warm_ping_requests,
+        conn_requests=p.warm_conn_requests,
+        churn_max_queries=p.warm_churn_queries,
+    )
 
 
 def by_key(keys: list[str] | None, procs: int = 1) -> list[Workload]:

@@ -44,7 +44,10 @@ from twisted.internet import abstract, error, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IDelayedCall, IProtocol
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.python import log
 from twisted.python.failure import Failure
+
+from .config import format_address
 
 # What building Twisted's TCP transports by hand relies on.
 LEAN = (
@@ -57,6 +60,9 @@ LEAN = (
     and callable(getattr(tcp, "_getsockname", None))
     and callable(getattr(error, "getConnectError", None))
 )
+
+# What RelayPort's own accept loop relies on besides (else Twisted's doRead).
+_LEAN_ACCEPT = LEAN and hasattr(socket.socket, "_accept") and hasattr(tcp.Port, "sessionno")
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 _WAITING = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK, errno.EINTR)
@@ -96,6 +102,8 @@ class TargetAddress:
             self.family = socket.AF_INET
             self.sockaddr = (host, port)
             self.peer = IPv4Address("TCP", host, port)
+        # The peer as the relay's end event shows it.
+        self.text = format_address(host, port)
 
 
 def _connect_error(number: int) -> Exception:
@@ -339,6 +347,8 @@ class RelayPort(tcp.Port):
     """
 
     transport = AcceptedConnection
+    # The listening socket's family, type and protocol, as numbers.
+    _numbers: tuple[int, int, int] | None = None
 
     def createInternetSocket(self) -> socket.socket:
         skt: socket.socket = super().createInternetSocket()
@@ -351,6 +361,61 @@ class RelayPort(tcp.Port):
             # Already listening: reuseport sets them before listen() too.
             set_tcp_options(skt)
         super().startListening()
+        if _LEAN_ACCEPT:
+            skt = self.socket
+            self._numbers = (int(skt.family), int(skt.type), skt.proto)
+
+    def doRead(self) -> None:
+        """
+        Twisted's accept loop for the usual case, with less work per
+        connection: C{socket.accept} turns the family and type into enums
+        for every connection and Twisted's loop goes through a generator
+        and a log-buffering context; here the socket is built from
+        C{_accept}'s descriptor with the listener's numbers (its timeout
+        is the same: the listener's is 0, no default is set). Any error
+        but "no more for now" (C{EMFILE}, C{ECONNABORTED}, ...) hands the
+        rest to Twisted's loop, which knows them.
+        """
+        numbers = self._numbers
+        if numbers is None:
+            super().doRead()
+            return
+        family, kind, proto = numbers
+        accept = self.socket._accept  # type: ignore[union-attr]
+        factory: Any = self.factory
+        limit = self.numberAccepts
+        accepted = 0
+        try:
+            while accepted < limit:
+                try:
+                    fd, addr = accept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    super().doRead()
+                    return
+                accepted += 1
+                skt = socket.socket(family, kind, proto, fd)
+                if len(addr) == 4:
+                    # IPv6: with the zone, as Twisted's loop does.
+                    host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                    addr = (host[0], *addr[1:])
+                protocol = factory.buildProtocol(self._buildAddr(addr))
+                if protocol is None:
+                    skt.close()
+                    continue
+                number = self.sessionno
+                self.sessionno = number + 1
+                protocol.makeConnection(
+                    self.transport(skt, protocol, addr, self, number, self.reactor)
+                )
+        except BaseException:
+            log.deferr()
+        # As Twisted scales its loop to the traffic.
+        if accepted == limit:
+            self.numberAccepts = limit + 20
+        else:
+            self.numberAccepts = max(1, accepted)
 
 
 def listen_tcp(reactor: Any, port: int, factory: Any, interface: str = "") -> RelayPort:

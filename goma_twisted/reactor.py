@@ -56,6 +56,12 @@ class EPollReactor(epollreactor.EPollReactor):
     def __init__(self) -> None:
         self.beforeWait: list[Callable[[], object]] = []
         super().__init__()
+        # What closeSocket keeps in step with: Twisted's own records of
+        # what is watched (checked once: else it asks removeReader).
+        self._records = all(
+            isinstance(getattr(self, name, None), kind)
+            for name, kind in (("_reads", set), ("_writes", set), ("_selectables", dict))
+        )
 
     def doPoll(self, timeout: float | None) -> None:
         for call in self.beforeWait:
@@ -102,21 +108,24 @@ class EPollReactor(epollreactor.EPollReactor):
 
     doIteration = doPoll
 
-    def forgetReader(self, reader: Any) -> None:
+    def closeSocket(self, selectable: Any, skt: Any) -> None:
         """
-        L{removeReader}, for a reader whose descriptor its caller closes
-        right after and shares with no other descriptor (not duplicated,
-        closed on exec): the close takes it out of the epoll set, so the
-        C{epoll_ctl} call removing it first is left out. A reader that is
-        also a writer, or not this reactor's, goes through L{removeReader}.
+        Stop watching C{selectable} and close its socket C{skt}, without the
+        C{epoll_ctl} that C{removeReader} and C{removeWriter} make: closing
+        the last descriptor of a socket takes it out of the epoll set. Only
+        for a socket no other descriptor shares (no C{dup}, no fork), such
+        as the relay's accepted and connected ones.
         """
-        fd = reader.fileno()
-        reads = self._reads
-        if fd in reads and fd not in self._writes and self._selectables.get(fd) is reader:
-            del self._selectables[fd]
-            reads.remove(fd)
+        if self._records:
+            fd = skt.fileno()
+            if self._selectables.get(fd) is selectable:
+                del self._selectables[fd]
+                self._reads.discard(fd)
+                self._writes.discard(fd)
         else:
-            self.removeReader(reader)
+            self.removeReader(selectable)
+            self.removeWriter(selectable)
+        skt.close()
 
 
 def install() -> EPollReactor:

@@ -17,20 +17,18 @@ from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import policy
 from ._reactor import reactor_or_global
 from .config import Forward, format_address
-from .logs import emitter
+from .logs import EventLogger
 from .policy import Bounds, IPAddress, RefusalLog, parse_ip
 from .resolve import resolve_host
 from .stats import UDPStats
 
-log = Logger(namespace="goma_pt.udp")
-_log_end = emitter(log)
+log = EventLogger(namespace="goma_pt.udp")
 
 # The largest UDP payload over IPv4; Twisted's default read size is 8 KiB.
 MAX_DATAGRAM = 65535
@@ -287,18 +285,22 @@ class UDPSession:
         self.reason = reason
         if self._queue:
             self.stats.count_dropped(reason, len(self._queue))
+        forward = self.forward
         if self.checkAt is not None:
-            self.forward.unwatch(self)
+            forward.unwatch(self)
         skt = self.socket
         if skt is not None:
-            self.forward.forgetReader(self)
+            closeSocket = forward._closeSocket
+            if closeSocket is not None:
+                closeSocket(self, skt)
+            else:
+                forward.reactor.removeReader(self)
+                skt.close()
             self._fd = -1
             self.socket = None
-            skt.close()
-        forward = self.forward
         forward.sessionEnded(self)
         host, port = self.client[:2]
-        _log_end(
+        log.info(
             SESSION_END_FORMAT,
             forward=forward.name,
             # format_address's work is for IPv6 (and IPv4-mapped) hosts.
@@ -334,10 +336,8 @@ class UDPForward(DatagramProtocol):
         self.reactor = reactor = reactor_or_global(reactor)
         self.clock = clock if clock is not None else reactor
         # A session's socket is its own and closed with the session: goma-pt's
-        # reactor stops reading it without an epoll_ctl call (see forgetReader).
-        self.forgetReader: Any = getattr(reactor, "forgetReader", None) or getattr(
-            reactor, "removeReader", None
-        )
+        # reactor closes it without an epoll_ctl call (see closeSocket).
+        self._closeSocket: Any = getattr(reactor, "closeSocket", None)
         self.sessions: dict[tuple[str, int], UDPSession] = {}
         self.stats = UDPStats(config, END_REASONS, DROP_REASONS, policy.REFUSALS)
         self._full = False

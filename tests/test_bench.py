@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
+from typing import Any
 
-from bench import peers
+import pytest
+
+from bench import peers, report, run, workloads
 from goma_twisted.config import parse_config
 
 
@@ -36,3 +41,165 @@ def test_split_counts_sums_each_counter_over_its_series() -> None:
         "datagrams": 0,
         "bytes": 15,
     }
+
+
+def _result(with_pypy: bool = True) -> dict[str, Any]:
+    """A small saved result: two workloads, goma-pt on CPython and PyPy, nginx, direct."""
+    names = [peers.GOMA, peers.GOMA_PYPY, "nginx", peers.DIRECT]
+    if not with_pypy:
+        names.remove(peers.GOMA_PYPY)
+    samples: dict[str, dict[str, list[float | None]]] = {
+        "tcp_rr": {peers.GOMA: [20.0, 30.0, 25.0], peers.GOMA_PYPY: [40.0], "nginx": [50.0]},
+        "idle_mem": {peers.GOMA: [2.0], peers.GOMA_PYPY: [1.0], "nginx": [8.0]},
+    }
+    cpu = {peers.GOMA: 1.5, peers.GOMA_PYPY: 1.0, "nginx": 0.5}
+    details: dict[str, dict[str, Any]] = {
+        "tcp_rr": {
+            p: [{"requests": 50_000, "cpu": {"seconds": s, "tasks": [s]}}] for p, s in cpu.items()
+        },
+        "idle_mem": {},
+    }
+    if not with_pypy:
+        for per_peer in (*samples.values(), *details.values()):
+            per_peer.pop(peers.GOMA_PYPY, None)
+    result: dict[str, Any] = {
+        "started": "2026-11-26 15:00 UTC",
+        "rounds": 3,
+        "procs": 1,
+        "commit": "abc1234",
+        "machine": {
+            "nproc": 2,
+            "cpu": "x",
+            "kernel": "6",
+            "python": "3.11.7",
+            "twisted": "26.10.0",
+            "nofile_hard_limit": 20000,
+            "versions": {"nginx": "1.22.1"},
+            "pypy": {"pypy": "7.3.11", "python": "3.9.16", "twisted": "26.4.0"},
+        },
+        "peers": {p: {"note": "", "missing": None} for p in names},
+        "workloads": {
+            "tcp_rr": {"title": "rr", "unit": "req/s", "proto": "tcp", "higher_is_better": True},
+            "idle_mem": {
+                "title": "idle",
+                "unit": "KB/conn",
+                "proto": "tcp",
+                "higher_is_better": False,
+            },
+        },
+        "samples": samples,
+        "details": details,
+        "errors": {"tcp_rr": {}, "idle_mem": {}},
+        "status": {"tcp_rr": {peers.DIRECT: "n/a: x"}, "idle_mem": {peers.DIRECT: "n/a: x"}},
+    }
+    result["medians"] = report.medians(samples)
+    result["ratios"] = report.ratios(result["medians"])
+    return result
+
+
+def test_ratios_take_either_goma_pt_as_the_reference() -> None:
+    meds = report.medians(_result()["samples"])
+    assert report.ratios(meds)["tcp_rr"] == {peers.GOMA_PYPY: 25 / 40, "nginx": 25 / 50}
+    assert report.ratios(meds, peers.GOMA_PYPY)["tcp_rr"] == {
+        peers.GOMA: 40 / 25,
+        "nginx": 40 / 50,
+    }
+    assert report.ratios(meds, peers.GOMA_PYPY)["idle_mem"] == {peers.GOMA: 0.5, "nginx": 0.125}
+
+
+def test_markdown_has_a_pypy_column_and_its_own_ratio_table() -> None:
+    text = report.markdown(_result())
+    medians, cpython, pypy = text.split("\n\n")[1], text.split("\n\n")[3], text.split("\n\n")[5]
+    assert (
+        medians.splitlines()[0] == "| workload | unit | goma-pt | goma-pt-pypy | nginx | direct |"
+    )
+    assert "| tcp_rr | req/s | 25.0 | 40.0 | 50.0 | n/a |" in medians
+    assert "| tcp_rr | higher | 1 | 0.62 | 0.50 | - |" in cpython
+    assert "| tcp_rr | higher | 1.60 | 1 | 0.80 | - |" in pypy
+    assert "| idle_mem | lower | 0.50 | 1 | 0.12 | - |" in pypy
+    # CPU per request: 30 us, 20 us, 10 us; ratios of both goma-pts to every peer
+    assert "| tcp_rr | us/req | 30.0 | 20.0 | 10.0 |" in text
+    assert "| tcp_rr | goma-pt | 1 | 1.50 | 3.00 |" in text
+    assert "| tcp_rr | goma-pt-pypy | 0.67 | 1 | 2.00 |" in text
+
+
+def test_a_result_without_pypy_renders_as_before() -> None:
+    result = _result(with_pypy=False)
+    del result["machine"]["pypy"]
+    text = report.markdown(result)
+    assert "goma-pt-pypy" not in text
+    assert "Ratio goma-pt / peer" in text
+    assert "goma-pt-pypy" not in report.machine_markdown(result)
+    assert [ref for ref, _r, _p in report.chart_panels(result)] == [peers.GOMA]
+
+
+def test_cpu_per_unit_and_console_cover_goma_pt_pypy() -> None:
+    result = _result()
+    assert report.cpu_per_unit(result, "tcp_rr", peers.GOMA_PYPY) == pytest.approx(20.0)
+    row = next(
+        line
+        for line in report.console(result).splitlines()
+        if line.strip().startswith("goma-pt-pypy")
+    )
+    # median, goma/peer, (no pypy/peer against itself), CPU per request, rounds
+    assert row.split() == ["goma-pt-pypy", "40.0", "0.62", "20.0", "[40.0]"]
+
+
+def test_machine_section_names_the_pypy_version() -> None:
+    result = _result()
+    assert "- goma-pt-pypy: PyPy 7.3.11 (Python 3.9.16), Twisted 26.4.0\n" in (
+        report.machine_markdown(result)
+    )
+    result["machine"]["pypy"] = {"missing": "/nowhere/bin/python not found"}
+    assert "goma-pt-pypy: missing (/nowhere/bin/python not found)" in (
+        report.machine_markdown(result)
+    )
+
+
+def test_chart_draws_a_panel_per_reference(tmp_path: Path) -> None:
+    result = _result()
+    panels = report.chart_panels(result)
+    assert [(ref, who) for ref, _r, who in panels] == [
+        (peers.GOMA, [peers.GOMA_PYPY, "nginx"]),
+        (peers.GOMA_PYPY, [peers.GOMA, "nginx"]),
+    ]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("matplotlib is required with CI set (.ci/run installs '.[bench]')")
+        pytest.skip("matplotlib is not installed (pip install '.[bench]')")
+    out = report.chart(result, tmp_path / "chart.png")
+    assert out is not None and out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_goma_pt_pypy_runs_the_same_twistd_from_its_venv(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (pypy,) = peers.by_name([peers.GOMA_PYPY], pypy=venv)
+    assert pypy.missing() == f"{venv}/bin/python not found"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch()
+    assert pypy.missing() is None
+    assert pypy.argv is not None and peers.GOMA_PYPY in [p.name for p in peers.by_name(None)]
+    fwd = peers.Forward("tcp", 5300, 5301)
+    argv = pypy.argv(fwd, tmp_path)
+    cpython = peers.PEERS[0].argv(fwd, tmp_path)  # type: ignore[misc]
+    assert argv[0] == str(venv / "bin" / "python") and argv[1:] == cpython[1:]
+    # a --procs N run leaves it out by default, and skips it if named
+    assert peers.GOMA_PYPY not in [p.name for p in peers.by_name(None, procs=2)]
+    assert run.skip_reason(pypy, workloads.by_key(["tcp_rr"])[0], 2) == "n/a: one process only"
+
+
+def test_pypy_info_says_why_a_venv_is_missing(tmp_path: Path) -> None:
+    assert run.pypy_info(tmp_path) == {"missing": f"{tmp_path}/bin/python not found"}
+
+
+def test_every_speed_workload_gets_a_warm_up_and_the_memory_ones_none() -> None:
+    p = workloads.Params()
+    warm = {w.key: workloads.warmup_params(w, p) for w in workloads.WORKLOADS}
+    assert warm["idle_mem"] is None and warm["slow_mem"] is None
+    connect = warm["tcp_connect"]
+    assert connect is not None and connect.conn_requests == p.warm_conn_requests
+    assert connect.ping_requests == p.warm_ping_requests and connect.bulk_seconds == 1
+    off = dataclasses.replace(p, warmup=False)
+    assert all(workloads.warmup_params(w, off) is None for w in workloads.WORKLOADS)

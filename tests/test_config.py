@@ -9,6 +9,7 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+import yaml
 
 from goma_twisted.config import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -155,6 +156,18 @@ def test_extensions_override_the_parts_of_timeout() -> None:
     assert d.name == "tcp [::1]:4"
 
 
+@pytest.fixture(params=["installed", "Python"])
+def yaml_loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """
+    Run on the YAML loader PyYAML has here (libyaml's, where it was built
+    with it) and on PyYAML's own Python one (PyPy's: its PyYAML has no
+    libyaml); return which of the two the test runs on.
+    """
+    if request.param == "Python":
+        monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    return "libyaml" if hasattr(yaml, "CSafeLoader") else "Python"
+
+
 def errors(text: str | bytes) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         parse_config(text, "goma.yml")
@@ -165,7 +178,6 @@ def errors(text: str | bytes) -> list[str]:
     ("text", "expected"),
     [
         ("", "goma.yml:1:1: the file is empty"),
-        ("gateway: [", "goma.yml:2:1: not valid YAML"),
         ("- 1\n", "goma.yml:1:1: (top level): expected a mapping, got a list"),
         ("version: 2\n", "gateway: missing; expected a mapping"),
         ("gateway:\n  entryPoints: 3\n", "goma.yml:2:16: gateway.entryPoints: expected a mapping"),
@@ -238,9 +250,19 @@ def errors(text: str | bytes) -> list[str]:
         (b"gateway: \xff\n", "goma.yml:1:10: byte 0xff is not UTF-8"),
     ],
 )
-def test_errors_name_the_place_and_the_problem(text: str | bytes, expected: str) -> None:
+def test_errors_name_the_place_and_the_problem(
+    text: str | bytes, expected: str, yaml_loader: str
+) -> None:
     found = errors(text)
     assert any(expected in problem for problem in found), found
+
+
+def test_invalid_yaml_is_placed_at_the_end_of_the_file(yaml_loader: str) -> None:
+    # The end of a file without a final newline: libyaml places it on the
+    # line after, PyYAML's Python loader just after the last character.
+    [problem] = errors("gateway: [")
+    place = "goma.yml:2:1" if yaml_loader == "libyaml" else "goma.yml:1:11"
+    assert problem.startswith(f"{place}: not valid YAML: "), problem
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -383,3 +383,84 @@ async def test_accepted_sockets_inherit_the_tcp_options(
         await finished(reactor, client.lost)
     finally:
         await service.stopService()
+
+
+class Accepting(protocol.Factory):
+    """Records the address and transport of each connection it serves."""
+
+    def __init__(self) -> None:
+        self.served: list[tuple[Any, Any]] = []
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        served = self.served
+        built = protocol.Protocol()
+
+        def made(transport: Any) -> None:
+            served.append((addr, transport))
+
+        built.makeConnection = made  # type: ignore[method-assign]
+        return built
+
+
+class FailingOnce:
+    """A listening socket whose next C{_accept} fails with C{number}."""
+
+    def __init__(self, skt: socket.socket, number: int) -> None:
+        self.skt = skt
+        self.number = number
+
+    def _accept(self) -> Any:
+        number, self.number = self.number, 0
+        if number:
+            raise OSError(number, os.strerror(number))
+        return self.skt._accept()  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.skt, name)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_relay_port_accepts_all_waiting_connections(reactor: Any, host: str) -> None:
+    factory = Accepting()
+    port = connect.listen_tcp(reactor, 0, factory, host)
+    clients = [socket.socket(port.socket.family) for _ in range(3)]
+    try:
+        for client in clients:
+            client.connect((host, port.getHost().port))
+        port.doRead()
+        assert len(factory.served) == 3
+        for (addr, transport), client in zip(factory.served, clients):
+            assert (addr.host, addr.port) == client.getsockname()[:2]
+            assert isinstance(transport, connect.AcceptedConnection)
+            assert transport.getPeer() == addr
+            assert transport.socket.gettimeout() == 0.0
+            assert transport.socket.family == port.socket.family
+            assert transport.socket.type == socket.SOCK_STREAM
+            transport.socket.close()
+        assert [t.sessionno for _, t in factory.served] == [0, 1, 2]
+        # Three taken, then none: the next loop takes up to three.
+        assert port.numberAccepts == 3
+    finally:
+        for client in clients:
+            client.close()
+        port.stopListening()
+
+
+@pytest.mark.parametrize("number", [errno.EMFILE, errno.ECONNABORTED])
+def test_relay_port_leaves_accept_errors_to_twisted(reactor: Any, number: int) -> None:
+    factory = Accepting()
+    port = connect.listen_tcp(reactor, 0, factory, "127.0.0.1")
+    client = socket.socket()
+    try:
+        client.connect(("127.0.0.1", port.getHost().port))
+        listening = port.socket
+        port.socket = FailingOnce(listening, number)
+        port.doRead()
+        # Twisted's loop took over and accepted the waiting client.
+        [(addr, transport)] = factory.served
+        assert addr.port == client.getsockname()[1]
+        transport.socket.close()
+    finally:
+        client.close()
+        port.socket = listening
+        port.stopListening()

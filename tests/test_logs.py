@@ -34,7 +34,6 @@ from goma_twisted.logs import (
     GatheringFileLogObserver,
     _TimeStamps,
     classic_line,
-    emitter,
     event_text,
 )
 
@@ -127,20 +126,6 @@ EVENTS = {
 
 def test_the_udp_end_format_is_the_one_documented() -> None:
     assert udp.SESSION_END_FORMAT == UDP_FORMAT
-
-
-def test_an_emitter_emits_what_the_logger_would() -> None:
-    # The same event (keys, order, values) to the logger's observer; only the time differs.
-    events: list[LogEvent] = []
-    logger = Logger(namespace="goma_pt.udp", observer=cast(ILogObserver, events.append))
-    before = time.time()
-    emitter(logger)(UDP_FORMAT, **END)
-    logger.info(UDP_FORMAT, **END)
-    fast, slow = events
-    assert before <= fast["log_time"] <= slow["log_time"]
-    assert list(fast) == list(slow)
-    assert {**fast, "log_time": 0} == {**slow, "log_time": 0}
-    assert classic_line(fast) == classic_line({**slow, "log_time": fast["log_time"]})
 
 
 @pytest.mark.parametrize("name", sorted(EVENTS))
@@ -395,3 +380,23 @@ def test_twistd_on_goma_pts_reactor_gathers_its_lines(tmp_path: Path) -> None:
     from twisted.internet import reactor
 
     reactor.beforeWait.remove(observer.writeGathered)  # type: ignore[attr-defined]
+
+
+def test_event_logger_makes_twisteds_event() -> None:
+    from twisted.logger import Logger, LogLevel
+
+    from goma_twisted.logs import EventLogger
+
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    EventLogger(namespace="goma_pt.x", observer=cast(Any, ours.append)).info("{a} b", a=1)
+    Logger(namespace="goma_pt.x", observer=cast(Any, theirs.append)).info("{a} b", a=1)
+    [event], [expected] = ours, theirs
+    assert event.keys() == expected.keys()
+    for key in ("a", "log_level", "log_namespace", "log_source", "log_format"):
+        assert event[key] == expected[key]
+    assert event["log_level"] is LogLevel.info
+    # Not a level: Twisted's emit reports it, as for its own Logger.
+    loud = EventLogger(namespace="goma_pt.x", observer=cast(Any, ours.append))
+    loud.emit(cast(Any, "loud"), "x")
+    assert "invalid log level" in ours[-1]["log_format"]

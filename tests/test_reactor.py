@@ -7,8 +7,11 @@ prefix.
 from __future__ import annotations
 
 import os
+import select
+import socket
 from typing import Any
 
+import pytest
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone, ConnectionFdescWentAway
 from twisted.internet.main import CONNECTION_DONE
@@ -123,50 +126,64 @@ def test_a_read_event_that_ends_the_stream_disconnects_cleanly() -> None:
         reactor._poller.close()
 
 
-def test_a_forgotten_reader_closed_at_once_leaves_the_epoll_set() -> None:
-    # forgetReader drops a reader without epoll_ctl: closing its descriptor
-    # takes it out of the epoll set. Its next event never comes, and the
-    # descriptor number, taken again, serves its new reader alone.
+class Socketed(FileDescriptor):
+    """A socket's reader, for closeSocket."""
+
+    def __init__(self, reactor: Any, skt: socket.socket) -> None:
+        super().__init__(reactor)
+        self.socket = skt
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def doRead(self) -> Any:
+        return None
+
+
+@pytest.mark.parametrize("watched", ["reading", "writing", "both", "neither"])
+def test_close_socket_forgets_the_descriptor_and_closes_it(watched: str) -> None:
+    # closeSocket leaves the reactor's records as removeReader and
+    # removeWriter would, without their epoll_ctl: the kernel takes a
+    # closed socket out of the epoll set itself.
     reactor = EPollReactor()
-    read, write = os.pipe()
-    old = Reader(reactor, read)
+    ours, theirs = socket.socketpair()
+    selectable = Socketed(reactor, ours)
     try:
-        reactor.addReader(old)
-        os.write(write, b"pending")
-        reactor.forgetReader(old)
-        assert old not in reactor.getReaders()
-        os.close(read)
-        assert reactor._poller.poll(0) == []
-        read, again = os.pipe()
-        assert read == old.fd
-        new = Reader(reactor, read)
-        reactor.addReader(new)
-        os.write(again, b"new")
-        reactor.doPoll(0)
-        assert new.read == b"new" and old.read == b""
-        reactor.forgetReader(new)
-        assert new not in reactor.getReaders()
+        if watched in ("reading", "both"):
+            reactor.addReader(selectable)
+        if watched in ("writing", "both"):
+            reactor.addWriter(selectable)
+        fd = ours.fileno()
+        reactor.closeSocket(selectable, ours)
+        assert ours.fileno() == -1
+        assert selectable not in reactor.getReaders()
+        assert selectable not in reactor.getWriters()
+        assert reactor._selectables == {
+            fd: s for fd, s in reactor._selectables.items() if s is not selectable
+        }
+        # The epoll set has let it go: the number can be watched anew.
+        again = socket.socket()
+        try:
+            assert again.fileno() == fd
+            reactor._poller.register(fd, select.EPOLLIN)
+            reactor._poller.unregister(fd)
+        finally:
+            again.close()
     finally:
-        os.close(read)
-        os.close(write)
-        os.close(again)
+        theirs.close()
         reactor._poller.close()
 
 
-def test_forgetting_a_reader_that_also_writes_only_stops_its_reads() -> None:
+def test_close_socket_without_twisteds_records_asks_remove_reader() -> None:
     reactor = EPollReactor()
-    read, write = os.pipe()
-    both = Reader(reactor, read)
-    other = Reader(reactor, write)
+    reactor._records = False
+    ours, theirs = socket.socketpair()
+    selectable = Socketed(reactor, ours)
     try:
-        reactor.addReader(both)
-        reactor.addWriter(both)
-        reactor.forgetReader(both)
-        assert both not in reactor.getReaders() and reactor.getWriters() == [both]
-        reactor.forgetReader(other)  # never added: nothing to do
-        assert reactor.getWriters() == [both]
+        reactor.addReader(selectable)
+        reactor.closeSocket(selectable, ours)
+        assert ours.fileno() == -1
+        assert selectable not in reactor.getReaders()
     finally:
-        reactor.removeWriter(both)
-        os.close(read)
-        os.close(write)
+        theirs.close()
         reactor._poller.close()

@@ -643,3 +643,183 @@ def test_a_transport_without_twisteds_write_counters_keeps_twisteds_paths(reacto
     finally:
         ours.close()
         theirs.close()
+
+
+@pytest.fixture
+def ends_of_stream(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """What each L{tcp._RelaySide.endOfStream} call did: (side, handled)."""
+    calls: list[tuple[str, bool]] = []
+    original = tcp._RelaySide.endOfStream
+
+    def spy(self: tcp._RelaySide) -> bool:
+        # Recorded before the call: the relay's end fires its Deferred,
+        # and the test goes on, from within it.
+        side = "client" if self.fromClient else "target"
+        calls.append((side, True))
+        handled = original(self)
+        calls[calls.index((side, True))] = (side, handled)
+        return handled
+
+    monkeypatch.setattr(tcp._RelaySide, "endOfStream", spy)
+    return calls
+
+
+def _assert_closed(relay: tcp.Relay, reactor: Any) -> None:
+    """Both transports left as Twisted's connectionLost leaves them, unwatched."""
+    assert relay.target is not None
+    for side in (relay.client, relay.target):
+        transport: Any = side.transport
+        assert (transport.connected, transport.disconnected) == (0, 1)
+        assert transport.producer is None
+        assert not hasattr(transport, "socket")
+        assert transport not in reactor.getReaders()
+        assert transport not in reactor.getWriters()
+        assert side.peer is None
+        # What Twisted's loseConnection or connectionLost do later: nothing.
+        transport.loseConnection()
+        transport.connectionLost(tcp._CLOSED)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_fin_then_target_close_end_in_relay_read(
+    reactor: Any, echo: Any, services: list[Any], ends_of_stream: list[tuple[str, bool]]
+) -> None:
+    # The short connection's way: the client's FIN goes on to the target
+    # at once, the target's close ends both sides, all in relayRead.
+    service = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
+    services.append(service)
+    [listener] = service.listeners
+    factory = listener.factory  # type: ignore[union-attr]
+    client = Recorder(send=b"ping", halfClose=True)
+    with captured_logs() as logs:
+        connect(reactor, bound_port(service), client)
+        assert await finished(reactor, client.lost) == b"ping"
+        for _ in range(500):
+            if not factory.relays and logs.ends():
+                break
+            await deferLater(reactor, 0.01)
+    assert ends_of_stream == [("client", True), ("target", True)]
+    [end] = logs.ends()
+    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert (end["bytesToTarget"], end["bytesToClient"]) == (4, 4)
+    assert end["targetAddress"] == f"127.0.0.1:{echo.getHost().port}"
+    stats = factory.stats
+    assert (stats.active, stats.closed[tcp.CLIENT_CLOSED]) == (0, 1)
+    assert factory.bounds.open == 0 and factory.bounds.by_ip == {}
+
+
+class GreetAndClose(protocol.Protocol):
+    """A target that speaks first and closes, reading nothing."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"bye")  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_target_close_then_client_close_end_in_relay_read(
+    reactor: Any, services: list[Any], ends_of_stream: list[tuple[str, bool]]
+) -> None:
+    target = listen_tcp(reactor, protocol.Factory.forProtocol(GreetAndClose))
+    service = start_service(forward(target=("127.0.0.1", target.getHost().port)))
+    services.append(service)
+    [listener] = service.listeners
+    factory = listener.factory  # type: ignore[union-attr]
+    client = Recorder()
+    relays: list[tcp.Relay] = []
+    with captured_logs() as logs:
+        connect(reactor, bound_port(service), client)
+        await finished(reactor, client.connected_d)
+        for _ in range(500):
+            relays.extend(factory.relays)
+            if relays:
+                break
+            await deferLater(reactor, 0.01)
+        assert await finished(reactor, client.lost) == b"bye"
+        await finished(reactor, relays[0].done)
+    target.stopListening()
+    assert client.readClosed
+    assert ends_of_stream == [("target", True), ("client", True)]
+    _assert_closed(relays[0], reactor)
+    [end] = logs.ends()
+    assert end["reason"] == tcp.TARGET_CLOSED
+    assert (end["bytesToTarget"], end["bytesToClient"]) == (0, 3)
+
+
+class SlowSink(Sink):
+    """A Sink that reads nothing until told, from a small buffer."""
+
+    instances: list[SlowSink] = []
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        SlowSink.instances.append(self)
+        transport: Any = self.transport
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        transport.pauseProducing()
+
+
+implementer(IHalfCloseableProtocol)(SlowSink)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fin_behind_queued_bytes_waits_for_them(
+    reactor: Any, services: list[Any], ends_of_stream: list[tuple[str, bool]]
+) -> None:
+    # The target reads nothing at first: bytes wait in the relay's buffer
+    # for it when the client's FIN comes, which must go after them, by
+    # Twisted's way (loseWriteConnection).
+    SlowSink.instances.clear()
+    target = listen_tcp(reactor, protocol.Factory.forProtocol(SlowSink))
+    # The window the sink offers is set from this at the handshake.
+    target.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    service = start_service(forward(target=("127.0.0.1", target.getHost().port)))
+    services.append(service)
+    [listener] = service.listeners
+    factory = listener.factory  # type: ignore[union-attr]
+    client = Recorder(send=b"abc")
+    with captured_logs() as logs:
+        connect(reactor, bound_port(service), client)
+        await finished(reactor, client.connected_d)
+        for _ in range(500):
+            if factory.relays and next(iter(factory.relays)).bytesToTarget == 3:
+                break
+            await deferLater(reactor, 0.01)
+        [relay] = factory.relays
+        outgoing: Any = relay.target.transport  # type: ignore[union-attr]
+        outgoing.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        # More than the small buffers on the way take, below the pause mark
+        # (the transport's bufferSize, 64 KiB at least): the client's side
+        # still reads, and finds the FIN.
+        queued = os.urandom(48_000)
+        outgoing.write(queued)
+        await deferLater(reactor, 0.05)
+        assert outgoing.dataBuffer or outgoing._tempDataLen
+        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        for _ in range(500):
+            if relay.client.readDone:
+                break
+            await deferLater(reactor, 0.01)
+        assert relay.client.readDone
+        assert outgoing.dataBuffer or outgoing._tempDataLen
+        [sink] = SlowSink.instances
+        sink.transport.resumeProducing()  # type: ignore[union-attr]
+        received = await finished(reactor, client.lost)
+        await deferLater(reactor, 0.05)
+    target.stopListening()
+    sent = b"abc" + queued
+    assert received == f"{len(sent)} {hashlib.sha256(sent).hexdigest()}".encode()
+    # The client's end was left to Twisted, the target's close was not.
+    assert ends_of_stream == [("client", False), ("target", True)]
+    [end] = logs.ends()
+    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert (end["bytesToTarget"], end["bytesToClient"]) == (3, len(received))
+
+
+def test_end_event_labels_follow_a_reload_for_new_connections_only() -> None:
+    factory = tcp.TCPForwardFactory(forward(target=("192.0.2.1", 80)), MemoryReactorClock())
+    before = tcp.Relay(factory)
+    factory.reconfigure(forward(target=("192.0.2.2", 8080)))
+    after = tcp.Relay(factory)
+    assert before.labels == ("tcp 127.0.0.1:0", "192.0.2.1:80")
+    assert after.labels == ("tcp 127.0.0.1:0", "192.0.2.2:8080")

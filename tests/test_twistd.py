@@ -12,6 +12,7 @@ import signal
 import socket
 import socketserver
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from goma_twisted.tap import Options
 
 from .support import (
     ROOT,
@@ -103,6 +106,18 @@ def test_without_config_it_says_how_to_give_one() -> None:
     assert "no config file given; use --config FILE" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("args", [[], ["--drain", "x"], ["--config", "x", "-m", "9108"], ["--no"]])
+def test_a_usage_error_exits_1_whatever_twisteds_twistd_does(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # twistd before Twisted 26.10 (all that Python 3.9, so PyPy, gets)
+    # prints a usage error and exits 0: goma-pt's options exit 1 themselves.
+    with pytest.raises(SystemExit) as exited:
+        Options().parseOptions(args)
+    assert exited.value.code == 1
+    assert "--config=" in capsys.readouterr().out
+
+
 def test_a_broken_config_is_one_clear_message(tmp_path: Path) -> None:
     config = tmp_path / "goma.yml"
     config.write_text(
@@ -148,7 +163,9 @@ def test_foreground_forwards_tcp_and_udp_on_one_port(tmp_path: Path, backend: in
     forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
     config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
     log = tmp_path / "goma.log"
-    with goma_pt_running(config, log):
+    with goma_pt_running(config, log) as proc:
+        # On the interpreter running the tests (PyPy's run tests goma-pt on PyPy).
+        assert os.path.realpath(f"/proc/{proc.pid}/exe") == os.path.realpath(sys.executable)
         assert tcp_roundtrip(port, b"over tcp") == b"over tcp"
         assert udp_roundtrip(port, b"over udp") == b"udp:over udp"
     text = log.read_text()
@@ -514,3 +531,31 @@ def test_descriptor_limit_sizes_the_bounds_and_a_flood_never_hits_emfile(
     assert "refused 127.0.0.3:" in text and ": denied" in text
     assert "refused 127.0.0.2:" in text and ": at bound" in text
     assert "sessions open, the bound; dropping datagrams" in text
+
+
+class _FakePyPyJIT:
+    def __init__(self) -> None:
+        self.params: list[str] = []
+
+    def set_param(self, params: str) -> None:
+        self.params.append(params)
+
+
+def test_on_pypy_the_jit_compiles_sooner_unless_the_operator_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from goma_twisted import tap
+
+    jit = _FakePyPyJIT()
+    monkeypatch.setitem(sys.modules, "pypyjit", jit)
+    assert tap._tune_jit(["pypy3", "-c", "...", "-n", "goma-pt"])
+    assert jit.params == [tap.JIT_PARAMS]
+    assert not tap._tune_jit(["pypy3", "--jit", "threshold=5000", "-c", "..."])
+    assert jit.params == [tap.JIT_PARAMS]
+
+
+def test_on_cpython_there_is_no_jit_to_tune(monkeypatch: pytest.MonkeyPatch) -> None:
+    from goma_twisted import tap
+
+    monkeypatch.setitem(sys.modules, "pypyjit", None)  # import raises ImportError
+    assert not tap._tune_jit([])

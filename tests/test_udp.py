@@ -5,7 +5,6 @@ The UDP relay over real loopback sockets, with a Clock for session expiry.
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import pytest
@@ -23,10 +22,10 @@ from .support import (
     bound_port,
     captured_logs,
     forward,
-    free_port,
     open_fds,
     start_service,
     udp_relay,
+    unreachable_udp_port,
 )
 
 
@@ -209,17 +208,17 @@ async def test_icmp_refused_keeps_the_forward_and_the_session(
 ) -> None:
     # A target port nobody listens on yet: the kernel answers with ICMP
     # port unreachable, which the session socket reports as refused.
-    target_port = free_port(socket.SOCK_DGRAM)
-    service = start_service(forward(("udp",), ("127.0.0.1", target_port)))
-    services.append(service)
-    listen = bound_port(service, "udp")
-    c = client(reactor, ports)
-    for _ in range(3):
-        c.send(b"hello?", listen)
-        await deferLater(reactor, 0.05)
-    relay = udp_relay(service)
-    [session] = relay.sessions.values()
-    assert session.refusals >= 1
+    with unreachable_udp_port() as target_port:
+        service = start_service(forward(("udp",), ("127.0.0.1", target_port)))
+        services.append(service)
+        listen = bound_port(service, "udp")
+        c = client(reactor, ports)
+        for _ in range(3):
+            c.send(b"hello?", listen)
+            await deferLater(reactor, 0.05)
+        relay = udp_relay(service)
+        [session] = relay.sessions.values()
+        assert session.refusals >= 1
     backend = UDPEcho(b"up:")
     ports.append(reactor.listenUDP(target_port, backend, interface="127.0.0.1"))
     c.send(b"now?", listen)
@@ -366,21 +365,21 @@ async def test_icmp_error_reported_by_epoll_keeps_the_session_reading(
     # The ICMP error arrives while nothing is sent: epoll reports the socket
     # in error with nothing to read, the reactor drops it as lost, and the
     # session counts the refusal and reads the socket again.
-    target_port = free_port(socket.SOCK_DGRAM)
-    service = start_service(forward(("udp",), ("127.0.0.1", target_port)))
-    services.append(service)
-    relay = udp_relay(service)
-    c = client(reactor, ports)
-    before = open_fds()
-    c.send(b"anyone?", bound_port(service, "udp"))
-    for _ in range(50):
-        await deferLater(reactor, 0.01)
-        if relay.stats.unreachable:
-            break
-    [session] = relay.sessions.values()
-    assert session.refusals == relay.stats.unreachable == 1
-    assert session in reactor.getReaders()
-    assert open_fds() == before + 1
+    with unreachable_udp_port() as target_port:
+        service = start_service(forward(("udp",), ("127.0.0.1", target_port)))
+        services.append(service)
+        relay = udp_relay(service)
+        c = client(reactor, ports)
+        before = open_fds()
+        c.send(b"anyone?", bound_port(service, "udp"))
+        for _ in range(50):
+            await deferLater(reactor, 0.01)
+            if relay.stats.unreachable:
+                break
+        [session] = relay.sessions.values()
+        assert session.refusals == relay.stats.unreachable == 1
+        assert session in reactor.getReaders()
+        assert open_fds() == before + 1
     ports.append(reactor.listenUDP(target_port, UDPEcho(b"back:"), interface="127.0.0.1"))
     c.send(b"again", bound_port(service, "udp"))
     assert await c.reply(reactor) == b"back:again"
@@ -526,6 +525,9 @@ async def test_a_read_error_other_than_refused_ends_the_session(
     class Unreachable:
         def recv(self, size: int) -> bytes:
             raise OSError(113, "No route to host")
+
+        def fileno(self) -> int:
+            return real.fileno()  # type: ignore[union-attr]
 
         def close(self) -> None:
             real.close()  # type: ignore[union-attr]
@@ -693,7 +695,7 @@ def test_a_forward_listening_again_after_a_stop_still_sweeps() -> None:
 def test_an_open_session_keeps_its_target_through_a_reload() -> None:
     # New sessions go to a reload's new target; one already open keeps its
     # socket, and its end event names the target it used.
-    old, new = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    old, new = 9, 10  # connected, never sent to
     relay = udp.UDPForward(
         forward(("udp",), ("127.0.0.1", old)), 10, reactor=NoReactor(), clock=Clock()
     )
