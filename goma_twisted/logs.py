@@ -21,10 +21,13 @@ On SIGUSR1 the file is reopened, for C{logrotate} to move it away first.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from threading import get_ident
 from typing import IO, Any, cast
 
 from twisted.logger import (
@@ -37,6 +40,8 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
 )
+from twisted.python import threadable
+from twisted.python.compat import ioType
 
 ENVIRONMENT = "GOMA_PT_JSON_LOG"
 
@@ -133,6 +138,62 @@ def classic_line(event: LogEvent) -> str | None:
     if "\n" in text or "\n" in system:
         line = line[:-1].replace("\n", "\n\t") + "\n"
     return line
+
+
+class GatheringFileLogObserver(FileLogObserver):
+    """
+    A text log observer that writes the lines logged in one turn of the
+    reactor together, in one write (and flush) made before the reactor
+    waits for events again, instead of a write per line: every relayed
+    connection and session logs a line at its end, and its own write was
+    a system call per session.
+
+    The reactor calls L{writeGathered} before each wait: it lists it in its
+    C{beforeWait} (goma-pt's L{goma_twisted.reactor.EPollReactor} does).
+    Lines logged from another thread, or while the reactor is not running
+    (starting up, stopped), are written at once, after those gathered.
+
+    @param outFile: a text or binary file, as for L{FileLogObserver}.
+    """
+
+    # Lines gathered at most before they are written anyway.
+    MAX_GATHERED = 256
+
+    def __init__(
+        self, outFile: IO[Any], formatEvent: Callable[[LogEvent], str | None], reactor: Any
+    ) -> None:
+        super().__init__(outFile, formatEvent)
+        self._out = outFile
+        self._encode = ioType(outFile) is not str
+        self._reactor = reactor
+        self._lines: list[str] = []
+        reactor.beforeWait.append(self.writeGathered)
+        atexit.register(self.writeGathered)
+
+    def __call__(self, event: LogEvent) -> None:
+        text = self.formatEvent(event)
+        if not text:
+            return
+        if get_ident() == threadable.ioThread:
+            if self._reactor.running:
+                lines = self._lines
+                lines.append(text)
+                if len(lines) >= self.MAX_GATHERED:
+                    self.writeGathered()
+                return
+            self.writeGathered()
+        self._write(text)
+
+    def writeGathered(self) -> None:
+        """Write the lines gathered so far, if any."""
+        lines = self._lines
+        if lines:
+            self._lines = []
+            self._write("".join(lines))
+
+    def _write(self, text: str) -> None:
+        self._out.write(text.encode("utf-8") if self._encode else text)
+        self._out.flush()
 
 
 class ReopeningFile:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import sys
+from collections.abc import Callable
 from select import EPOLLIN
 from typing import Any
 
@@ -45,9 +46,15 @@ _READ_ONLY = EPOLLIN if _NO_FILEDESC is not None else -1
 
 
 class EPollReactor(epollreactor.EPollReactor):
-    """L{epollreactor.EPollReactor} that calls event handlers directly."""
+    """
+    L{epollreactor.EPollReactor} that calls event handlers directly.
+
+    @ivar beforeWait: called before each wait for events, with no argument
+        (L{goma_twisted.logs.GatheringFileLogObserver} writes its lines).
+    """
 
     def __init__(self) -> None:
+        self.beforeWait: list[Callable[[], object]] = []
         super().__init__()
         # What closeSocket keeps in step with: Twisted's own records of
         # what is watched (checked once: else it asks removeReader).
@@ -57,6 +64,8 @@ class EPollReactor(epollreactor.EPollReactor):
         )
 
     def doPoll(self, timeout: float | None) -> None:
+        for call in self.beforeWait:
+            call()
         if timeout is None:
             timeout = -1  # Wait indefinitely.
         try:

@@ -19,7 +19,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from .config import ConfigError, GatewayConfig, load_config
-from .logs import classic_line
+from .logs import GatheringFileLogObserver, classic_line
 from .metrics import check_endpoint
 from .report import forwards_table
 from .service import DEFAULT_DRAIN_TIMEOUT, ListenError, PassThroughService
@@ -166,10 +166,25 @@ def _offer_text_log(application: Componentized, twistdOptions: Any) -> None:
     observer = makeObserver(loggerFactory(twistdOptions))
     if isinstance(observer, FileLogObserver):
         observer.formatEvent = classic_line
+        observer = _gathering(observer)
     if ILogObserver.providedBy(observer):
         application.setComponent(ILogObserver, observer)
     else:
         application.setComponent(legacy_log.ILogObserver, observer)
+
+
+def _gathering(observer: FileLogObserver) -> FileLogObserver:
+    """
+    The same log, with the lines of one turn of the reactor written
+    together (L{GatheringFileLogObserver}), when the reactor is goma-pt's
+    and the observer's file can be had (a private attribute: checked).
+    """
+    from twisted.internet import reactor
+
+    out = getattr(observer, "_outFile", None)
+    if out is None or not isinstance(getattr(reactor, "beforeWait", None), list):
+        return observer
+    return GatheringFileLogObserver(out, classic_line, reactor)
 
 
 def _install_reactor() -> None:

@@ -17,18 +17,18 @@ from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import policy
 from ._reactor import reactor_or_global
 from .config import Forward, format_address
+from .logs import EventLogger
 from .policy import Bounds, IPAddress, RefusalLog, parse_ip
 from .resolve import resolve_host
 from .stats import UDPStats
 
-log = Logger(namespace="goma_pt.udp")
+log = EventLogger(namespace="goma_pt.udp")
 
 # The largest UDP payload over IPv4; Twisted's default read size is 8 KiB.
 MAX_DATAGRAM = 65535
@@ -38,6 +38,10 @@ READS_PER_EVENT = 64
 # A session's socket: non-blocking and closed on exec from its creation,
 # without the fcntl/ioctl calls that would set those afterwards.
 SESSION_SOCKET_TYPE = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+# The socket type itself (C{socket.socket}'s C base): a session uses
+# connect, send, recv, fileno and close only, and C{socket.socket}'s own
+# Python __init__ and close (three calls per session) add nothing to those.
+_SessionSocket = socket.SocketType
 # Datagrams kept for a session while its target hostname resolves.
 MAX_QUEUED = 64
 
@@ -55,6 +59,13 @@ QUEUE_FULL = "queue full"
 SEND_FAILED = "send failed"
 REPLY_FAILED = "reply failed"
 DROP_REASONS = (QUEUE_FULL, SEND_FAILED, REPLY_FAILED)
+
+# The event each session ends with.
+SESSION_END_FORMAT = (
+    "{forward} {client} -> {target}: {reason}; {datagramsToTarget} datagrams "
+    "({bytesToTarget} bytes) sent, {datagramsToClient} ({bytesToClient} bytes) "
+    "received, {duration:.3f}s"
+)
 
 
 @implementer(IReadDescriptor)
@@ -78,30 +89,37 @@ class UDPSession:
     and the session goes on.
     """
 
+    # What a session starts with, read from the class until the session
+    # changes it: a session is set up per query under churn, and most of
+    # these keep their start value all its life.
+    bytesToTarget = 0
+    bytesToClient = 0
+    datagramsToTarget = 0
+    datagramsToClient = 0
+    answers = 0
+    targetAddress = ""
+    reason: str | None = None
+    refusals = 0
+    detail: str | None = None
+    clientIP: IPAddress | None = None
+    # Whether forward.bounds counted this session (see UDPForward._newSession).
+    counted = False
+    socket: socket.SocketType | None = None
+    _fd = -1
+    # The idle sweep's bucket this session is in (UDPForward.watch).
+    checkAt: float | None = None
+
     def __init__(self, forward: UDPForward, client: tuple[str, int]) -> None:
         self.forward = forward
         self.stats = forward.stats
         self.client = client
         self.clock = forward.clock
-        self.started = self.clock.seconds()
-        self.lastActivity = self.started
-        self.bytesToTarget = 0
-        self.bytesToClient = 0
-        self.datagramsToTarget = 0
-        self.datagramsToClient = 0
-        self.answers = 0
-        self.targetAddress = ""
-        self.reason: str | None = None
-        self.refusals = 0
-        self.detail: str | None = None
-        self.clientIP: IPAddress | None = None
-        # Whether forward.bounds counted this session (see UDPForward._open).
-        self.counted = False
-        self.socket: socket.socket | None = None
-        self._fd = -1
-        self._queue: list[bytes] | None = []
-        # The idle sweep's bucket this session is in (UDPForward.watch).
-        self.checkAt: float | None = None
+        self.started = self.lastActivity = self.clock.seconds()
+        # The target as configured when the session starts: a reload's new
+        # target is for new sessions.
+        self.target = forward.targetText
+        # Datagrams kept while the target's name resolves (hostnames only).
+        self._queue: list[bytes] | None = [] if forward.targetIsHostname else None
 
     def fileno(self) -> int:
         return self._fd
@@ -110,25 +128,25 @@ class UDPSession:
         return "UDPSession"
 
     def start(self) -> None:
-        target = self.forward.config.target
-        self.forward.watch(self, self.started + self.forward.config.udp_idle_timeout)
-        if not target.is_hostname:
-            self._open(target.host)
+        forward = self.forward
+        target = forward.config.target
+        forward.watch(self, self.started + forward.idleTimeout)
+        if not forward.targetIsHostname:
+            self._open(target.host, target.port)
             return
-        d = resolve_host(self.forward.reactor, target.host, target.port, "UDP")
-        d.addCallbacks(lambda hosts: self._open(hosts[0]), self._resolveFailed)
+        d = resolve_host(forward.reactor, target.host, target.port, "UDP")
+        d.addCallbacks(lambda hosts: self._open(hosts[0], target.port), self._resolveFailed)
 
     def _resolveFailed(self, failure: Failure) -> None:
         self.detail = failure.getErrorMessage()
         self.close(RESOLVE_FAILED)
 
-    def _open(self, host: str) -> None:
+    def _open(self, host: str, port: int) -> None:
         if self.reason is not None:
             return
-        port = self.forward.config.target.port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            skt = socket.socket(family, SESSION_SOCKET_TYPE)
+            skt = _SessionSocket(family, SESSION_SOCKET_TYPE)
         except OSError as e:
             self.detail = str(e)
             self.close(SOCKET_FAILED)
@@ -169,10 +187,12 @@ class UDPSession:
                 self.connectionRefused()
             self.stats.count_dropped(SEND_FAILED)
             return
-        self.bytesToTarget += len(data)
+        size = len(data)
+        self.bytesToTarget += size
         self.datagramsToTarget += 1
-        self.stats.bytes_to_target += len(data)
-        self.stats.datagrams_to_target += 1
+        stats = self.stats
+        stats.bytes_to_target += size
+        stats.datagrams_to_target += 1
 
     def doRead(self) -> None:
         """
@@ -200,16 +220,32 @@ class UDPSession:
                 return
 
     def datagramReceived(self, data: bytes) -> None:
+        """
+        Send a target's datagram to its client from the listening port.
+
+        The address came from that socket's own recvfrom, so it is valid
+        for it: the datagram goes to C{sendto} directly, without
+        L{udp.Port.write}'s checks of the address on every datagram. Any
+        error (a full socket buffer, EMSGSIZE, an ICMP error pending) drops
+        this datagram and is counted, never raised.
+        """
         self.lastActivity = self.clock.seconds()
-        if self.forward.reply(data, self.client):
-            self.bytesToClient += len(data)
+        forward = self.forward
+        stats = self.stats
+        try:
+            forward.transport.socket.sendto(data, self.client)  # type: ignore[union-attr]
+        except OSError:
+            stats.count_dropped(REPLY_FAILED)
+        else:
+            size = len(data)
+            self.bytesToClient += size
             self.datagramsToClient += 1
-            self.stats.bytes_to_client += len(data)
-            self.stats.datagrams_to_client += 1
+            stats.bytes_to_client += size
+            stats.datagrams_to_client += 1
         # udpResponses: a query/answer protocol (DNS) needs the session only
         # until its answers are in; its socket is freed at once.
         self.answers += 1
-        expected = self.forward.config.udp_responses
+        expected = forward.udpResponses
         if expected is not None and self.answers >= expected:
             self.close(ANSWERED)
 
@@ -249,22 +285,27 @@ class UDPSession:
         self.reason = reason
         if self._queue:
             self.stats.count_dropped(reason, len(self._queue))
+        forward = self.forward
         if self.checkAt is not None:
-            self.forward.unwatch(self)
+            forward.unwatch(self)
         skt = self.socket
         if skt is not None:
-            self.forward.reactor.removeReader(self)
+            closeSocket = forward._closeSocket
+            if closeSocket is not None:
+                closeSocket(self, skt)
+            else:
+                forward.reactor.removeReader(self)
+                skt.close()
             self._fd = -1
             self.socket = None
-            skt.close()
-        self.forward.sessionEnded(self)
+        forward.sessionEnded(self)
+        host, port = self.client[:2]
         log.info(
-            "{forward} {client} -> {target}: {reason}; {datagramsToTarget} datagrams "
-            "({bytesToTarget} bytes) sent, {datagramsToClient} ({bytesToClient} bytes) "
-            "received, {duration:.3f}s",
-            forward=self.forward.config.name,
-            client=format_address(*self.client[:2]),
-            target=str(self.forward.config.target),
+            SESSION_END_FORMAT,
+            forward=forward.name,
+            # format_address's work is for IPv6 (and IPv4-mapped) hosts.
+            client=format_address(host, port) if ":" in host else f"{host}:{port}",
+            target=self.target,
             targetAddress=self.targetAddress,
             bytesToTarget=self.bytesToTarget,
             bytesToClient=self.bytesToClient,
@@ -291,17 +332,19 @@ class UDPForward(DatagramProtocol):
     def __init__(
         self, config: Forward, max_sessions: int, reactor: Any = None, clock: Any = None
     ) -> None:
-        self.config = config
         self.max_sessions = max_sessions
         self.reactor = reactor = reactor_or_global(reactor)
         self.clock = clock if clock is not None else reactor
+        # A session's socket is its own and closed with the session: goma-pt's
+        # reactor closes it without an epoll_ctl call (see closeSocket).
+        self._closeSocket: Any = getattr(reactor, "closeSocket", None)
         self.sessions: dict[tuple[str, int], UDPSession] = {}
         self.stats = UDPStats(config, END_REASONS, DROP_REASONS, policy.REFUSALS)
         self._full = False
-        self.policy = config.policy
         # Sessions per client address (maxSessionsPerIp); the total is
         # len(self.sessions) against max_sessions.
         self.bounds = Bounds(None, config.max_sessions_per_ip)
+        self._configure(config)
         # Refusals are counted in the stats and logged rate-limited.
         self.refusalLog = RefusalLog(log.warn, self.clock)
         self._targetAddresses: dict[tuple[str, int], str] = {}
@@ -321,9 +364,26 @@ class UDPForward(DatagramProtocol):
 
     def reconfigure(self, config: Forward) -> None:
         """New settings for new sessions (a reload); open ones keep their target."""
+        self._configure(config)
+
+    def _configure(self, config: Forward) -> None:
+        """
+        Take C{config}, and what sessions read of it worked out once (its
+        properties compute their value at every read).
+        """
         self.config = config
         self.policy = config.policy
         self.bounds.per_ip = config.max_sessions_per_ip
+        # Whether a new client's address is checked: by an access policy,
+        # or against a per-address bound.
+        self.screened = bool(self.policy) or config.max_sessions_per_ip is not None
+        self.name = config.name
+        self.targetText = str(config.target)
+        self.targetIsHostname = config.target.is_hostname
+        self.idleTimeout = config.udp_idle_timeout
+        self.udpResponses = config.udp_responses
+        # Seconds between sweeps: 1 s, or a tenth of a timeout under 10 s.
+        self.granularity = min(1.0, config.udp_idle_timeout / 10)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         session = self.sessions.get(addr)
@@ -341,17 +401,17 @@ class UDPForward(DatagramProtocol):
         # The client's address as a value is needed only by an access
         # policy or a per-address bound; without either, no parsing.
         client = None
-        counted = self.policy or self.bounds.per_ip is not None
-        if counted:
+        if self.screened:
             client = parse_ip(addr[0])
             why = policy.DENIED if not self.policy.permits(client) else self.bounds.admit(client)
             if why is not None:
                 self.stats.count_refused(why)
-                self.refusalLog.refused(self.config.name, format_address(*addr[:2]), why)
+                self.refusalLog.refused(self.name, format_address(*addr[:2]), why)
                 return None
         session = self.sessions[addr] = UDPSession(self, addr)
-        session.clientIP = client
-        session.counted = bool(counted)
+        if self.screened:
+            session.clientIP = client
+            session.counted = True
         self.stats.opened()
         session.start()
         if session.reason is not None:
@@ -380,23 +440,6 @@ class UDPForward(DatagramProtocol):
                 sessions=len(self.sessions),
                 client=format_address(*addr[:2]),
             )
-
-    def reply(self, data: bytes, client: tuple[str, int]) -> bool:
-        """
-        Send a target's datagram to its client from the listening port.
-
-        The address came from this socket's own recvfrom, so it is valid
-        for it: the datagram goes to C{sendto} directly, without
-        L{udp.Port.write}'s checks of the address on every datagram. Any
-        error (a full socket buffer, EMSGSIZE, an ICMP error pending) drops
-        this datagram and is counted, never raised.
-        """
-        try:
-            self.transport.socket.sendto(data, client)  # type: ignore[union-attr]
-        except OSError:
-            self.stats.count_dropped(REPLY_FAILED)
-            return False
-        return True
 
     def sessionEnded(self, session: UDPSession) -> None:
         self.stats.ended(session.reason or "unknown")
@@ -455,11 +498,6 @@ class UDPForward(DatagramProtocol):
                 # The timer stays: when it fires with nothing due, it stops.
                 del self._buckets[at]  # type: ignore[arg-type]
 
-    @property
-    def granularity(self) -> float:
-        """Seconds between sweeps: 1 s, or a tenth of a timeout under 10 s."""
-        return min(1.0, self.config.udp_idle_timeout / 10)
-
     def _schedule(self, at: float) -> None:
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
@@ -469,7 +507,7 @@ class UDPForward(DatagramProtocol):
     def _runSweep(self) -> None:
         self._sweep = self._sweepAt = None
         now = self.clock.seconds()
-        timeout = self.config.udp_idle_timeout
+        timeout = self.idleTimeout
         for at in sorted(at for at in self._buckets if at <= now):
             for session in self._buckets.pop(at):
                 session.checkAt = None

@@ -5,9 +5,11 @@ Twisted's own lines, and twistd still decides where they go.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +27,15 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
 )
+from twisted.python import threadable
 
-from goma_twisted import tap, tcp
-from goma_twisted.logs import _TimeStamps, classic_line, event_text
+from goma_twisted import tap, tcp, udp
+from goma_twisted.logs import (
+    GatheringFileLogObserver,
+    _TimeStamps,
+    classic_line,
+    event_text,
+)
 
 from .support import free_port, running, twistd_command, twistd_env, wait_for, write_config
 from .test_twistd import backend, tcp_roundtrip, udp_roundtrip
@@ -114,6 +122,10 @@ EVENTS = {
         eventAsJSON(emitted(tcp._CONNECTED_FORMAT, **END))
     ),
 }
+
+
+def test_the_udp_end_format_is_the_one_documented() -> None:
+    assert udp.SESSION_END_FORMAT == UDP_FORMAT
 
 
 @pytest.mark.parametrize("name", sorted(EVENTS))
@@ -256,6 +268,118 @@ def test_twistd_logfile_lines_rotation_and_stop(tmp_path: Path, backend: int) ->
     )
     # Nothing lost at the stop: the last lines twistd logs are there.
     assert after[-1].endswith("#info] Server Shut Down.")
+
+
+class CountingFile(io.StringIO):
+    """A text file that counts its writes and flushes."""
+
+    writes = 0
+    flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+class TurningReactor:
+    """What a GatheringFileLogObserver needs of a reactor."""
+
+    def __init__(self) -> None:
+        self.running = True
+        self.beforeWait: list[Any] = []
+
+    def turn(self) -> None:
+        for call in self.beforeWait:
+            call()
+
+
+@pytest.fixture
+def io_thread() -> Iterator[None]:
+    """This thread as the reactor's, as reactor.run makes it."""
+    before = threadable.ioThread
+    threadable.registerAsIOThread()
+    try:
+        yield
+    finally:
+        threadable.ioThread = before
+
+
+def line_event(n: int) -> LogEvent:
+    return emitted("line {n}", "goma_pt.udp", n=n) | {"log_time": 1795691109.0}
+
+
+def test_the_lines_of_one_turn_are_written_together_before_the_wait(io_thread: None) -> None:
+    out, reactor = CountingFile(), TurningReactor()
+    observer = GatheringFileLogObserver(out, classic_line, reactor)
+    for n in range(3):
+        observer(line_event(n))
+    assert out.getvalue() == "" and out.writes == 0
+    reactor.turn()
+    assert out.getvalue() == "".join(classic_line(line_event(n)) or "" for n in range(3))
+    assert (out.writes, out.flushes) == (1, 1)
+    reactor.turn()  # nothing new: no write
+    assert (out.writes, out.flushes) == (1, 1)
+
+
+def test_lines_logged_while_the_reactor_is_not_running_are_written_at_once(
+    io_thread: None,
+) -> None:
+    out, reactor = CountingFile(), TurningReactor()
+    observer = GatheringFileLogObserver(out, classic_line, reactor)
+    observer(line_event(1))
+    reactor.running = False  # stopped: "Main loop terminated.", "Server Shut Down."
+    observer(line_event(2))
+    assert out.getvalue() == (classic_line(line_event(1)) or "") + (
+        classic_line(line_event(2)) or ""
+    )
+
+
+def test_lines_from_another_thread_are_written_at_once(io_thread: None) -> None:
+    out, reactor = CountingFile(), TurningReactor()
+    observer = GatheringFileLogObserver(out, classic_line, reactor)
+    observer(line_event(1))
+    thread = threading.Thread(target=observer, args=(line_event(2),))
+    thread.start()
+    thread.join()
+    assert out.getvalue() == classic_line(line_event(2))
+    reactor.turn()
+    assert out.getvalue() == "".join(classic_line(line_event(n)) or "" for n in (2, 1))
+
+
+def test_gathered_lines_are_written_at_the_bound_and_to_binary_files(io_thread: None) -> None:
+    out, reactor = io.BytesIO(), TurningReactor()
+    observer = GatheringFileLogObserver(out, classic_line, reactor)
+    bound = GatheringFileLogObserver.MAX_GATHERED
+    for n in range(bound + 1):
+        observer(line_event(n) | {"n": "\u2603"})
+    assert out.getvalue().count(b"\n") == bound
+    reactor.turn()
+    assert out.getvalue().decode("utf-8").count("line \u2603") == bound + 1
+
+
+def test_goma_pts_reactor_calls_its_before_wait_hooks_at_each_poll() -> None:
+    from goma_twisted.reactor import EPollReactor
+
+    reactor = EPollReactor()
+    try:
+        calls: list[int] = []
+        reactor.beforeWait.append(lambda: calls.append(len(calls)))
+        reactor.doPoll(0)
+        reactor.doPoll(0)
+        assert calls == [0, 1]
+    finally:
+        reactor._poller.close()
+
+
+def test_twistd_on_goma_pts_reactor_gathers_its_lines(tmp_path: Path) -> None:
+    observer = _offered(tmp_path, "-n", "--logfile", str(tmp_path / "goma.log"))
+    assert isinstance(observer, GatheringFileLogObserver)
+    from twisted.internet import reactor
+
+    reactor.beforeWait.remove(observer.writeGathered)  # type: ignore[attr-defined]
 
 
 def test_event_logger_makes_twisteds_event() -> None:

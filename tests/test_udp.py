@@ -345,9 +345,11 @@ def test_a_failed_reply_or_send_is_dropped_and_counted(error: OSError) -> None:
     # counted by reason, never exceptions out of the reactor's read loop.
     relay = udp.UDPForward(forward(("udp",)), 10, reactor=Clock())
     relay.transport = FailingTransport(error)  # type: ignore[assignment]
-    assert relay.reply(b"answer", ("127.0.0.1", 5353)) is False
-    assert relay.stats.dropped[udp.REPLY_FAILED] == 1
     session = udp.UDPSession(relay, ("127.0.0.1", 5353))
+    session.datagramReceived(b"answer")
+    assert relay.stats.dropped[udp.REPLY_FAILED] == 1
+    assert session.datagramsToClient == relay.stats.datagrams_to_client == 0
+    assert session.answers == 1  # it came, even if it could not be passed on
     session._queue = None
     session.socket = FailingSocket(error)  # type: ignore[assignment]
     session.send(b"query")
@@ -524,6 +526,9 @@ async def test_a_read_error_other_than_refused_ends_the_session(
         def recv(self, size: int) -> bytes:
             raise OSError(113, "No route to host")
 
+        def fileno(self) -> int:
+            return real.fileno()  # type: ignore[union-attr]
+
         def close(self) -> None:
             real.close()  # type: ignore[union-attr]
 
@@ -685,3 +690,30 @@ def test_a_forward_listening_again_after_a_stop_still_sweeps() -> None:
     clock.advance(11)
     assert session.reason == udp.IDLE_TIMEOUT
     assert clock.getDelayedCalls() == []
+
+
+def test_an_open_session_keeps_its_target_through_a_reload() -> None:
+    # New sessions go to a reload's new target; one already open keeps its
+    # socket, and its end event names the target it used.
+    old, new = 9, 10  # connected, never sent to
+    relay = udp.UDPForward(
+        forward(("udp",), ("127.0.0.1", old)), 10, reactor=NoReactor(), clock=Clock()
+    )
+    relay.transport = RecordingTransport()  # type: ignore[assignment]
+    first = relay._newSession(("127.0.0.1", 5353))
+    relay.reconfigure(forward(("udp",), ("127.0.0.1", new)))
+    second = relay._newSession(("127.0.0.1", 5354))
+    assert first is not None and second is not None
+    assert first.socket is not None and second.socket is not None
+    assert first.socket.getpeername() == ("127.0.0.1", old)
+    assert second.socket.getpeername() == ("127.0.0.1", new)
+    with captured_logs() as logs:
+        first.close(udp.SHUTDOWN)
+        second.close(udp.SHUTDOWN)
+    ends = logs.ends()
+    assert [(e["target"], e["targetAddress"]) for e in ends] == [
+        (f"127.0.0.1:{old}", f"127.0.0.1:{old}"),
+        (f"127.0.0.1:{new}", f"127.0.0.1:{new}"),
+    ]
+    assert [e["client"] for e in ends] == ["127.0.0.1:5353", "127.0.0.1:5354"]
+    assert relay.sessions == {}
