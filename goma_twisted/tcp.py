@@ -384,14 +384,7 @@ class _RelaySide(Protocol):
         FIN: no C{shutdown} is needed.
         """
         transport: Any = self.transport
-        if not self.sendsNow or (
-            transport._tempDataLen
-            or transport.dataBuffer
-            or transport.disconnecting
-            or transport._writeDisconnecting
-            or transport._aborting
-            or not transport.connected
-        ):
+        if not (self.sendsNow and _writable(transport)):
             transport.loseWriteConnection()
             return
         # As FileDescriptor.doWrite and tcp.Connection._closeWriteConnection.
