@@ -65,7 +65,15 @@ class EPollReactor(epollreactor.EPollReactor):
 
     def doPoll(self, timeout: float | None) -> None:
         for call in self.beforeWait:
-            call()
+            # A failure here (a log that cannot be written: a full disk, a
+            # closed pipe) would otherwise escape every turn before the
+            # poll, and Twisted's main loop would spin without serving I/O.
+            try:
+                call()
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                log.err(None, "beforeWait call failed")
         if timeout is None:
             timeout = -1  # Wait indefinitely.
         try:

@@ -187,3 +187,31 @@ def test_close_socket_without_twisteds_records_asks_remove_reader() -> None:
     finally:
         theirs.close()
         reactor._poller.close()
+
+
+def test_a_failing_before_wait_call_is_logged_and_events_are_still_served() -> None:
+    # A text log that cannot be written (a full disk, standard output to a
+    # closed pipe) makes the gathered write raise before every wait: the
+    # reactor must go on serving I/O, not fail each turn before polling.
+    reactor = EPollReactor()
+    read, write = os.pipe()
+    reader = Reader(reactor, read)
+
+    def full() -> None:
+        raise OSError(28, "No space left on device")
+
+    reactor.beforeWait.append(full)
+    events: list[dict[str, Any]] = []
+    log.addObserver(events.append)
+    try:
+        reactor.addReader(reader)
+        os.write(write, b"data")
+        reactor.doPoll(0)
+    finally:
+        log.removeObserver(events.append)
+        reactor.removeReader(reader)
+        os.close(read)
+        os.close(write)
+        reactor._poller.close()
+    assert reader.read == b"data"
+    assert [e for e in events if e.get("isError")]
