@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 
 from goma_twisted import tcp
 
@@ -313,3 +313,40 @@ def test_a_storm_of_ends_in_a_real_twistd(tmp_path: Path, stop: int) -> None:
     assert "Traceback" not in text and "Unhandled" not in text
     assert sum(" -> 127.0.0.1:" in line and "; " in line for line in lines) == rounds
     assert lines[-1].endswith("Server Shut Down.")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drain_ends_as_a_half_closed_pair_finishes_on_its_own(reactor: Any) -> None:
+    before = open_sockets()
+    listener = raw_listener()
+    clock = Clock()
+    service = start_service(
+        forward(target=("127.0.0.1", listener.getsockname()[1])), clock=clock, drain_timeout=30
+    )
+    with captured_logs() as logs:
+        client = raw_client(bound_port(service))
+        conn = await _accept(reactor, listener)
+        client.sendall(b"ask")
+        client.shutdown(socket.SHUT_WR)
+        assert await _read_to_eof(reactor, conn) == b"ask"
+        stopped = service.stopService()
+        stops: list[Any] = []
+        stopped.addBoth(stops.append)
+        await deferLater(reactor, 0.05)
+        assert not stops  # draining: the pair is still live
+        conn.sendall(b"answer")
+        conn.shutdown(socket.SHUT_WR)
+        assert await _read_to_eof(reactor, client) == b"answer"
+        await until(reactor, lambda: bool(stops))
+        client.close()
+        conn.close()
+    listener.close()
+    [end] = logs.ends()
+    assert (end["reason"], end["bytesToTarget"], end["bytesToClient"]) == (
+        tcp.CLIENT_CLOSED,
+        3,
+        6,
+    )
+    assert not clock.getDelayedCalls()
+    assert stats_of(service).active == 0
+    assert open_sockets() == before
