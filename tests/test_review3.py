@@ -77,7 +77,7 @@ async def test_a_half_closed_pair_hit_by_the_idle_timeout(reactor: Any) -> None:
     [end] = logs.ends()
     assert (end["bytesToTarget"], end["bytesToClient"]) == (3, 4)
     assert stats_of(service).active == 0
-    assert open_sockets() == before
+    assert open_sockets() <= before  # an earlier test's may close meanwhile
 
 
 @pytest_twisted.ensureDeferred
@@ -109,7 +109,7 @@ async def test_a_half_closed_pair_at_a_stop(reactor: Any) -> None:
     assert end["reason"] == tcp.TARGET_CLOSED
     assert (end["bytesToTarget"], end["bytesToClient"]) == (4, 5)
     assert stats_of(service).active == 0
-    assert open_sockets() == before
+    assert open_sockets() <= before  # an earlier test's may close meanwhile
 
 
 @pytest_twisted.ensureDeferred
@@ -143,7 +143,7 @@ async def test_a_reset_after_a_fin_with_the_target_still_answering(reactor: Any)
     [end] = logs.ends()
     assert end["reason"] in (tcp.CLIENT_CLOSED, tcp.CLIENT_RESET)
     assert stats_of(service).active == 0
-    assert open_sockets() == before
+    assert open_sockets() <= before  # an earlier test's may close meanwhile
 
 
 @pytest_twisted.ensureDeferred
@@ -173,7 +173,7 @@ async def test_both_fins_in_one_turn_many_times(reactor: Any) -> None:
     assert len(ends) == 30
     assert all((e["bytesToTarget"], e["bytesToClient"]) == (1, 2) for e in ends)
     assert stats_of(service).active == 0
-    assert open_sockets() == before
+    assert open_sockets() <= before  # an earlier test's may close meanwhile
 
 
 @pytest_twisted.ensureDeferred
@@ -222,7 +222,7 @@ async def test_proxy_protocol_header_data_and_fin_in_one_segment_both_ways(
         ("192.0.2.7:4000", tcp.CLIENT_CLOSED, 3, 6)
     }
     assert stats_of(service).active == 0
-    assert open_sockets() == before
+    assert open_sockets() <= before  # an earlier test's may close meanwhile
 
 
 def _answering_target() -> tuple[socket.socket, threading.Thread]:
@@ -349,4 +349,4 @@ async def test_a_drain_ends_as_a_half_closed_pair_finishes_on_its_own(reactor: A
     )
     assert not clock.getDelayedCalls()
     assert stats_of(service).active == 0
-    assert open_sockets() == before
+    assert open_sockets() <= before  # an earlier test's may close meanwhile
