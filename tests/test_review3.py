@@ -12,7 +12,9 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,16 @@ from .support import (
     goma_pt_running,
     open_fds,
     start_service,
+    twistd_command,
+    twistd_env,
     wait_for,
     write_config,
 )
 from .test_connect import _accept, _read_to_eof
 from .test_hostile import raw_client, raw_listener, relays, reset, until
+from .test_twistd import backend, tcp_roundtrip
+
+__all__ = ["backend"]  # the fixture, used by name
 
 
 def open_sockets() -> int:
@@ -350,3 +357,44 @@ async def test_a_drain_ends_as_a_half_closed_pair_finishes_on_its_own(reactor: A
     assert not clock.getDelayedCalls()
     assert stats_of(service).active == 0
     assert open_sockets() <= before  # an earlier test's may close meanwhile
+
+
+def test_a_text_log_nobody_reads_any_more_does_not_stop_the_forwarding(
+    tmp_path: Path, backend: int
+) -> None:
+    # twistd -n ... | some-filter, and the filter exits: each gathered
+    # write fails (EPIPE). The relay must go on forwarding, not spin.
+    port = free_port()
+    config = write_config(
+        tmp_path / "goma.yml",
+        [
+            {
+                "protocol": "tcp",
+                "port": port,
+                "address": "127.0.0.1",
+                "target": f"127.0.0.1:{backend}",
+            }
+        ],
+    )
+    read, write = os.pipe()
+    command = twistd_command("-n", "--pidfile=", "--logfile=-", "goma-pt", "--config", str(config))
+    proc = subprocess.Popen(command, stdout=write, stderr=subprocess.DEVNULL, env=twistd_env())
+    os.close(write)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b"goma-pt ready" not in seen and time.monotonic() < deadline:
+            chunk = os.read(read, 4096)
+            if not chunk:
+                break
+            seen += chunk
+        assert b"goma-pt ready" in seen
+        os.close(read)
+        read = -1
+        for _ in range(3):
+            assert tcp_roundtrip(port, b"ping") == b"ping"
+    finally:
+        if read != -1:
+            os.close(read)
+        proc.terminate()
+        proc.wait(10)
