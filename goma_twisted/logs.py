@@ -150,8 +150,10 @@ class GatheringFileLogObserver(FileLogObserver):
 
     The reactor calls L{writeGathered} before each wait: it lists it in its
     C{beforeWait} (goma-pt's L{goma_twisted.reactor.EPollReactor} does).
-    Lines logged from another thread, or while the reactor is not running
-    (starting up, stopped), are written at once, after those gathered.
+    Lines logged while the reactor is not running (starting up, stopped)
+    are written at once, after those gathered. Lines logged from another
+    thread are written at once too, so they may come before lines the
+    reactor's thread gathered earlier in the same turn.
 
     @param outFile: a text or binary file, as for L{FileLogObserver}.
     """
