@@ -22,7 +22,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock, deferLater
 
-from goma_twisted import tcp
+from goma_twisted import policy, tcp
+from goma_twisted.config import GatewayConfig
 
 from .support import (
     bound_port,
@@ -38,7 +39,7 @@ from .support import (
     write_config,
 )
 from .test_connect import _accept, _read_to_eof
-from .test_hostile import raw_client, raw_listener, relays, reset, until
+from .test_hostile import factory_of, raw_client, raw_listener, relays, reset, until
 from .test_twistd import backend, tcp_roundtrip
 
 __all__ = ["backend"]  # the fixture, used by name
@@ -398,3 +399,86 @@ def test_a_text_log_nobody_reads_any_more_does_not_stop_the_forwarding(
             os.close(read)
         proc.terminate()
         proc.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_removing_the_forward_of_a_half_closed_pair(reactor: Any) -> None:
+    # The removed forward's pair drains: the target's answer still arrives
+    # after the reload, and the drain deadline ends what is left.
+    before = open_sockets()
+    listener = raw_listener()
+    clock = Clock()
+    service = start_service(
+        forward(target=("127.0.0.1", listener.getsockname()[1])), clock=clock, drain_timeout=10
+    )
+    with captured_logs() as logs:
+        client = raw_client(bound_port(service))
+        conn = await _accept(reactor, listener)
+        client.sendall(b"ask")
+        client.shutdown(socket.SHUT_WR)
+        assert await _read_to_eof(reactor, conn) == b"ask"
+        factory = factory_of(service)
+        assert await service.apply(GatewayConfig("test", ()))
+        conn.sendall(b"part")
+        await until(reactor, lambda: factory.stats.bytes_to_client == 4)
+        clock.advance(10)
+        assert await _read_to_eof(reactor, client) == b"part"
+        await until(reactor, lambda: not factory.relays)
+        client.close()
+        conn.close()
+    await service.stopService()
+    listener.close()
+    [end] = logs.ends()
+    assert (end["reason"], end["bytesToTarget"], end["bytesToClient"]) == (
+        tcp.CLIENT_CLOSED,
+        3,
+        4,
+    )
+    assert factory.stats.active == 0
+    assert not clock.getDelayedCalls()
+    assert open_sockets() <= before  # an earlier test's may close meanwhile
+
+
+@pytest_twisted.ensureDeferred
+async def test_lean_ends_give_back_their_max_connections_slots(reactor: Any) -> None:
+    listener = raw_listener()
+    service = start_service(
+        forward(
+            target=("127.0.0.1", listener.getsockname()[1]),
+            max_connections=2,
+            max_connections_per_ip=2,
+        )
+    )
+    factory = factory_of(service)
+    try:
+        for i in range(12):
+            client = raw_client(bound_port(service))
+            conn = await _accept(reactor, listener)
+            # Client first, target first, or both in one turn.
+            if i % 3 != 1:
+                client.shutdown(socket.SHUT_WR)
+            if i % 3 != 0:
+                conn.shutdown(socket.SHUT_WR)
+            if i % 3 == 0:
+                assert await _read_to_eof(reactor, conn) == b""
+                conn.shutdown(socket.SHUT_WR)
+            elif i % 3 == 1:
+                assert await _read_to_eof(reactor, client) == b""
+                client.shutdown(socket.SHUT_WR)
+            assert await _read_to_eof(reactor, client) == b""
+            assert await _read_to_eof(reactor, conn) == b""
+            client.close()
+            conn.close()
+            await until(reactor, lambda: not factory.relays)
+        assert (factory.bounds.open, factory.bounds.by_ip, factory.stats.active) == (0, {}, 0)
+        # Both slots are free again; a third client is refused.
+        held = [raw_client(bound_port(service)) for _ in range(2)]
+        conns = [await _accept(reactor, listener) for _ in held]
+        third = raw_client(bound_port(service))
+        assert await _read_to_eof(reactor, third) == b""
+        assert factory.refusedCounts == {policy.AT_BOUND: 1}
+        for skt in [*held, *conns, third]:
+            skt.close()
+    finally:
+        await service.stopService()
+        listener.close()
