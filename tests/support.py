@@ -11,6 +11,7 @@ import gc
 import os
 import platform
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from twisted.internet.interfaces import (
     IReactorPluggableNameResolver,
     IResolutionReceiver,
 )
+from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
@@ -360,3 +362,72 @@ def running(command: list[str], log: Path, **kwargs: Any) -> Iterator[subprocess
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# Raw sockets for hostile cases: connections accepted, read and reset by hand.
+
+
+def raw_client(port: int, host: str = "127.0.0.1") -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    skt = socket.socket(family)
+    skt.connect((host, port))
+    skt.setblocking(False)
+    return skt
+
+
+def raw_listener() -> socket.socket:
+    """A plain non-blocking loopback listener, to accept the relay's connection by hand."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.setblocking(False)
+    return listener
+
+
+def reset(skt: socket.socket) -> None:
+    skt.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    skt.close()
+
+
+async def until(reactor: Any, predicate: Any, within: float = 8) -> None:
+    for _ in range(int(within / 0.01)):
+        if predicate():
+            return
+        await deferLater(reactor, 0.01)
+    raise AssertionError("never happened")
+
+
+def relays(service: Any) -> set[Any]:
+    return service.listeners[0].factory.relays
+
+
+def factory_of(service: Any) -> Any:
+    return service.listeners[0].factory
+
+
+async def accept_raw(reactor: Any, listener: socket.socket, within: float = 8) -> socket.socket:
+    """Accept one connection on a non-blocking listener, polling on the reactor."""
+    for _ in range(int(within / 0.02)):
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            await deferLater(reactor, 0.02)
+            continue
+        conn.setblocking(False)
+        return conn
+    raise AssertionError("nothing connected")
+
+
+async def read_to_eof(reactor: Any, conn: socket.socket, within: float = 8) -> bytes:
+    """Read a non-blocking socket to its end of stream, polling on the reactor."""
+    chunks: list[bytes] = []
+    for _ in range(int(within / 0.01)):
+        try:
+            chunk = conn.recv(65536)
+        except BlockingIOError:
+            await deferLater(reactor, 0.01)
+            continue
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+    raise AssertionError("no EOF")

@@ -23,7 +23,17 @@ from twisted.python.failure import Failure
 
 from goma_twisted import connect, tcp
 
-from .support import Echo, Recorder, bound_port, captured_logs, forward, listen_tcp, start_service
+from .support import (
+    Echo,
+    Recorder,
+    accept_raw,
+    bound_port,
+    captured_logs,
+    forward,
+    listen_tcp,
+    read_to_eof,
+    start_service,
+)
 from .support import connect as connect_client
 
 TIMEOUT = 10
@@ -272,32 +282,6 @@ async def test_lost_while_waiting(reactor: Any, full_backlog: FullBacklog) -> No
     assert clock.getDelayedCalls() == []
 
 
-async def _accept(reactor: Any, listener: socket.socket, within: float = 8) -> socket.socket:
-    for _ in range(int(within / 0.02)):
-        try:
-            conn, _ = listener.accept()
-        except BlockingIOError:
-            await deferLater(reactor, 0.02)
-            continue
-        conn.setblocking(False)
-        return conn
-    raise AssertionError("nothing connected")
-
-
-async def _read_to_eof(reactor: Any, conn: socket.socket, within: float = 8) -> bytes:
-    chunks: list[bytes] = []
-    for _ in range(int(within / 0.01)):
-        try:
-            chunk = conn.recv(65536)
-        except BlockingIOError:
-            await deferLater(reactor, 0.01)
-            continue
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-    raise AssertionError("no EOF")
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_relay_whose_target_connects_late(reactor: Any, full_backlog: FullBacklog) -> None:
     # The client sends everything and half-closes while the connect to
@@ -318,9 +302,9 @@ async def test_a_relay_whose_target_connects_late(reactor: Any, full_backlog: Fu
             # Waiting, the client is not read (its bytes wait in the kernel).
             assert relay.client.transport not in reactor.getReaders()
             full_backlog.release()
-            conn = await _accept(reactor, full_backlog.listener)
+            conn = await accept_raw(reactor, full_backlog.listener)
             with conn:
-                received = await _read_to_eof(reactor, conn)
+                received = await read_to_eof(reactor, conn)
                 conn.sendall(b"got it")
             assert await finished(reactor, client.lost) == b"got it"
             await deferLater(reactor, 0.05)

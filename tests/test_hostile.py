@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import struct
 import time
 from typing import Any
 
@@ -21,53 +20,23 @@ from goma_twisted import tcp
 
 from .support import (
     Recorder,
+    accept_raw,
     bound_port,
     captured_logs,
+    factory_of,
     forward,
     listen_tcp,
     open_fds,
+    raw_client,
+    raw_listener,
+    read_to_eof,
+    relays,
+    reset,
     start_service,
     udp_relay,
+    until,
 )
-from .test_connect import FullBacklog, _accept, _read_to_eof, finished
-
-
-def raw_client(port: int, host: str = "127.0.0.1") -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    skt = socket.socket(family)
-    skt.connect((host, port))
-    skt.setblocking(False)
-    return skt
-
-
-def raw_listener() -> socket.socket:
-    """A plain non-blocking loopback listener, to accept the relay's connection by hand."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(5)
-    listener.setblocking(False)
-    return listener
-
-
-def reset(skt: socket.socket) -> None:
-    skt.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    skt.close()
-
-
-async def until(reactor: Any, predicate: Any, within: float = 8) -> None:
-    for _ in range(int(within / 0.01)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.01)
-    raise AssertionError("never happened")
-
-
-def relays(service: Any) -> set[Any]:
-    return service.listeners[0].factory.relays
-
-
-def factory_of(service: Any) -> Any:
-    return service.listeners[0].factory
+from .test_connect import FullBacklog, finished
 
 
 @pytest_twisted.ensureDeferred
@@ -82,9 +51,9 @@ async def test_a_client_reset_while_its_target_connects(reactor: Any) -> None:
             reset(client)
             await deferLater(reactor, 0.1)
             backlog.release()
-            conn = await _accept(reactor, backlog.listener)
+            conn = await accept_raw(reactor, backlog.listener)
             with conn:
-                await _read_to_eof(reactor, conn)
+                await read_to_eof(reactor, conn)
             await until(reactor, lambda: not relays(service))
     finally:
         await service.stopService()
@@ -106,7 +75,7 @@ async def test_a_target_that_resets_at_once(reactor: Any) -> None:
             client = raw_client(bound_port(service))
             client.sendall(b"hello")
             with client:
-                assert await _read_to_eof(reactor, client) == b""
+                assert await read_to_eof(reactor, client) == b""
             await until(reactor, lambda: not relays(service))
     finally:
         await service.stopService()
@@ -122,15 +91,15 @@ async def test_half_closes_in_turn_with_data_after_the_first(reactor: Any) -> No
     try:
         with captured_logs() as logs:
             client = raw_client(bound_port(service))
-            conn = await _accept(reactor, listener)
+            conn = await accept_raw(reactor, listener)
             client.sendall(b"request")
             client.shutdown(socket.SHUT_WR)
-            assert await _read_to_eof(reactor, conn) == b"request"
+            assert await read_to_eof(reactor, conn) == b"request"
             conn.sendall(b"answer 1")
             await deferLater(reactor, 0.05)
             conn.sendall(b", answer 2")
             conn.shutdown(socket.SHUT_WR)
-            assert await _read_to_eof(reactor, client) == b"answer 1, answer 2"
+            assert await read_to_eof(reactor, client) == b"answer 1, answer 2"
             await until(reactor, lambda: not relays(service))
             client.close()
             conn.close()
@@ -201,7 +170,7 @@ async def test_stop_with_connects_pending_and_clients_held(reactor: Any) -> None
             await until(reactor, lambda: len(relays(service)) == 3)
             await finished(reactor, service.stopService())
             for c in clients:
-                assert await _read_to_eof(reactor, c) == b""
+                assert await read_to_eof(reactor, c) == b""
     finally:
         for c in clients:
             c.close()
@@ -229,7 +198,7 @@ async def test_drain_deadline_with_connects_pending(reactor: Any) -> None:
             assert not stopped.called
             clock.advance(5)
             await finished(reactor, stopped)
-            assert await _read_to_eof(reactor, client) == b""
+            assert await read_to_eof(reactor, client) == b""
             client.close()
     finally:
         backlog.close()
@@ -249,7 +218,7 @@ async def test_a_hostname_target_still_works(reactor: Any) -> None:
         client = raw_client(bound_port(service))
         client.sendall(b"by name")
         client.shutdown(socket.SHUT_WR)
-        assert await _read_to_eof(reactor, client) == b"by name"
+        assert await read_to_eof(reactor, client) == b"by name"
         client.close()
         await until(reactor, lambda: not relays(service))
     finally:
@@ -268,7 +237,7 @@ async def test_dual_stack_listener_with_a_mapped_ipv4_client(reactor: Any) -> No
             client = raw_client(bound_port(service))
             client.sendall(b"mapped")
             client.shutdown(socket.SHUT_WR)
-            assert await _read_to_eof(reactor, client) == b"mapped"
+            assert await read_to_eof(reactor, client) == b"mapped"
             client.close()
             await until(reactor, lambda: not relays(service))
     finally:
@@ -288,10 +257,10 @@ async def test_max_connections_counts_held_clients(reactor: Any) -> None:
         for _ in range(3):
             clients.append(raw_client(bound_port(service)))
         await until(reactor, lambda: len(relays(service)) == 2)
-        assert await _read_to_eof(reactor, clients[2]) == b""
+        assert await read_to_eof(reactor, clients[2]) == b""
         reset(clients[0])
         backlog.release()
-        conn = await _accept(reactor, backlog.listener)
+        conn = await accept_raw(reactor, backlog.listener)
         conn.close()
         await until(reactor, lambda: len(relays(service)) < 2, within=8)
         factory = factory_of(service)
@@ -327,12 +296,12 @@ async def test_a_reload_changing_the_target_while_connects_are_pending(reactor: 
             new = raw_client(port)
             new.sendall(b"new")
             new.shutdown(socket.SHUT_WR)
-            assert await _read_to_eof(reactor, new) == b"new"
+            assert await read_to_eof(reactor, new) == b"new"
             backlog.release()
-            conn = await _accept(reactor, backlog.listener)
+            conn = await accept_raw(reactor, backlog.listener)
             with conn:
-                assert await _read_to_eof(reactor, conn) == b"old"
-            assert await _read_to_eof(reactor, old) == b""
+                assert await read_to_eof(reactor, conn) == b"old"
+            assert await read_to_eof(reactor, old) == b""
             old.close()
             new.close()
             await until(reactor, lambda: not relays(service))
@@ -374,7 +343,7 @@ async def test_descriptors_come_back_after_mixed_outcomes(reactor: Any) -> None:
                 if i % 6 == 5:
                     reset(c)
                     continue
-                await _read_to_eof(reactor, c) if i % 2 else None
+                await read_to_eof(reactor, c) if i % 2 else None
                 c.close()
             await until(reactor, lambda: all(not relays(svc) for svc in services))
         await deferLater(reactor, 0.1)
@@ -432,7 +401,7 @@ async def test_a_client_reset_met_first_by_a_send_is_still_a_reset(reactor: Any)
     try:
         with captured_logs() as logs:
             client = raw_client(bound_port(service))
-            conn = await _accept(reactor, listener)
+            conn = await accept_raw(reactor, listener)
             client.sendall(b"hello")
             assert await _read_some(reactor, conn) == b"hello"
             [relay] = relays(service)

@@ -26,20 +26,26 @@ from goma_twisted import policy, tcp
 from goma_twisted.config import GatewayConfig
 
 from .support import (
+    accept_raw,
     bound_port,
     captured_logs,
+    factory_of,
     forward,
     free_port,
     goma_pt_running,
     open_fds,
+    raw_client,
+    raw_listener,
+    read_to_eof,
+    relays,
+    reset,
     start_service,
     twistd_command,
     twistd_env,
+    until,
     wait_for,
     write_config,
 )
-from .test_connect import _accept, _read_to_eof
-from .test_hostile import factory_of, raw_client, raw_listener, relays, reset, until
 from .test_twistd import backend, tcp_roundtrip
 
 __all__ = ["backend"]  # the fixture, used by name
@@ -69,13 +75,13 @@ async def test_a_half_closed_pair_hit_by_the_idle_timeout(reactor: Any) -> None:
     try:
         with captured_logs() as logs:
             client = raw_client(bound_port(service))
-            conn = await _accept(reactor, listener)
+            conn = await accept_raw(reactor, listener)
             client.sendall(b"ask")
             client.shutdown(socket.SHUT_WR)
-            assert await _read_to_eof(reactor, conn) == b"ask"
+            assert await read_to_eof(reactor, conn) == b"ask"
             conn.sendall(b"part")
             # The target stays silent; the idle timeout ends the pair.
-            assert await _read_to_eof(reactor, client) == b"part"
+            assert await read_to_eof(reactor, client) == b"part"
             await until(reactor, lambda: not relays(service))
             client.close()
             conn.close()
@@ -95,10 +101,10 @@ async def test_a_half_closed_pair_at_a_stop(reactor: Any) -> None:
     service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
     with captured_logs() as logs:
         client = raw_client(bound_port(service))
-        conn = await _accept(reactor, listener)
+        conn = await accept_raw(reactor, listener)
         conn.sendall(b"hello")
         conn.shutdown(socket.SHUT_WR)
-        assert await _read_to_eof(reactor, client) == b"hello"
+        assert await read_to_eof(reactor, client) == b"hello"
         client.sendall(b"more")
         got = bytearray()
 
@@ -109,7 +115,7 @@ async def test_a_half_closed_pair_at_a_stop(reactor: Any) -> None:
 
         await until(reactor, more)
         await service.stopService()
-        assert await _read_to_eof(reactor, conn) == b""
+        assert await read_to_eof(reactor, conn) == b""
         client.close()
         conn.close()
     listener.close()
@@ -128,10 +134,10 @@ async def test_a_reset_after_a_fin_with_the_target_still_answering(reactor: Any)
     try:
         with captured_logs() as logs:
             client = raw_client(bound_port(service))
-            conn = await _accept(reactor, listener)
+            conn = await accept_raw(reactor, listener)
             client.sendall(b"ask")
             client.shutdown(socket.SHUT_WR)
-            assert await _read_to_eof(reactor, conn) == b"ask"
+            assert await read_to_eof(reactor, conn) == b"ask"
             reset(client)
             await deferLater(reactor, 0.05)
             for _ in range(5):
@@ -163,14 +169,14 @@ async def test_both_fins_in_one_turn_many_times(reactor: Any) -> None:
         with captured_logs() as logs:
             for _ in range(30):
                 client = raw_client(bound_port(service))
-                conn = await _accept(reactor, listener)
+                conn = await accept_raw(reactor, listener)
                 client.sendall(b"a")
                 conn.sendall(b"bb")
                 await deferLater(reactor, 0.01)
                 client.shutdown(socket.SHUT_WR)
                 conn.shutdown(socket.SHUT_WR)
-                assert await _read_to_eof(reactor, client) == b"bb"
-                assert await _read_to_eof(reactor, conn) == b"a"
+                assert await read_to_eof(reactor, client) == b"bb"
+                assert await read_to_eof(reactor, conn) == b"a"
                 client.close()
                 conn.close()
             await until(reactor, lambda: not relays(service))
@@ -207,17 +213,17 @@ async def test_proxy_protocol_header_data_and_fin_in_one_segment_both_ways(
                     client.shutdown(socket.SHUT_WR)
                 else:
                     client.sendall(header)
-                conn = await _accept(reactor, listener)
+                conn = await accept_raw(reactor, listener)
                 if not round % 2:
                     client.sendall(b"ask")
                     client.shutdown(socket.SHUT_WR)
-                received = await _read_to_eof(reactor, conn)
+                received = await read_to_eof(reactor, conn)
                 assert received.startswith(b"PROXY TCP4 192.0.2.7 ") and received.endswith(
                     b"\r\nask"
                 )
                 conn.sendall(b"answer")
                 conn.shutdown(socket.SHUT_WR)
-                assert await _read_to_eof(reactor, client) == b"answer"
+                assert await read_to_eof(reactor, client) == b"answer"
                 client.close()
                 conn.close()
             await until(reactor, lambda: not relays(service))
@@ -333,10 +339,10 @@ async def test_a_drain_ends_as_a_half_closed_pair_finishes_on_its_own(reactor: A
     )
     with captured_logs() as logs:
         client = raw_client(bound_port(service))
-        conn = await _accept(reactor, listener)
+        conn = await accept_raw(reactor, listener)
         client.sendall(b"ask")
         client.shutdown(socket.SHUT_WR)
-        assert await _read_to_eof(reactor, conn) == b"ask"
+        assert await read_to_eof(reactor, conn) == b"ask"
         stopped = service.stopService()
         stops: list[Any] = []
         stopped.addBoth(stops.append)
@@ -344,7 +350,7 @@ async def test_a_drain_ends_as_a_half_closed_pair_finishes_on_its_own(reactor: A
         assert not stops  # draining: the pair is still live
         conn.sendall(b"answer")
         conn.shutdown(socket.SHUT_WR)
-        assert await _read_to_eof(reactor, client) == b"answer"
+        assert await read_to_eof(reactor, client) == b"answer"
         await until(reactor, lambda: bool(stops))
         client.close()
         conn.close()
@@ -413,16 +419,16 @@ async def test_a_reload_removing_the_forward_of_a_half_closed_pair(reactor: Any)
     )
     with captured_logs() as logs:
         client = raw_client(bound_port(service))
-        conn = await _accept(reactor, listener)
+        conn = await accept_raw(reactor, listener)
         client.sendall(b"ask")
         client.shutdown(socket.SHUT_WR)
-        assert await _read_to_eof(reactor, conn) == b"ask"
+        assert await read_to_eof(reactor, conn) == b"ask"
         factory = factory_of(service)
         assert await service.apply(GatewayConfig("test", ()))
         conn.sendall(b"part")
         await until(reactor, lambda: factory.stats.bytes_to_client == 4)
         clock.advance(10)
-        assert await _read_to_eof(reactor, client) == b"part"
+        assert await read_to_eof(reactor, client) == b"part"
         await until(reactor, lambda: not factory.relays)
         client.close()
         conn.close()
@@ -453,29 +459,29 @@ async def test_lean_ends_give_back_their_max_connections_slots(reactor: Any) -> 
     try:
         for i in range(12):
             client = raw_client(bound_port(service))
-            conn = await _accept(reactor, listener)
+            conn = await accept_raw(reactor, listener)
             # Client first, target first, or both in one turn.
             if i % 3 != 1:
                 client.shutdown(socket.SHUT_WR)
             if i % 3 != 0:
                 conn.shutdown(socket.SHUT_WR)
             if i % 3 == 0:
-                assert await _read_to_eof(reactor, conn) == b""
+                assert await read_to_eof(reactor, conn) == b""
                 conn.shutdown(socket.SHUT_WR)
             elif i % 3 == 1:
-                assert await _read_to_eof(reactor, client) == b""
+                assert await read_to_eof(reactor, client) == b""
                 client.shutdown(socket.SHUT_WR)
-            assert await _read_to_eof(reactor, client) == b""
-            assert await _read_to_eof(reactor, conn) == b""
+            assert await read_to_eof(reactor, client) == b""
+            assert await read_to_eof(reactor, conn) == b""
             client.close()
             conn.close()
             await until(reactor, lambda: not factory.relays)
         assert (factory.bounds.open, factory.bounds.by_ip, factory.stats.active) == (0, {}, 0)
         # Both slots are free again; a third client is refused.
         held = [raw_client(bound_port(service)) for _ in range(2)]
-        conns = [await _accept(reactor, listener) for _ in held]
+        conns = [await accept_raw(reactor, listener) for _ in held]
         third = raw_client(bound_port(service))
-        assert await _read_to_eof(reactor, third) == b""
+        assert await read_to_eof(reactor, third) == b""
         assert factory.refusedCounts == {policy.AT_BOUND: 1}
         for skt in [*held, *conns, third]:
             skt.close()
