@@ -431,3 +431,19 @@ async def read_to_eof(reactor: Any, conn: socket.socket, within: float = 8) -> b
             return b"".join(chunks)
         chunks.append(chunk)
     raise AssertionError("no EOF")
+
+
+async def client_half_closed(
+    reactor: Any, service: Any, listener: socket.socket, sent: bytes
+) -> tuple[socket.socket, socket.socket]:
+    """
+    A client through C{service} to a target accepted on C{listener}: the
+    client sends C{sent} and half-closes, and the target has read it all
+    and the FIN. Returns (client, the target's connection).
+    """
+    client = raw_client(bound_port(service))
+    conn = await accept_raw(reactor, listener)
+    client.sendall(sent)
+    client.shutdown(socket.SHUT_WR)
+    assert await read_to_eof(reactor, conn) == sent
+    return client, conn

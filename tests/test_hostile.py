@@ -23,6 +23,7 @@ from .support import (
     accept_raw,
     bound_port,
     captured_logs,
+    client_half_closed,
     factory_of,
     forward,
     listen_tcp,
@@ -90,11 +91,7 @@ async def test_half_closes_in_turn_with_data_after_the_first(reactor: Any) -> No
     service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
     try:
         with captured_logs() as logs:
-            client = raw_client(bound_port(service))
-            conn = await accept_raw(reactor, listener)
-            client.sendall(b"request")
-            client.shutdown(socket.SHUT_WR)
-            assert await read_to_eof(reactor, conn) == b"request"
+            client, conn = await client_half_closed(reactor, service, listener, b"request")
             conn.sendall(b"answer 1")
             await deferLater(reactor, 0.05)
             conn.sendall(b", answer 2")

@@ -29,6 +29,7 @@ from .support import (
     accept_raw,
     bound_port,
     captured_logs,
+    client_half_closed,
     factory_of,
     forward,
     free_port,
@@ -74,11 +75,7 @@ async def test_a_half_closed_pair_hit_by_the_idle_timeout(reactor: Any) -> None:
     )
     try:
         with captured_logs() as logs:
-            client = raw_client(bound_port(service))
-            conn = await accept_raw(reactor, listener)
-            client.sendall(b"ask")
-            client.shutdown(socket.SHUT_WR)
-            assert await read_to_eof(reactor, conn) == b"ask"
+            client, conn = await client_half_closed(reactor, service, listener, b"ask")
             conn.sendall(b"part")
             # The target stays silent; the idle timeout ends the pair.
             assert await read_to_eof(reactor, client) == b"part"
@@ -133,11 +130,7 @@ async def test_a_reset_after_a_fin_with_the_target_still_answering(reactor: Any)
     service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
     try:
         with captured_logs() as logs:
-            client = raw_client(bound_port(service))
-            conn = await accept_raw(reactor, listener)
-            client.sendall(b"ask")
-            client.shutdown(socket.SHUT_WR)
-            assert await read_to_eof(reactor, conn) == b"ask"
+            client, conn = await client_half_closed(reactor, service, listener, b"ask")
             reset(client)
             await deferLater(reactor, 0.05)
             for _ in range(5):
@@ -338,11 +331,7 @@ async def test_a_drain_ends_as_a_half_closed_pair_finishes_on_its_own(reactor: A
         forward(target=("127.0.0.1", listener.getsockname()[1])), clock=clock, drain_timeout=30
     )
     with captured_logs() as logs:
-        client = raw_client(bound_port(service))
-        conn = await accept_raw(reactor, listener)
-        client.sendall(b"ask")
-        client.shutdown(socket.SHUT_WR)
-        assert await read_to_eof(reactor, conn) == b"ask"
+        client, conn = await client_half_closed(reactor, service, listener, b"ask")
         stopped = service.stopService()
         stops: list[Any] = []
         stopped.addBoth(stops.append)
@@ -418,11 +407,7 @@ async def test_a_reload_removing_the_forward_of_a_half_closed_pair(reactor: Any)
         forward(target=("127.0.0.1", listener.getsockname()[1])), clock=clock, drain_timeout=10
     )
     with captured_logs() as logs:
-        client = raw_client(bound_port(service))
-        conn = await accept_raw(reactor, listener)
-        client.sendall(b"ask")
-        client.shutdown(socket.SHUT_WR)
-        assert await read_to_eof(reactor, conn) == b"ask"
+        client, conn = await client_half_closed(reactor, service, listener, b"ask")
         factory = factory_of(service)
         assert await service.apply(GatewayConfig("test", ()))
         conn.sendall(b"part")
