@@ -268,18 +268,30 @@ class ResolvingReactor:
         return getattr(self._reactor, name)
 
 
+# Ports free_port has handed out: the kernel may offer a port again once
+# it is released, and a test that asks for three ports before binding any
+# must get three different ones.
+_handed_out: set[int] = set()
+
+
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    """A port free for both TCP and UDP right now (for tests that need one port twice)."""
+    """
+    A port free for both TCP and UDP right now (for tests that need one
+    port twice), and never handed out before in this run.
+    """
     for _ in range(50):
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind((host, 0))
             port = int(s.getsockname()[1])
+        if port in _handed_out:
+            continue
         other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
         try:
             with socket.socket(socket.AF_INET, other) as s:
                 s.bind((host, port))
         except OSError:
             continue
+        _handed_out.add(port)
         return port
     raise RuntimeError("no free port")
 
