@@ -459,3 +459,8 @@ async def client_half_closed(
     client.shutdown(socket.SHUT_WR)
     assert await read_to_eof(reactor, conn) == sent
     return client, conn
+
+
+async def finished(reactor: Any, d: Deferred[Any], timeout: float = 20) -> Any:
+    """Await C{d}, failing the test if it has not fired within C{timeout} seconds."""
+    return await d.addTimeout(timeout, reactor)

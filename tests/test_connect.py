@@ -29,18 +29,13 @@ from .support import (
     accept_raw,
     bound_port,
     captured_logs,
+    finished,
     forward,
     listen_tcp,
     read_to_eof,
     start_service,
 )
 from .support import connect as connect_client
-
-TIMEOUT = 10
-
-
-async def finished(reactor: Any, d: Deferred[Any], timeout: float = TIMEOUT) -> Any:
-    return await d.addTimeout(timeout, reactor)
 
 
 class Attempt:

@@ -39,21 +39,16 @@ from .support import (
     Recorder,
     bound_port,
     captured_logs,
+    finished,
     forward,
     open_fds,
     start_service,
     udp_relay,
 )
 
-TIMEOUT = 20
-
 
 def nets(*texts: str) -> tuple[Any, ...]:
     return tuple(ipaddress.ip_network(t) for t in texts)
-
-
-async def finished(reactor: Any, d: Deferred[Any], timeout: float = TIMEOUT) -> Any:
-    return await d.addTimeout(timeout, reactor)
 
 
 def connect_from(

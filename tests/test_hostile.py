@@ -25,6 +25,7 @@ from .support import (
     captured_logs,
     client_half_closed,
     factory_of,
+    finished,
     forward,
     listen_tcp,
     open_fds,
@@ -37,7 +38,7 @@ from .support import (
     udp_relay,
     until,
 )
-from .test_connect import FullBacklog, finished
+from .test_connect import FullBacklog
 
 
 @pytest_twisted.ensureDeferred

@@ -31,16 +31,11 @@ from .support import (
     bound_port,
     captured_logs,
     connect,
+    finished,
     forward,
     listen_tcp,
     start_service,
 )
-
-TIMEOUT = 20
-
-
-async def finished(reactor: Any, d: Deferred[Any], timeout: float = TIMEOUT) -> Any:
-    return await d.addTimeout(timeout, reactor)
 
 
 @pytest.fixture
