@@ -155,6 +155,10 @@ class GatheringFileLogObserver(FileLogObserver):
     thread are written at once too, so they may come before lines the
     reactor's thread gathered earlier in the same turn.
 
+    A write that fails (a full disk, a reader gone away) does not raise: its
+    lines are counted, and the first write that works again starts with a
+    warning line saying how many could not be written, since when and why.
+
     @param outFile: a text or binary file, as for L{FileLogObserver}.
     """
 
@@ -169,6 +173,10 @@ class GatheringFileLogObserver(FileLogObserver):
         self._encode = ioType(outFile) is not str
         self._reactor = reactor
         self._lines: list[str] = []
+        # Lines that could not be written, since when and why.
+        self._unwritten = 0
+        self._since = 0.0
+        self._why = ""
         reactor.beforeWait.append(self.writeGathered)
         atexit.register(self.writeGathered)
 
@@ -194,8 +202,39 @@ class GatheringFileLogObserver(FileLogObserver):
             self._write("".join(lines))
 
     def _write(self, text: str) -> None:
-        self._out.write(text.encode("utf-8") if self._encode else text)
-        self._out.flush()
+        lines = text.count("\n")
+        if self._unwritten:
+            text = self._notice() + text
+        try:
+            self._out.write(text.encode("utf-8") if self._encode else text)
+            self._out.flush()
+        except (OSError, ValueError) as e:
+            # A full disk, a reader gone (EPIPE), a closed file: raising
+            # would not write them either, and would be logged (to this log)
+            # at every turn. Count them; say so once writing works again.
+            if not self._unwritten:
+                self._since, self._why = time.time(), str(e) or type(e).__name__
+            self._unwritten += lines
+        else:
+            self._unwritten = 0
+
+    def _notice(self) -> str:
+        return (
+            self.formatEvent(
+                {
+                    "log_level": LogLevel.warn,
+                    "log_namespace": "goma_pt.log",
+                    "log_source": None,
+                    "log_time": time.time(),
+                    "log_format": "{lines} log lines could not be written since {since}"
+                    " ({why}); some may be missing above",
+                    "lines": self._unwritten,
+                    "since": formatTime(self._since),
+                    "why": self._why,
+                }
+            )
+            or ""
+        )
 
 
 class ReopeningFile:

@@ -11,10 +11,7 @@ def forwards_table(config: GatewayConfig) -> str:
     """One row per forward: where it listens, where it sends, its timeouts."""
     rows = [_HEADINGS, *(_row(forward) for forward in config.forwards)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADINGS))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths))
-        for row in rows
-    ]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     return "\n".join(line.rstrip() for line in lines)
 
 

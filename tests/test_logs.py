@@ -400,3 +400,49 @@ def test_event_logger_makes_twisteds_event() -> None:
     loud = EventLogger(namespace="goma_pt.x", observer=cast(Any, ours.append))
     loud.emit(cast(Any, "loud"), "x")
     assert "invalid log level" in ours[-1]["log_format"]
+
+
+class FailingFile(io.StringIO):
+    """A text file whose writes fail while C{error} is set."""
+
+    error: OSError | None = None
+
+    def write(self, text: str) -> int:
+        if self.error is not None:
+            raise self.error
+        return super().write(text)
+
+
+def test_lines_that_cannot_be_written_are_counted_and_reported_once_writing_works(
+    io_thread: None,
+) -> None:
+    out, reactor = FailingFile(), TurningReactor()
+    observer = GatheringFileLogObserver(out, classic_line, reactor)
+    out.error = OSError(28, "No space left on device")
+    for n in range(3):
+        observer(line_event(n))
+    reactor.turn()  # does not raise
+    observer(line_event(3))
+    reactor.turn()
+    assert out.getvalue() == ""
+    out.error = None
+    observer(line_event(4))
+    reactor.turn()
+    notice, line = out.getvalue().splitlines(keepends=True)
+    assert "[goma_pt.log#warn] 4 log lines could not be written since " in notice
+    assert notice.endswith("([Errno 28] No space left on device); some may be missing above\n")
+    assert line == classic_line(line_event(4))
+    observer(line_event(5))
+    reactor.turn()  # said once
+    assert out.getvalue().count("could not be written") == 1
+
+
+def test_a_closed_log_file_does_not_raise_at_each_turn(io_thread: None) -> None:
+    out, reactor = io.StringIO(), TurningReactor()
+    observer = GatheringFileLogObserver(out, classic_line, reactor)
+    out.close()
+    observer(line_event(1))
+    reactor.turn()
+    reactor.running = False
+    observer(line_event(2))  # written at once: fails the same quiet way
+    assert observer._unwritten == 2
