@@ -46,6 +46,7 @@ from twisted.python.compat import ioType
 ENVIRONMENT = "GOMA_PT_JSON_LOG"
 
 _LEVELS = frozenset(LogLevel.iterconstants())
+_INFO = LogLevel.info
 
 
 class EventLogger(Logger):
@@ -71,6 +72,24 @@ class EventLogger(Logger):
         if "log_trace" in kwargs:
             kwargs["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
         self.observer(kwargs)
+
+    def infoEvent(self, format: str, event: dict[str, Any]) -> None:
+        """
+        C{info(format, **event)} for a caller that built the fields in a dict
+        of its own, which becomes the event (the caller keeps no hold on it):
+        the same event, without the two copies of the fields that keyword
+        arguments cost on the way through C{info} and C{emit}. Every relayed
+        session logs its end with a dozen fields.
+        """
+        event["log_logger"] = self
+        event["log_level"] = _INFO
+        event["log_namespace"] = self.namespace
+        event["log_source"] = self.source
+        event["log_format"] = format
+        event["log_time"] = time.time()
+        if "log_trace" in event:
+            event["log_trace"].append((self, self.observer))
+        self.observer(event)
 
 
 def event_as_json_line(event: LogEvent) -> str:

@@ -116,6 +116,21 @@ class EPollReactor(epollreactor.EPollReactor):
 
     doIteration = doPoll
 
+    def addNewReader(self, reader: Any, fd: int) -> None:
+        """
+        C{addReader(reader)} for a descriptor C{fd} (its C{fileno()}) just
+        opened, so watched for nothing yet: it registers it at once, without
+        C{addReader}'s look-ups and the C{fileno()} call (a UDP session's
+        socket, one per DNS query under churn). Anything else goes to
+        C{addReader}.
+        """
+        if not self._records or fd in self._selectables:
+            self.addReader(reader)
+            return
+        self._poller.register(fd, EPOLLIN)
+        self._reads.add(fd)
+        self._selectables[fd] = reader
+
     def closeSocket(self, selectable: Any, skt: Any) -> None:
         """
         Stop watching C{selectable} and close its socket C{skt}, without the

@@ -129,11 +129,11 @@ class UDPSession:
 
     def start(self) -> None:
         forward = self.forward
-        target = forward.config.target
         forward.watch(self, self.started + forward.idleTimeout)
         if not forward.targetIsHostname:
-            self._open(target.host, target.port)
+            self._connect(forward.targetFamily, forward.targetSockaddr, forward.targetAddressText)
             return
+        target = forward.config.target
         d = resolve_host(forward.reactor, target.host, target.port, "UDP")
         d.addCallbacks(lambda hosts: self._open(hosts[0], target.port), self._resolveFailed)
 
@@ -142,9 +142,15 @@ class UDPSession:
         self.close(RESOLVE_FAILED)
 
     def _open(self, host: str, port: int) -> None:
+        """Connect to the target's address C{host} (resolved), unless ended meanwhile."""
         if self.reason is not None:
             return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._connect(family, (host, port), self.forward.targetAddress(host, port))
+
+    def _connect(self, family: int, address: tuple[str, int], addressText: str) -> None:
+        """Open the session's socket, connected to C{address}; send what was queued."""
+        forward = self.forward
         try:
             skt = _SessionSocket(family, SESSION_SOCKET_TYPE)
         except OSError as e:
@@ -154,10 +160,14 @@ class UDPSession:
         try:
             # connect() binds the socket to a free port and fixes its peer:
             # only the target's datagrams reach it, as recv() reads them.
-            skt.connect((host, port))
+            skt.connect(address)
             self.socket = skt
-            self._fd = skt.fileno()
-            self.forward.reactor.addReader(self)
+            self._fd = fd = skt.fileno()
+            addNewReader = forward._addNewReader
+            if addNewReader is not None:
+                addNewReader(self, fd)
+            else:
+                forward.reactor.addReader(self)
         except OSError as e:
             self.socket = None
             self._fd = -1
@@ -165,10 +175,11 @@ class UDPSession:
             self.detail = str(e)
             self.close(SOCKET_FAILED)
             return
-        self.targetAddress = self.forward.targetAddress(host, port)
-        queued, self._queue = self._queue, None
-        for data in queued or ():
-            self.send(data)
+        self.targetAddress = addressText
+        if self._queue is not None:
+            queued, self._queue = self._queue, None
+            for data in queued:
+                self.send(data)
 
     def send(self, data: bytes) -> None:
         """Pass a client's datagram on, or keep it while the target resolves."""
@@ -300,20 +311,22 @@ class UDPSession:
             self.socket = None
         forward.sessionEnded(self)
         host, port = self.client[:2]
-        log.info(
+        log.infoEvent(
             SESSION_END_FORMAT,
-            forward=forward.name,
-            # format_address's work is for IPv6 (and IPv4-mapped) hosts.
-            client=format_address(host, port) if ":" in host else f"{host}:{port}",
-            target=self.target,
-            targetAddress=self.targetAddress,
-            bytesToTarget=self.bytesToTarget,
-            bytesToClient=self.bytesToClient,
-            datagramsToTarget=self.datagramsToTarget,
-            datagramsToClient=self.datagramsToClient,
-            duration=self.clock.seconds() - self.started,
-            reason=reason,
-            detail=self.detail,
+            {
+                "forward": forward.name,
+                # format_address's work is for IPv6 (and IPv4-mapped) hosts.
+                "client": format_address(host, port) if ":" in host else f"{host}:{port}",
+                "target": self.target,
+                "targetAddress": self.targetAddress,
+                "bytesToTarget": self.bytesToTarget,
+                "bytesToClient": self.bytesToClient,
+                "datagramsToTarget": self.datagramsToTarget,
+                "datagramsToClient": self.datagramsToClient,
+                "duration": self.clock.seconds() - self.started,
+                "reason": reason,
+                "detail": self.detail,
+            },
         )
 
 
@@ -338,6 +351,8 @@ class UDPForward(DatagramProtocol):
         # A session's socket is its own and closed with the session: goma-pt's
         # reactor closes it without an epoll_ctl call (see closeSocket).
         self._closeSocket: Any = getattr(reactor, "closeSocket", None)
+        # And registers it without addReader's look-ups (see addNewReader).
+        self._addNewReader: Any = getattr(reactor, "addNewReader", None)
         self.sessions: dict[tuple[str, int], UDPSession] = {}
         self.stats = UDPStats(config, END_REASONS, DROP_REASONS, policy.REFUSALS)
         self._full = False
@@ -352,6 +367,10 @@ class UDPForward(DatagramProtocol):
         self._buckets: dict[float, dict[UDPSession, None]] = {}
         self._sweep: IDelayedCall | None = None
         self._sweepAt: float | None = None
+        # The bucket watch used last, and its time: under churn, sessions
+        # starting within the same granularity step share it (see watch).
+        self._lastAt = -math.inf
+        self._lastBucket: dict[UDPSession, None] = {}
 
     @property
     def refusedCounts(self) -> dict[str, int]:
@@ -378,8 +397,13 @@ class UDPForward(DatagramProtocol):
         # or against a per-address bound.
         self.screened = bool(self.policy) or config.max_sessions_per_ip is not None
         self.name = config.name
-        self.targetText = str(config.target)
-        self.targetIsHostname = config.target.is_hostname
+        target = config.target
+        self.targetText = str(target)
+        self.targetIsHostname = target.is_hostname
+        # An IP literal target's socket address, family and text, once.
+        self.targetFamily = socket.AF_INET6 if ":" in target.host else socket.AF_INET
+        self.targetSockaddr = (target.host, target.port)
+        self.targetAddressText = format_address(target.host, target.port)
         self.idleTimeout = config.udp_idle_timeout
         self.udpResponses = config.udp_responses
         # Seconds between sweeps: 1 s, or a tenth of a timeout under 10 s.
@@ -462,6 +486,7 @@ class UDPForward(DatagramProtocol):
             self._sweep.cancel()
         # Listening may start again (a rejected reload restarts what it stopped).
         self._sweep = self._sweepAt = None
+        self._lastAt = -math.inf
 
     # Idle expiry. One timer per session (scheduled at its start, cancelled
     # at its end, usually within milliseconds with udpResponses) cost more
@@ -474,15 +499,22 @@ class UDPForward(DatagramProtocol):
 
     def watch(self, session: UDPSession, deadline: float) -> None:
         """Have the sweep check C{session} at C{deadline} (rounded up)."""
-        step = self.granularity
-        at = math.ceil(deadline / step) * step
-        if at < deadline:
-            # Rounded below it in floating point (3.6 / 0.3 -> 3.5999...):
-            # a sweep there would put the session back in the same bucket.
-            at += step
-        bucket = self._buckets.get(at)
-        if bucket is None:
-            bucket = self._buckets[at] = {}
+        at = self._lastAt
+        if deadline <= at and deadline > at - self.granularity:
+            # The bucket of the previous call's: less than a step after the
+            # deadline, never before it (sessions of the same step share it).
+            bucket = self._lastBucket
+        else:
+            step = self.granularity
+            at = math.ceil(deadline / step) * step
+            if at < deadline:
+                # Rounded below it in floating point (3.6 / 0.3 -> 3.5999...):
+                # a sweep there would put the session back in the same bucket.
+                at += step
+            bucket = self._buckets.get(at)
+            if bucket is None:
+                bucket = self._buckets[at] = {}
+            self._lastAt, self._lastBucket = at, bucket
         bucket[session] = None
         session.checkAt = at
         if self._sweepAt is None or at < self._sweepAt:
@@ -494,8 +526,11 @@ class UDPForward(DatagramProtocol):
         bucket = self._buckets.get(at)  # type: ignore[arg-type]
         if bucket is not None:
             bucket.pop(session, None)
-            if not bucket:
+            if not bucket and bucket is not self._lastBucket:
                 # The timer stays: when it fires with nothing due, it stops.
+                # The last bucket stays for the next session (the sweep takes
+                # it at its time): under churn, each session would make it
+                # anew and remove it again.
                 del self._buckets[at]  # type: ignore[arg-type]
 
     def _schedule(self, at: float) -> None:
@@ -506,6 +541,8 @@ class UDPForward(DatagramProtocol):
 
     def _runSweep(self) -> None:
         self._sweep = self._sweepAt = None
+        # The buckets due are taken away: watch makes new ones.
+        self._lastAt = -math.inf
         now = self.clock.seconds()
         timeout = self.idleTimeout
         for at in sorted(at for at in self._buckets if at <= now):
