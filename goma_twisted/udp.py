@@ -511,10 +511,11 @@ class UDPForward(DatagramProtocol):
                 # Rounded below it in floating point (3.6 / 0.3 -> 3.5999...):
                 # a sweep there would put the session back in the same bucket.
                 at += step
-            bucket = self._buckets.get(at)
-            if bucket is None:
-                bucket = self._buckets[at] = {}
-            self._lastAt, self._lastBucket = at, bucket
+            found = self._buckets.get(at)
+            if found is None:
+                found = self._buckets[at] = {}
+            bucket = self._lastBucket = found
+            self._lastAt = at
         bucket[session] = None
         session.checkAt = at
         if self._sweepAt is None or at < self._sweepAt:

@@ -402,6 +402,27 @@ def test_event_logger_makes_twisteds_event() -> None:
     assert "invalid log level" in ours[-1]["log_format"]
 
 
+def test_info_event_is_infos_event_from_a_dict_of_fields() -> None:
+    from twisted.logger import Logger, LogLevel
+
+    from goma_twisted.logs import EventLogger
+
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    logger = EventLogger(namespace="goma_pt.x", observer=cast(Any, ours.append))
+    fields: dict[str, Any] = {"a": 1, "b": None}
+    logger.infoEvent("{a} b", fields)
+    Logger(namespace="goma_pt.x", observer=cast(Any, theirs.append)).info("{a} b", a=1, b=None)
+    [event], [expected] = ours, theirs
+    assert event is fields  # handed over, not copied
+    assert list(event) == list(expected)
+    for key in ("a", "b", "log_level", "log_namespace", "log_source", "log_format"):
+        assert event[key] == expected[key]
+    assert event["log_level"] is LogLevel.info
+    assert event["log_logger"] is logger
+    assert classic_line(event | {"log_time": 1.0}) == classic_line(expected | {"log_time": 1.0})
+
+
 class FailingFile(io.StringIO):
     """A text file whose writes fail while C{error} is set."""
 

@@ -215,3 +215,46 @@ def test_a_failing_before_wait_call_is_logged_and_events_are_still_served() -> N
         reactor._poller.close()
     assert reader.read == b"data"
     assert [e for e in events if e.get("isError")]
+
+
+def test_add_new_reader_registers_a_fresh_descriptor_as_add_reader_would() -> None:
+    reactor = EPollReactor()
+    ours, theirs = socket.socketpair()
+    selectable = Socketed(reactor, ours)
+    read: list[bytes] = []
+    selectable.doRead = lambda: read.append(ours.recv(100))  # type: ignore[method-assign]
+    try:
+        reactor.addNewReader(selectable, ours.fileno())
+        assert selectable in reactor.getReaders()
+        theirs.send(b"ping")
+        reactor.doPoll(0)
+        assert read == [b"ping"]
+        # Already watched (for writing here): addReader's way, no second register.
+        reactor.removeReader(selectable)
+        reactor.addWriter(selectable)
+        reactor.addNewReader(selectable, ours.fileno())
+        assert selectable in reactor.getReaders()
+        assert selectable in reactor.getWriters()
+        reactor.removeWriter(selectable)
+        reactor.removeReader(selectable)
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()
+
+
+def test_add_new_reader_without_twisteds_records_asks_add_reader() -> None:
+    reactor = EPollReactor()
+    reactor._records = False
+    asked: list[Any] = []
+    reactor.addReader = asked.append  # type: ignore[method-assign]
+    ours, theirs = socket.socketpair()
+    selectable = Socketed(reactor, ours)
+    try:
+        reactor.addNewReader(selectable, ours.fileno())
+        assert asked == [selectable]
+        assert ours.fileno() not in reactor._selectables
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()

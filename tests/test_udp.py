@@ -721,3 +721,40 @@ def test_an_open_session_keeps_its_target_through_a_reload() -> None:
     ]
     assert [e["client"] for e in ends] == ["127.0.0.1:5353", "127.0.0.1:5354"]
     assert relay.sessions == {}
+
+
+def test_sessions_starting_within_a_step_share_a_bucket_and_all_are_swept() -> None:
+    # watch reuses the previous call's bucket for deadlines less than a
+    # step before it; the sweep takes that bucket, and the next watch makes
+    # a new one rather than filling the one taken.
+    clock = Clock()
+    relay = idle_relay(clock, 10.0)
+    clock.advance(0.1)
+    first = open_session(relay, 1)
+    clock.advance(0.5)
+    second = open_session(relay, 2)
+    assert first.checkAt == second.checkAt == 11.0
+    assert list(relay._buckets) == [11.0]
+    clock.advance(10.4)  # 11.0: both idle since 0.1 and 0.6
+    assert first.reason == second.reason == udp.IDLE_TIMEOUT
+    third = open_session(relay, 3)
+    assert third.checkAt == 21.0
+    assert relay._buckets == {21.0: {third: None}}
+    clock.advance(10)
+    assert third.reason == udp.IDLE_TIMEOUT
+    assert relay.sessions == {}
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_forward_listening_again_at_once_still_sweeps_its_bucket() -> None:
+    # The bucket kept for the next session is forgotten with the stop:
+    # a session opened in the same step after a restart is swept.
+    clock = Clock()
+    relay = idle_relay(clock, 10.0)
+    open_session(relay, 1).close(udp.ANSWERED)
+    relay.stopProtocol()
+    session = open_session(relay, 2)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(11)
+    assert session.reason == udp.IDLE_TIMEOUT
+    assert clock.getDelayedCalls() == []
