@@ -35,6 +35,7 @@ from goma_twisted.logs import (
     _TimeStamps,
     classic_line,
     event_text,
+    render,
 )
 
 from .support import free_port, running, twistd_command, twistd_env, wait_for, write_config
@@ -467,3 +468,55 @@ def test_a_closed_log_file_does_not_raise_at_each_turn(io_thread: None) -> None:
     reactor.running = False
     observer(line_event(2))  # written at once: fails the same quiet way
     assert observer._unwritten == 2
+
+
+@pytest.mark.parametrize(
+    "format",
+    [
+        UDP_FORMAT,
+        "",
+        "plain text, no fields",
+        "{a}",
+        "{{a}} {a} {{",
+        "{a!r} {a!s} {a!a} quotes ' \" and \\ backslash",
+        "{n:>8} {n:08.3f} {n:+,} {n:#x} {n:%} {a:*^9}",
+        "{a.real}",
+        "{b[0]}",
+        "{a:{n}}",
+        "{}",
+        "{0}",
+        "{missing}",
+        "{a!x}",
+        "unbalanced }",
+        "unbalanced {",
+        "{class} {_x}",
+    ],
+)
+def test_render_is_format_map(format: str) -> None:
+    event: dict[str, Any] = {"a": "é'x\"", "b": [1], "n": 12.5, "class": 1, "_x": None}
+    event |= {"log_format": format} | {k: v for k, v in END.items() if k not in event}
+    event |= {"datagramsToTarget": 1, "datagramsToClient": 2}
+    try:
+        expected: Any = format.format_map(event)
+    except Exception as e:
+        expected = type(e)
+    # Twice: the first makes the function, the second uses it remembered.
+    for _ in range(2):
+        try:
+            got: Any = render(event)
+        except Exception as e:
+            got = type(e)
+        assert got == expected
+
+
+def test_render_remembers_a_bounded_number_of_formats(monkeypatch: pytest.MonkeyPatch) -> None:
+    from goma_twisted import logs
+
+    monkeypatch.setattr(logs, "_renderers", {})
+    monkeypatch.setattr(logs, "MAX_RENDERERS", 2)
+    for n in range(5):
+        assert render({"log_format": f"{n} {{a}}", "a": "x"}) == f"{n} x"
+    assert list(logs._renderers) == ["0 {a}", "1 {a}"]
+    # Not a string: format_map's error, as before.
+    with pytest.raises(AttributeError):
+        render({"log_format": None})
