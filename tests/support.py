@@ -332,8 +332,12 @@ def write_config(path: Path, forwards: list[dict[str, Any]]) -> Path:
     return path
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll (for process tests, outside the reactor) until C{predicate} is true."""
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+    """
+    Poll (for process tests, outside the reactor) until C{predicate} is true.
+    The default deadline is generous: a twistd starting on PyPy on a loaded
+    2-core machine can take several seconds to be ready.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
