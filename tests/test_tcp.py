@@ -53,8 +53,25 @@ def services(reactor: Any) -> Any:
         pytest_twisted.blockon(service.stopService())
 
 
+@pytest.fixture(params=["recv", "raw"])
+def read_path(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """
+    Relay on each way a linked side reads and sends: socket recv and send,
+    and the raw I/O PyPy uses (tcp._RawIO, through cffi), on either
+    interpreter.
+    """
+    if request.param == "raw":
+        pytest.importorskip("cffi")
+        monkeypatch.setattr(tcp, "_RAW", tcp._RawIO())
+    else:
+        monkeypatch.setattr(tcp, "_RAW", None)
+    return str(request.param)
+
+
 @pytest_twisted.ensureDeferred
-async def test_roundtrip_and_end_event(reactor: Any, echo: Any, services: list[Any]) -> None:
+async def test_roundtrip_and_end_event(
+    reactor: Any, echo: Any, services: list[Any], read_path: str
+) -> None:
     service = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
     services.append(service)
     client = Recorder(send=b"hello goma", halfClose=True)
@@ -153,7 +170,9 @@ def fifty_mb_target(reactor: Any) -> Any:
 
 
 @pytest_twisted.ensureDeferred
-async def test_50_mb_client_to_target_intact(reactor: Any, services: list[Any]) -> None:
+async def test_50_mb_client_to_target_intact(
+    reactor: Any, services: list[Any], read_path: str
+) -> None:
     target = listen_tcp(reactor, protocol.Factory.forProtocol(Sink))
     service = start_service(forward(target=("127.0.0.1", target.getHost().port)))
     services.append(service)
@@ -166,7 +185,7 @@ async def test_50_mb_client_to_target_intact(reactor: Any, services: list[Any]) 
 
 @pytest_twisted.ensureDeferred
 async def test_50_mb_target_to_client_intact(
-    reactor: Any, services: list[Any], fifty_mb_target: tuple[Any, list[Source]]
+    reactor: Any, services: list[Any], fifty_mb_target: tuple[Any, list[Source]], read_path: str
 ) -> None:
     target, sources = fifty_mb_target
     service = start_service(forward(target=("127.0.0.1", target.getHost().port)))
@@ -252,7 +271,7 @@ implementer(IHalfCloseableProtocol)(AnswerAfterEOF)
 
 @pytest_twisted.ensureDeferred
 async def test_client_half_close_still_gets_the_full_answer(
-    reactor: Any, services: list[Any]
+    reactor: Any, services: list[Any], read_path: str
 ) -> None:
     target = listen_tcp(reactor, protocol.Factory.forProtocol(AnswerAfterEOF))
     service = start_service(forward(target=("127.0.0.1", target.getHost().port)))
@@ -300,7 +319,7 @@ class ReplyAfterEOF(Recorder):
 
 @pytest_twisted.ensureDeferred
 async def test_target_half_close_lets_the_client_keep_sending(
-    reactor: Any, services: list[Any]
+    reactor: Any, services: list[Any], read_path: str
 ) -> None:
     GreetThenListen.instances.clear()
     target = listen_tcp(reactor, protocol.Factory.forProtocol(GreetThenListen))
@@ -398,7 +417,7 @@ async def test_connect_timeout(reactor: Any, services: list[Any], full_backlog: 
 
 @pytest_twisted.ensureDeferred
 async def test_idle_timeout_counts_from_the_last_byte(
-    reactor: Any, echo: Any, services: list[Any]
+    reactor: Any, echo: Any, services: list[Any], read_path: str
 ) -> None:
     clock = Clock()
     service = start_service(
@@ -487,7 +506,7 @@ def test_connect_failure_reasons(exception: str, reason: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_stops_reading_is_cut_after_the_close_grace(
-    reactor: Any, fifty_mb_target: tuple[Any, list[Source]]
+    reactor: Any, fifty_mb_target: tuple[Any, list[Source]], read_path: str
 ) -> None:
     target, sources = fifty_mb_target
     clock = Clock()
@@ -511,7 +530,9 @@ async def test_a_client_that_stops_reading_is_cut_after_the_close_grace(
 
 
 @pytest_twisted.ensureDeferred
-async def test_real_connections_send_at_once(reactor: Any, echo: Any, services: list[Any]) -> None:
+async def test_real_connections_send_at_once(
+    reactor: Any, echo: Any, services: list[Any], read_path: str
+) -> None:
     # The relays above and the end-to-end suite run on the send_now path:
     # this checks that they do.
     service = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
@@ -529,8 +550,9 @@ async def test_real_connections_send_at_once(reactor: Any, echo: Any, services: 
     assert relay.client.transport.bufferSize == tcp.READ_SIZE  # type: ignore[union-attr]
     # Both sides read through relayRead, which a spurious read event
     # (nothing to read) leaves without effect.
-    assert relay.client.transport.doRead == relay.client.relayRead  # type: ignore[union-attr]
-    assert relay.target.transport.doRead == relay.target.relayRead  # type: ignore[union-attr]
+    read = "relayRawRead" if read_path == "raw" else "relayRead"
+    assert relay.client.transport.doRead == getattr(relay.client, read)  # type: ignore[union-attr]
+    assert relay.target.transport.doRead == getattr(relay.target, read)  # type: ignore[union-attr]
     assert relay.client.transport.doRead() is None  # type: ignore[union-attr]
     assert (relay.bytesToTarget, relay.bytesToClient) == (4, 4)
     client.transport.loseConnection()  # type: ignore[union-attr]
@@ -539,7 +561,7 @@ async def test_real_connections_send_at_once(reactor: Any, echo: Any, services: 
 
 @pytest_twisted.ensureDeferred
 async def test_a_client_reset_is_reported_with_exact_counts(
-    reactor: Any, echo: Any, services: list[Any]
+    reactor: Any, echo: Any, services: list[Any], read_path: str
 ) -> None:
     # An RST makes relayRead's recv fail: the relay ends as "client reset".
     service = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
@@ -596,6 +618,44 @@ def test_send_now_sends_what_the_socket_takes_and_queues_the_rest() -> None:
     whole = SendingTransport(takes=100)
     tcp.send_now(whole, b"abcdef")
     assert (whole.sent, whole.written) == ([b"abcdef"], [])
+
+
+def test_send_now_queues_a_copy_of_a_views_unsent_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A view of the raw read buffer is reused by the next read: what the
+    # socket does not take is queued as bytes of its own.
+    monkeypatch.setattr(tcp, "_RAW", None)
+    buffer = bytearray(b"abcdef")
+    transport = SendingTransport(takes=2)
+    tcp.send_now(transport, memoryview(buffer))
+    full = SendingTransport(takes=100)
+    full.dataBuffer = b"queued"
+    tcp.send_now(full, memoryview(buffer)[:3])
+    buffer[:] = b"xxxxxx"
+    assert transport.written == [b"cdef"] and type(transport.written[0]) is bytes
+    assert full.written == [b"abc"] and type(full.written[0]) is bytes
+
+
+def test_raw_send_reports_a_full_socket_and_a_closed_peer() -> None:
+    # libc's send through cffi: errors as socket.send raises them, and no
+    # SIGPIPE for a peer that is gone.
+    pytest.importorskip("cffi")
+    raw = tcp._RawIO()
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        raw.view[:5] = b"hello"
+        assert tcp._sendView(ours, raw.view[:5]) == 5
+        assert theirs.recv(10) == b"hello"
+        with pytest.raises(BlockingIOError):
+            while True:
+                tcp._sendView(ours, raw.view)
+        theirs.close()
+        with pytest.raises(OSError) as caught:
+            tcp._sendView(ours, raw.view[:5])
+        assert not isinstance(caught.value, BlockingIOError)
+    finally:
+        ours.close()
+        theirs.close()
 
 
 @pytest.mark.parametrize(
@@ -677,7 +737,11 @@ def _assert_closed(relay: tcp.Relay, reactor: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_client_fin_then_target_close_end_in_relay_read(
-    reactor: Any, echo: Any, services: list[Any], ends_of_stream: list[tuple[str, bool]]
+    reactor: Any,
+    echo: Any,
+    services: list[Any],
+    ends_of_stream: list[tuple[str, bool]],
+    read_path: str,
 ) -> None:
     # The short connection's way: the client's FIN goes on to the target
     # at once, the target's close ends both sides, all in relayRead.
@@ -713,7 +777,7 @@ class GreetAndClose(protocol.Protocol):
 
 @pytest_twisted.ensureDeferred
 async def test_target_close_then_client_close_end_in_relay_read(
-    reactor: Any, services: list[Any], ends_of_stream: list[tuple[str, bool]]
+    reactor: Any, services: list[Any], ends_of_stream: list[tuple[str, bool]], read_path: str
 ) -> None:
     target = listen_tcp(reactor, protocol.Factory.forProtocol(GreetAndClose))
     service = start_service(forward(target=("127.0.0.1", target.getHost().port)))
@@ -759,7 +823,7 @@ implementer(IHalfCloseableProtocol)(SlowSink)
 
 @pytest_twisted.ensureDeferred
 async def test_a_fin_behind_queued_bytes_waits_for_them(
-    reactor: Any, services: list[Any], ends_of_stream: list[tuple[str, bool]]
+    reactor: Any, services: list[Any], ends_of_stream: list[tuple[str, bool]], read_path: str
 ) -> None:
     # The target reads nothing at first: bytes wait in the relay's buffer
     # for it when the client's FIN comes, which must go after them, by
