@@ -124,12 +124,14 @@ def render(event: LogEvent) -> str:
 
 
 def _renderer(format: str) -> Callable[[LogEvent], str]:
-    """The function rendering C{format}, remembered (up to L{MAX_RENDERERS})."""
-    if type(format) is not str:
+    """
+    The function rendering C{format}, remembered (up to L{MAX_RENDERERS}).
+    Past that bound (formats made per event by someone's code), a format
+    is not compiled: making the function costs far more than one render.
+    """
+    if type(format) is not str or len(_renderers) >= MAX_RENDERERS:
         return cast(Callable[[LogEvent], str], format.format_map)
-    renderer = _compiled(format) or format.format_map
-    if len(_renderers) < MAX_RENDERERS:
-        _renderers[format] = renderer
+    renderer = _renderers[format] = _compiled(format) or format.format_map
     return renderer
 
 

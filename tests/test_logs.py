@@ -514,9 +514,17 @@ def test_render_remembers_a_bounded_number_of_formats(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(logs, "_renderers", {})
     monkeypatch.setattr(logs, "MAX_RENDERERS", 2)
+    compiled: list[str] = []
+
+    def compile_nothing(format: str) -> None:
+        compiled.append(format)
+
+    monkeypatch.setattr(logs, "_compiled", compile_nothing)
     for n in range(5):
         assert render({"log_format": f"{n} {{a}}", "a": "x"}) == f"{n} x"
     assert list(logs._renderers) == ["0 {a}", "1 {a}"]
+    # Past the bound, formats are rendered by format_map, not compiled.
+    assert compiled == ["0 {a}", "1 {a}"]
     # Not a string: format_map's error, as before.
     with pytest.raises(AttributeError):
         render({"log_format": None})
