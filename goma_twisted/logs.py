@@ -63,17 +63,7 @@ class EventLogger(Logger):
         if level not in _LEVELS:
             super().emit(level, format, **kwargs)
             return
-        kwargs.update(
-            log_logger=self,
-            log_level=level,
-            log_namespace=self.namespace,
-            log_source=self.source,
-            log_format=format,
-            log_time=time.time(),
-        )
-        if "log_trace" in kwargs:
-            kwargs["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
-        self.observer(kwargs)
+        self._publish(level, format, kwargs)
 
     def infoEvent(self, format: str, event: dict[str, Any]) -> None:
         """
@@ -83,12 +73,18 @@ class EventLogger(Logger):
         arguments cost on the way through C{info} and C{emit}. Every relayed
         session logs its end with a dozen fields.
         """
-        event["log_logger"] = self
-        event["log_level"] = _INFO
-        event["log_namespace"] = self.namespace
-        event["log_source"] = self.source
-        event["log_format"] = format
-        event["log_time"] = time.time()
+        self._publish(_INFO, format, event)
+
+    def _publish(self, level: LogLevel, format: str | None, event: dict[str, Any]) -> None:
+        """Complete C{event} as Twisted's C{emit} does, and send it to the observer."""
+        event.update(
+            log_logger=self,
+            log_level=level,
+            log_namespace=self.namespace,
+            log_source=self.source,
+            log_format=format,
+            log_time=time.time(),
+        )
         if "log_trace" in event:
             event["log_trace"].append((self, self.observer))
         self.observer(event)
@@ -290,11 +286,9 @@ class GatheringFileLogObserver(FileLogObserver):
             self._write("".join(lines))
 
     def _write(self, text: str) -> None:
-        lines = text.count("\n")
-        if self._unwritten:
-            text = self._notice() + text
+        out = self._notice() + text if self._unwritten else text
         try:
-            self._out.write(text.encode("utf-8") if self._encode else text)
+            self._out.write(out.encode("utf-8") if self._encode else out)
             self._out.flush()
         except (OSError, ValueError) as e:
             # A full disk, a reader gone (EPIPE), a closed file: raising
@@ -302,7 +296,7 @@ class GatheringFileLogObserver(FileLogObserver):
             # at every turn. Count them; say so once writing works again.
             if not self._unwritten:
                 self._since, self._why = time.time(), str(e) or type(e).__name__
-            self._unwritten += lines
+            self._unwritten += text.count("\n")
         else:
             self._unwritten = 0
 
