@@ -142,20 +142,19 @@ class _RawIO:
 
 
 def _loadRawIO() -> _RawIO | None:
-    """L{_RawIO} on PyPy, or None (CPython's recv and send do not copy)."""
-    if platform.python_implementation() != "PyPy":
-        return None
+    """L{_RawIO}, or None without cffi or a C library to open."""
     try:
         return _RawIO()
-    except Exception:  # no cffi, or no libc to open: PyPy's own recv then
+    except Exception:
         return None
 
 
-_RAW = _loadRawIO()
-# Without raw I/O, PyPy reads 64 KiB at a time (see _RawIO).
-if _RAW is None and platform.python_implementation() == "PyPy":
-    READ_SIZE = 64 * 1024
-if platform.python_implementation() != "PyPy":
+if platform.python_implementation() == "PyPy":
+    _RAW = _loadRawIO()
+    if _RAW is None:
+        READ_SIZE = 64 * 1024  # PyPy's own recv then (see _RawIO).
+else:
+    _RAW = None  # CPython's recv and send do not copy.
     # CPython's recv(READ_SIZE) allocates READ_SIZE bytes and shrinks them
     # to what came. Above glibc's mmap threshold (128 KiB until a larger
     # block is freed) that is an mmap, mremap and munmap per read: about
