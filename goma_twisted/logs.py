@@ -241,7 +241,8 @@ class GatheringFileLogObserver(FileLogObserver):
 
     A write that fails (a full disk, a reader gone away) does not raise: its
     lines are counted, and the first write that works again starts with a
-    warning line saying how many could not be written, since when and why.
+    warning line saying how many could not be written, since when and why
+    (after a newline: the failed write may have left a line unfinished).
 
     @param outFile: a text or binary file, as for L{FileLogObserver}.
     """
@@ -301,7 +302,9 @@ class GatheringFileLogObserver(FileLogObserver):
             self._unwritten = 0
 
     def _notice(self) -> str:
-        return (
+        # After a newline: a write that failed (a disk filling up) may have
+        # written part of its text, and left a line unfinished.
+        return "\n" + (
             self.formatEvent(
                 {
                     "log_level": LogLevel.warn,

@@ -450,13 +450,48 @@ def test_lines_that_cannot_be_written_are_counted_and_reported_once_writing_work
     out.error = None
     observer(line_event(4))
     reactor.turn()
-    notice, line = out.getvalue().splitlines(keepends=True)
+    # A line of its own: the write that failed may have left part of a line.
+    empty, notice, line = out.getvalue().splitlines(keepends=True)
+    assert empty == "\n"
     assert "[goma_pt.log#warn] 4 log lines could not be written since " in notice
     assert notice.endswith("([Errno 28] No space left on device); some may be missing above\n")
     assert line == classic_line(line_event(4))
     observer(line_event(5))
     reactor.turn()  # said once
     assert out.getvalue().count("could not be written") == 1
+
+
+class FillingFile(io.StringIO):
+    """A text file on a disk that fills up: the write that fails takes some of its bytes."""
+
+    room = 1 << 30
+
+    def write(self, text: str) -> int:
+        if len(text) > self.room:
+            super().write(text[: self.room])
+            self.room = 0
+            raise OSError(28, "No space left on device")
+        self.room -= len(text)
+        return super().write(text)
+
+
+def test_the_notice_after_a_full_disk_starts_a_line_of_its_own(io_thread: None) -> None:
+    out, reactor = FillingFile(), TurningReactor()
+    observer = GatheringFileLogObserver(out, classic_line, reactor)
+    first = classic_line(line_event(1)) or ""
+    out.room = len(first) + 10  # the second line is cut after 10 characters
+    for n in (1, 2, 3):
+        observer(line_event(n))
+    reactor.turn()
+    out.room = 1 << 30  # room again
+    observer(line_event(4))
+    reactor.turn()
+    lines = out.getvalue().splitlines(keepends=True)
+    assert lines[0] == first
+    assert lines[1] == (classic_line(line_event(2)) or "")[:10] + "\n"
+    [notice] = [line for line in lines if "could not be written" in line]
+    assert re.match(r"\d{4}-\d\d-\d\dT.* \[goma_pt.log#warn\] 3 log lines could", notice)
+    assert lines[-1] == classic_line(line_event(4))
 
 
 def test_a_closed_log_file_does_not_raise_at_each_turn(io_thread: None) -> None:
