@@ -115,9 +115,11 @@ class UDPSession:
         self.client = client
         self.clock = forward.clock
         self.started = self.lastActivity = self.clock.seconds()
-        # The target as configured when the session starts: a reload's new
-        # target is for new sessions.
+        # The target, idle timeout and udpResponses as configured when the
+        # session starts: a reload's new settings are for new sessions.
         self.target = forward.targetText
+        self.idleTimeout = forward.idleTimeout
+        self.udpResponses = forward.udpResponses
         # Datagrams kept while the target's name resolves (hostnames only).
         self._queue: list[bytes] | None = [] if forward.targetIsHostname else None
 
@@ -129,7 +131,7 @@ class UDPSession:
 
     def start(self) -> None:
         forward = self.forward
-        forward.watch(self, self.started + forward.idleTimeout)
+        forward.watch(self, self.started + self.idleTimeout)
         if not forward.targetIsHostname:
             self._connect(forward.targetFamily, forward.targetSockaddr, forward.targetAddressText)
             return
@@ -256,7 +258,7 @@ class UDPSession:
         # udpResponses: a query/answer protocol (DNS) needs the session only
         # until its answers are in; its socket is freed at once.
         self.answers += 1
-        expected = forward.udpResponses
+        expected = self.udpResponses
         if expected is not None and self.answers >= expected:
             self.close(ANSWERED)
 
@@ -545,11 +547,10 @@ class UDPForward(DatagramProtocol):
         # The buckets due are taken away: watch makes new ones.
         self._lastAt = -math.inf
         now = self.clock.seconds()
-        timeout = self.idleTimeout
         for at in sorted(at for at in self._buckets if at <= now):
             for session in self._buckets.pop(at):
                 session.checkAt = None
-                deadline = session.lastActivity + timeout
+                deadline = session.lastActivity + session.idleTimeout
                 if deadline <= now:
                     session.close(IDLE_TIMEOUT)
                 else:

@@ -640,11 +640,46 @@ def test_a_shorter_timeout_after_a_reload_moves_the_sweep_earlier() -> None:
     second = open_session(relay, 2)
     clock.advance(5)
     assert second.reason == udp.IDLE_TIMEOUT
-    # The open session keeps its bucket; at its check the new timeout applies.
+    # The open session keeps its bucket and its own timeout.
     assert first.reason is None
     clock.advance(295)
     assert first.reason == udp.IDLE_TIMEOUT
     assert clock.getDelayedCalls() == []
+
+
+def test_an_open_session_keeps_its_idle_timeout_through_a_reload() -> None:
+    # The README: new sessions get a reload's settings, live ones keep theirs.
+    clock = Clock()
+    relay = idle_relay(clock, 10.0)
+    short = open_session(relay, 1)
+    relay.reconfigure(forward(("udp",), udp_idle_timeout=600.0))
+    clock.advance(11)  # past its own 10 s, rounded up to the granularity
+    assert short.reason == udp.IDLE_TIMEOUT
+    long = open_session(relay, 2)
+    relay.reconfigure(forward(("udp",), udp_idle_timeout=5.0))
+    clock.advance(500)
+    long.send(b"busy")  # at 511: idle until 1111 by its own 600 s
+    clock.advance(100)  # 611: its first check; 5 s would end it here
+    assert long.reason is None
+    clock.advance(499)
+    assert long.reason is None
+    clock.advance(2)
+    assert long.reason == udp.IDLE_TIMEOUT
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_open_session_keeps_its_udp_responses_through_a_reload() -> None:
+    relay = udp.UDPForward(forward(("udp",)), 10, reactor=NoReactor(), clock=Clock())
+    relay.transport = RecordingTransport()  # type: ignore[assignment]
+    before = relay._newSession(("127.0.0.1", 5353))
+    relay.reconfigure(forward(("udp",), udp_responses=1))
+    after = relay._newSession(("127.0.0.1", 5354))
+    assert before is not None and after is not None
+    before.datagramReceived(b"answer")
+    after.datagramReceived(b"answer")
+    assert before.reason is None  # no udpResponses when it started
+    assert after.reason == udp.ANSWERED
+    before.close(udp.SHUTDOWN)
 
 
 def test_a_session_moved_later_by_the_sweep_does_not_delay_an_earlier_bucket() -> None:
