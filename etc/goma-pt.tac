@@ -3,7 +3,10 @@
 #   twistd -ny etc/goma-pt.tac
 # The config is $GOMA_PT_CONFIG, or goma-pt.yaml beside this file.
 # Set $GOMA_PT_METRICS (e.g. tcp:9108:interface=127.0.0.1) to serve /metrics.
+# SIGHUP re-reads the config file, as for `twistd goma-pt` (without
+# reload_signal, SIGHUP would end the process).
 import os
+import signal
 
 from twisted.application import service
 
@@ -15,5 +18,7 @@ config_path = os.environ.get("GOMA_PT_CONFIG") or os.path.join(
 
 application = service.Application("goma-pt")
 PassThroughService(
-    load_config(config_path), metrics=os.environ.get("GOMA_PT_METRICS") or None
+    load_config(config_path),
+    metrics=os.environ.get("GOMA_PT_METRICS") or None,
+    reload_signal=signal.SIGHUP,
 ).setServiceParent(application)

@@ -240,9 +240,14 @@ def test_tac_composes_the_service_into_an_application(tmp_path: Path, backend: i
     log = tmp_path / "tac.log"
     env = twistd_env() | {"GOMA_PT_CONFIG": str(config)}
     command = twistd_command("-ny", str(ROOT / "etc" / "goma-pt.tac"), "--pidfile=", "--logfile=-")
-    with running(command, log, env=env, cwd=tmp_path):
+    with running(command, log, env=env, cwd=tmp_path) as proc:
         wait_for(lambda: "goma-pt ready" in log.read_text(), what="goma-pt ready")
         assert tcp_roundtrip(port, b"from a tac") == b"from a tac"
+        # SIGHUP reloads, as for the plugin (by default it would end twistd).
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "Reloaded " in log.read_text(), what="the reload")
+        assert proc.poll() is None
+        assert tcp_roundtrip(port, b"after a reload") == b"after a reload"
 
 
 def _rss_kb(pid: int) -> int:
