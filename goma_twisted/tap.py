@@ -124,10 +124,26 @@ def makeService(options: dict[str, Any]) -> IService:
     return service
 
 
+class _CannotStartError(ListenError):
+    """
+    A L{ListenError} as twistd's daemon reports it. The waiting parent
+    prints the first 100 bytes of C{traceback}'s C{"module.Class: message"}
+    line, and C{"goma_twisted.service.ListenError: "} took a third of them
+    (C{"... forward to 127.0.0."}): named so, the line is the one the
+    foreground prints, C{"goma-pt: cannot start: tcp ...: Address already
+    in use; forward to ..."}.
+    """
+
+
+_CannotStartError.__module__ = "builtins"  # traceback leaves builtins' out
+_CannotStartError.__qualname__ = "goma-pt: cannot start"
+
+
 class _TwistdService(PassThroughService):
     """
     The service as twistd runs it: joining twistd's Application, it leaves
-    there the text log observer twistd will use (L{_offer_text_log}).
+    there the text log observer twistd will use (L{_offer_text_log}); a
+    forward that cannot listen is a L{_CannotStartError}.
     """
 
     twistdOptions: Any = None
@@ -136,6 +152,18 @@ class _TwistdService(PassThroughService):
         if isinstance(parent, Componentized) and self.twistdOptions is not None:
             _offer_text_log(parent, self.twistdOptions)
         super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except ListenError as e:
+            raise _CannotStartError(*e.args) from None
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except ListenError as e:
+            raise _CannotStartError(*e.args) from None
 
 
 def _offer_text_log(application: Componentized, twistdOptions: Any) -> None:

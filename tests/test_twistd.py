@@ -158,6 +158,26 @@ def test_a_port_in_use_is_one_line_and_nothing_stays_bound(tmp_path: Path) -> No
     assert f"cannot start: tcp 127.0.0.1:{taken}: Address already in use" in output
 
 
+def test_a_daemon_that_cannot_start_says_why_as_the_foreground_does(tmp_path: Path) -> None:
+    # twistd's parent prints the first 100 bytes of the daemon's error as
+    # traceback's "module.Class: message"; the message must fit whole.
+    taken = free_port()
+    forward = {"protocol": "tcp", "port": taken, "address": "127.0.0.1", "target": "127.0.0.1:9"}
+    config = write_config(tmp_path / "goma.yml", [forward])
+    pidfile, logfile = tmp_path / "goma-pt.pid", tmp_path / "goma-pt.log"
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", taken))
+        blocker.listen()
+        result = run_twistd(
+            f"--pidfile={pidfile}", f"--logfile={logfile}", "goma-pt", "--config", str(config)
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    why = f"goma-pt: cannot start: tcp 127.0.0.1:{taken}: Address already in use"
+    assert f"{why}; forward to 127.0.0.1:9'" in result.stderr
+    assert not pidfile.exists()
+
+
 def test_foreground_forwards_tcp_and_udp_on_one_port(tmp_path: Path, backend: int) -> None:
     port = free_port()
     forward = {"protocol": "tcp/udp", "port": port, "target": f"127.0.0.1:{backend}"}
