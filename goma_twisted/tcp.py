@@ -883,12 +883,15 @@ class Relay:
                 timer.cancel()
         self._idleTimer = self._abortTimer = None
         self.factory.relayEnded(self)
-        if not self.admitted:
-            # Refused (and logged as such, rate-limited) or gone before
-            # its PROXY header: not a connection that was served.
-            if self._done is not None:
-                self._done.callback(None)
-            return
+        if self.admitted:
+            # Not refused (those are logged, rate-limited) nor gone before
+            # its PROXY header: a connection that was served.
+            self._logEnd()
+        self._letGo()
+        if self._done is not None:
+            self._done.callback(None)
+
+    def _logEnd(self) -> None:
         if self.failureDetail:
             text = _FAILED_FORMAT
         else:
@@ -908,8 +911,19 @@ class Relay:
             reason=self.reason,
             detail=self.failureDetail,
         )
-        if self._done is not None:
-            self._done.callback(None)
+
+    def _letGo(self) -> None:
+        """
+        Break the reference cycles of an ended relay (each side and its
+        relay, each transport and its side's bound C{relayRead}), so that
+        reference counting frees the relay, its sides and their transports
+        at once. Otherwise every connection's objects waited for Python's
+        cyclic garbage collector, whose runs they also set off.
+        """
+        for side in (getattr(self, "client", None), self.target):
+            if side is not None:
+                vars(side.transport).pop("doRead", None)
+                del side.relay
 
 
 def matches_trusted(client: IPAddress | None, forward: Forward) -> bool:
