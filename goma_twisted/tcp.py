@@ -897,19 +897,23 @@ class Relay:
         else:
             text = _ENDED_FORMAT if self.connectTime is None else _CONNECTED_FORMAT
         forwardName, targetText = self.labels
-        log.info(
+        host, port = self.clientHost, self.clientPort
+        log.infoEvent(
             text,
-            forward=forwardName,
-            client=format_address(self.clientHost, self.clientPort),
-            proxiedBy=self.proxiedBy,
-            target=targetText,
-            targetAddress=self.targetAddress,
-            bytesToTarget=self.bytesToTarget,
-            bytesToClient=self.bytesToClient,
-            duration=self.clock.seconds() - self.started,
-            connectTime=self.connectTime,
-            reason=self.reason,
-            detail=self.failureDetail,
+            {
+                "forward": forwardName,
+                # format_address's work is for IPv6 (and IPv4-mapped) hosts.
+                "client": format_address(host, port) if ":" in host else f"{host}:{port}",
+                "proxiedBy": self.proxiedBy,
+                "target": targetText,
+                "targetAddress": self.targetAddress,
+                "bytesToTarget": self.bytesToTarget,
+                "bytesToClient": self.bytesToClient,
+                "duration": self.clock.seconds() - self.started,
+                "connectTime": self.connectTime,
+                "reason": self.reason,
+                "detail": self.failureDetail,
+            },
         )
 
     def _letGo(self) -> None:
