@@ -41,7 +41,7 @@ from ._reactor import reactor_or_global
 from .config import Forward, format_address
 from .connect import Connecting, TargetAddress, lean
 from .logs import EventLogger
-from .policy import Bounds, IPAddress, RefusalLog, matches, parse_ip
+from .policy import Bounds, IPAddress, RefusalLog, ip_text, matches, parse_ip
 from .proxyprotocol import HeaderReader, ProxyHeaderError, encode
 from .stats import TCPStats
 
@@ -624,6 +624,8 @@ class Relay:
     # Set once the client passed allow/deny and the per-address bound.
     admitted = False
     clientIP: IPAddress | None = None
+    # What the bounds count it under (policy.ip_text).
+    clientKey: str | None = None
     refusal: str | None = None
 
     def __init__(self, factory: TCPForwardFactory) -> None:
@@ -673,7 +675,8 @@ class Relay:
         if addresses.source is not None and addresses.destination is not None:
             self.clientHost, self.clientPort = addresses.source
             self.localHost, self.localPort = addresses.destination
-        why = self.factory.admit(self, parse_ip(self.clientHost or peer.host))
+        host = self.clientHost or peer.host
+        why = self.factory.admit(self, parse_ip(host), ip_text(host))
         if why is not None:
             self.refuse(why)
             return
@@ -883,33 +886,51 @@ class Relay:
                 timer.cancel()
         self._idleTimer = self._abortTimer = None
         self.factory.relayEnded(self)
-        if not self.admitted:
-            # Refused (and logged as such, rate-limited) or gone before
-            # its PROXY header: not a connection that was served.
-            if self._done is not None:
-                self._done.callback(None)
-            return
+        if self.admitted:
+            # Not refused (those are logged, rate-limited) nor gone before
+            # its PROXY header: a connection that was served.
+            self._logEnd()
+        self._letGo()
+        if self._done is not None:
+            self._done.callback(None)
+
+    def _logEnd(self) -> None:
         if self.failureDetail:
             text = _FAILED_FORMAT
         else:
             text = _ENDED_FORMAT if self.connectTime is None else _CONNECTED_FORMAT
         forwardName, targetText = self.labels
-        log.info(
+        host, port = self.clientHost, self.clientPort
+        log.infoEvent(
             text,
-            forward=forwardName,
-            client=format_address(self.clientHost, self.clientPort),
-            proxiedBy=self.proxiedBy,
-            target=targetText,
-            targetAddress=self.targetAddress,
-            bytesToTarget=self.bytesToTarget,
-            bytesToClient=self.bytesToClient,
-            duration=self.clock.seconds() - self.started,
-            connectTime=self.connectTime,
-            reason=self.reason,
-            detail=self.failureDetail,
+            {
+                "forward": forwardName,
+                # format_address's work is for IPv6 (and IPv4-mapped) hosts.
+                "client": format_address(host, port) if ":" in host else f"{host}:{port}",
+                "proxiedBy": self.proxiedBy,
+                "target": targetText,
+                "targetAddress": self.targetAddress,
+                "bytesToTarget": self.bytesToTarget,
+                "bytesToClient": self.bytesToClient,
+                "duration": self.clock.seconds() - self.started,
+                "connectTime": self.connectTime,
+                "reason": self.reason,
+                "detail": self.failureDetail,
+            },
         )
-        if self._done is not None:
-            self._done.callback(None)
+
+    def _letGo(self) -> None:
+        """
+        Break the reference cycles of an ended relay (each side and its
+        relay, each transport and its side's bound C{relayRead}), so that
+        reference counting frees the relay, its sides and their transports
+        at once. Otherwise every connection's objects waited for Python's
+        cyclic garbage collector, whose runs they also set off.
+        """
+        for side in (getattr(self, "client", None), self.target):
+            if side is not None:
+                vars(side.transport).pop("doRead", None)
+                del side.relay
 
 
 def matches_trusted(client: IPAddress | None, forward: Forward) -> bool:
@@ -978,7 +999,7 @@ class TCPForwardFactory(Factory):
             # bound wait for the header to name the real client.
             self.bounds.count()
         else:
-            why = self.admit(relay, parse_ip(host))
+            why = self.admit(relay, parse_ip(host), ip_text(host))
             if why is not None:
                 self.refused(format_address(host, port), why)
                 return None
@@ -989,14 +1010,20 @@ class TCPForwardFactory(Factory):
         self.stats.opened()
         return ClientSide(relay)
 
-    def admit(self, relay: Relay, client: IPAddress | None) -> str | None:
-        """Check the client against allow/deny and the bounds; count it if admitted."""
+    def admit(self, relay: Relay, client: IPAddress | None, key: str | None = None) -> str | None:
+        """
+        Check the client against allow/deny and the bounds; count it if
+        admitted (under C{key}, C{str(client)} by default).
+        """
         if not self.policy.permits(client):
             return policy.DENIED
-        why = self.bounds.admit(client, counted=relay.expectHeader)
+        if key is None:
+            key = str(client)
+        why = self.bounds.admit(client, counted=relay.expectHeader, key=key)
         if why is None:
             relay.admitted = True
             relay.clientIP = client
+            relay.clientKey = key
         return why
 
     @property
@@ -1011,7 +1038,7 @@ class TCPForwardFactory(Factory):
     def relayEnded(self, relay: Relay) -> None:
         if relay in self.relays:
             self.relays.discard(relay)
-            self.bounds.release(relay.clientIP, admitted=relay.admitted)
+            self.bounds.release(relay.clientIP, admitted=relay.admitted, key=relay.clientKey)
             reason = relay.reason or "unknown"
             self.stats.ended(reason, connect_failed=reason in CONNECT_FAILURES)
 

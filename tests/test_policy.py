@@ -129,6 +129,31 @@ def test_bounds_total_and_per_address() -> None:
     assert (bounds.open, bounds.by_ip) == (0, {})
 
 
+@pytest.mark.parametrize(
+    ("host", "text"),
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        ("::ffff:192.0.2.1", "192.0.2.1"),
+        ("fe80::1%eth0", "fe80::1"),
+        ("2001:db8:0:0:0:0:0:1", "2001:db8::1"),
+        ("not an address", "None"),
+    ],
+)
+def test_ip_text_is_the_text_of_the_parsed_address(host: str, text: str) -> None:
+    assert policy.ip_text(host) == text == str(parse_ip(host))
+
+
+def test_bounds_count_under_the_key_given() -> None:
+    # A caller that has str(address) at hand (policy.ip_text) passes it.
+    bounds = Bounds(total=3, per_ip=1)
+    a = parse_ip("::ffff:192.0.2.1")
+    assert bounds.admit(a, key=policy.ip_text("::ffff:192.0.2.1")) is None
+    assert bounds.admit(parse_ip("192.0.2.1")) == policy.AT_BOUND_PER_IP
+    assert bounds.by_ip == {"192.0.2.1": 1}
+    bounds.release(a, key="192.0.2.1")
+    assert (bounds.open, bounds.by_ip) == (0, {})
+
+
 def test_bounds_counted_before_the_client_is_known() -> None:
     # A connection behind a load balancer counts from accept; its client
     # (from the PROXY header) is checked against the per-address bound later.
