@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -26,3 +27,15 @@ def reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
+
+
+@pytest.fixture(autouse=True)
+def _splice_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    With GOMA_TEST_SPLICE=1, every relay in this process splices from its
+    first read (tcp.SPLICE_AFTER = 0): the whole suite against that path.
+    """
+    if os.environ.get("GOMA_TEST_SPLICE") == "1":
+        from goma_twisted import tcp
+
+        monkeypatch.setattr(tcp, "SPLICE_AFTER", 0)

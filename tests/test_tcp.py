@@ -53,18 +53,24 @@ def services(reactor: Any) -> Any:
         pytest_twisted.blockon(service.stopService())
 
 
-@pytest.fixture(params=["recv", "raw"])
+@pytest.fixture(params=["recv", "raw", "splice"])
 def read_path(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     """
     Relay on each way a linked side reads and sends: socket recv and send,
-    and the raw I/O PyPy uses (tcp._RawIO, through cffi), on either
-    interpreter.
+    the raw I/O PyPy uses (tcp._RawIO, through cffi), on either
+    interpreter, and splice(2) through a pipe from the first read.
     """
     if request.param == "raw":
         pytest.importorskip("cffi")
         monkeypatch.setattr(tcp, "_RAW", tcp._RawIO())
     else:
         monkeypatch.setattr(tcp, "_RAW", None)
+    if request.param == "splice":
+        if tcp._SPLICE is None:
+            pytest.skip("no splice(2) here")
+        monkeypatch.setattr(tcp, "SPLICE_AFTER", 0)
+    else:
+        monkeypatch.setattr(tcp, "SPLICE_AFTER", None)
     return str(request.param)
 
 
@@ -548,9 +554,9 @@ async def test_real_connections_send_at_once(
     [relay] = factory.relays
     assert relay.client.sendsNow and relay.target is not None and relay.target.sendsNow
     assert relay.client.transport.bufferSize == tcp.READ_SIZE  # type: ignore[union-attr]
-    # Both sides read through relayRead, which a spurious read event
-    # (nothing to read) leaves without effect.
-    read = "relayRawRead" if read_path == "raw" else "relayRead"
+    # Both sides read through relayRead (or its raw or splice kin), which
+    # a spurious read event (nothing to read) leaves without effect.
+    read = {"raw": "relayRawRead", "splice": "relaySplice"}.get(read_path, "relayRead")
     assert relay.client.transport.doRead == getattr(relay.client, read)  # type: ignore[union-attr]
     assert relay.target.transport.doRead == getattr(relay.target, read)  # type: ignore[union-attr]
     assert relay.client.transport.doRead() is None  # type: ignore[union-attr]

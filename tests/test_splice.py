@@ -1,0 +1,342 @@
+"""
+The splice(2) path of the TCP relay (tcp._SplicePipe, relaySplice) over
+real loopback sockets: bytes exact, backpressure, ends, descriptors.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import hashlib
+import os
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import protocol
+from twisted.internet.task import Clock, deferLater
+
+from goma_twisted import tcp
+
+from .support import (
+    Echo,
+    accept_raw,
+    bound_port,
+    captured_logs,
+    connect,
+    finished,
+    forward,
+    listen_tcp,
+    raw_client,
+    raw_listener,
+    read_to_eof,
+    relays,
+    reset,
+    start_service,
+    until,
+)
+from .test_tcp import FIFTY_MB, Hasher, Sink, Source
+
+pytestmark = pytest.mark.skipif(tcp._SPLICE is None, reason="no splice(2) here")
+
+SIXTY_FOUR_MB = 64 * 1024 * 1024
+
+
+@pytest.fixture
+def services(reactor: Any) -> Any:
+    started: list[Any] = []
+    yield started
+    for service in started:
+        pytest_twisted.blockon(service.stopService())
+
+
+@pytest.fixture
+def spliced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Splice from the first read on; the byte counts each splice call moved."""
+    moved: list[int] = []
+    real = tcp._SPLICE
+    assert real is not None
+
+    def counting(src: int, dst: int, count: int) -> int:
+        n: int = real(src, dst, count)
+        moved.append(n)
+        return n
+
+    monkeypatch.setattr(tcp, "_SPLICE", counting)
+    monkeypatch.setattr(tcp, "SPLICE_AFTER", 0)
+    return moved
+
+
+def open_fds() -> int:
+    gc.collect()  # PyPy closes dropped files only when collected
+    return len(os.listdir("/proc/self/fd"))
+
+
+class Pump(Source):
+    """A Source that also hashes what it receives back."""
+
+    def connectionMade(self) -> None:
+        self.back = hashlib.sha256()
+        self.backCount = 0
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.back.update(data)
+        self.backCount += len(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_64_mb_both_ways_switching_mid_stream(
+    reactor: Any, services: list[Any], spliced: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each side switches after its first read, whatever it held.
+    monkeypatch.setattr(tcp, "SPLICE_AFTER", 1)
+    echo = listen_tcp(reactor, protocol.Factory.forProtocol(Echo))
+    service = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
+    services.append(service)
+    pump = Pump(SIXTY_FOUR_MB, halfClose=True)
+    with captured_logs() as logs:
+        connect(reactor, bound_port(service), pump)
+        await until(reactor, lambda: relays(service), 5)
+        [relay] = relays(service)
+        await finished(reactor, pump.lost, 90)
+        await deferLater(reactor, 0.05)
+    echo.stopListening()
+    assert pump.backCount == SIXTY_FOUR_MB
+    assert pump.back.hexdigest() == pump.digest.hexdigest()
+    assert relay.client.spliceTried and relay.target.spliceTried
+    assert sum(spliced) >= SIXTY_FOUR_MB  # most of it went through the pipes
+    [end] = logs.ends()
+    assert (end["bytesToTarget"], end["bytesToClient"]) == (SIXTY_FOUR_MB, SIXTY_FOUR_MB)
+    assert end["reason"] == tcp.CLIENT_CLOSED
+
+
+@pytest_twisted.ensureDeferred
+async def test_eof_after_splicing_delivers_every_byte_then_the_fin(
+    reactor: Any, services: list[Any], spliced: list[int]
+) -> None:
+    target = listen_tcp(reactor, protocol.Factory.forProtocol(Sink))
+    service = start_service(forward(target=("127.0.0.1", target.getHost().port)))
+    services.append(service)
+    source = Source(3 * 1024 * 1024 + 7, halfClose=True)
+    with captured_logs() as logs:
+        connect(reactor, bound_port(service), source)
+        # The Sink answers only after the FIN, with what it got before it.
+        received = await finished(reactor, source.lost, 30)
+        await deferLater(reactor, 0.05)
+    target.stopListening()
+    assert received == f"{3 * 1024 * 1024 + 7} {source.digest.hexdigest()}".encode()
+    assert spliced
+    [end] = logs.ends()
+    assert end["bytesToTarget"] == 3 * 1024 * 1024 + 7
+    assert end["bytesToClient"] == len(received)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_reader_pauses_the_spliced_sender(
+    reactor: Any, services: list[Any], spliced: list[int]
+) -> None:
+    sources: list[Source] = []
+
+    def build() -> Source:
+        sources.append(Source(FIFTY_MB))
+        return sources[-1]
+
+    factory = protocol.Factory()
+    factory.protocol = build
+    target = listen_tcp(reactor, factory)
+    service = start_service(forward(target=("127.0.0.1", target.getHost().port)))
+    services.append(service)
+    client = Hasher()
+    connect(reactor, bound_port(service), client)
+    await finished(reactor, client.connected_d)
+    client.transport.pauseProducing()  # type: ignore[union-attr]
+    await until(reactor, lambda: sources and sources[0].remaining < FIFTY_MB)
+    await deferLater(reactor, 0.5)  # the buffers on the way fill up
+    [relay] = relays(service)
+    sent = FIFTY_MB - sources[0].remaining
+    await deferLater(reactor, 0.3)
+    # The target's side stopped reading: the target stopped being able to send.
+    assert FIFTY_MB - sources[0].remaining - sent < 4 * tcp.READ_SIZE
+    toClient: Any = relay.client.transport
+    held = toClient._tempDataLen + len(toClient.dataBuffer) + relay.target.pipe.held
+    assert held <= 2 * tcp.READ_SIZE
+    assert relay.target.transport not in reactor.getReaders()
+    client.transport.resumeProducing()  # type: ignore[union-attr]
+    await finished(reactor, client.lost, 60)
+    target.stopListening()
+    assert client.count == FIFTY_MB
+    assert client.digest.hexdigest() == sources[0].digest.hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_target_reset_mid_splice_ends_as_target_reset(
+    reactor: Any, services: list[Any], spliced: list[int]
+) -> None:
+    listener = raw_listener()
+    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
+    services.append(service)
+    source = Source(FIFTY_MB)
+    with captured_logs() as logs:
+        connect(reactor, bound_port(service), source)
+        conn = await accept_raw(reactor, listener)
+        got = 0
+        while got < 2 * 1024 * 1024:
+            try:
+                got += len(conn.recv(1 << 20))
+            except BlockingIOError:
+                await deferLater(reactor, 0.01)
+        reset(conn)
+        await finished(reactor, source.lost, 10)
+        await until(reactor, lambda: not relays(service))
+    listener.close()
+    [end] = logs.ends()
+    assert end["reason"] == tcp.TARGET_RESET
+    assert spliced
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_descriptor_leaks_after_spliced_pairs_end_every_way(
+    reactor: Any, services: list[Any], spliced: list[int]
+) -> None:
+    clock = Clock()
+    echo = listen_tcp(reactor, protocol.Factory.forProtocol(Echo))
+    listener = raw_listener()
+    closing = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
+    timing = start_service(
+        forward(target=("127.0.0.1", echo.getHost().port), idle_timeout=5.0), clock=clock
+    )
+    resetting = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
+    services.extend([closing, timing, resetting])
+    await deferLater(reactor, 0.1)
+    before = open_fds()
+    payload = os.urandom(200_000)
+    for _ in range(20):
+        # Clean close (both FINs), and a client reset with bytes in flight.
+        done = []
+        for _ in range(5):
+            client = raw_client(bound_port(closing))
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            done.append(client)
+        for client in done:
+            assert len(await read_to_eof(reactor, client)) == len(payload)
+            client.close()
+        client = raw_client(bound_port(closing))
+        client.sendall(payload)
+        await until(reactor, lambda: relays(closing))
+        reset(client)
+        await until(reactor, lambda: not relays(closing))
+        # A target reset, with the client still sending.
+        client = raw_client(bound_port(resetting))
+        conn = await accept_raw(reactor, listener)
+        client.sendall(payload[:50_000])
+        await until(reactor, lambda: relays(resetting))
+        reset(conn)
+        await until(reactor, lambda: not relays(resetting))
+        client.close()
+        # The idle timeout, and a stop's drain: both closed by the relay.
+        idle = raw_client(bound_port(timing))
+        idle.sendall(payload)
+        await until(reactor, lambda: len(relays(timing)) == 1)
+        await deferLater(reactor, 0.05)
+        clock.advance(6)
+        await until(reactor, lambda: not relays(timing))
+        idle.close()
+    assert tcp._SplicePipe.live == 0
+    # Closes still under way (a reactor turn or two) are waited for.
+    await until(reactor, lambda: open_fds() == before, 5)
+    for service in (closing, timing, resetting):
+        client = raw_client(bound_port(service))
+        client.sendall(payload[:1000])
+        await until(reactor, lambda s=service: relays(s))
+        await deferLater(reactor, 0.05)
+        await finished(reactor, service.stopService(), 10)
+        services.remove(service)
+        client.close()
+    echo.stopListening()
+    listener.close()
+    # The three listening sockets are gone too.
+    await until(reactor, lambda: open_fds() <= before - 3, 5)
+    assert spliced
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_pipe_the_side_goes_on_copying(
+    reactor: Any, services: list[Any], spliced: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_pipe() -> Any:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(tcp, "_SplicePipe", no_pipe)
+    target = listen_tcp(reactor, protocol.Factory.forProtocol(Sink))
+    service = start_service(forward(target=("127.0.0.1", target.getHost().port)))
+    services.append(service)
+    source = Source(5 * 1024 * 1024, halfClose=True)
+    connect(reactor, bound_port(service), source)
+    await until(reactor, lambda: relays(service))
+    [relay] = relays(service)
+    received = await finished(reactor, source.lost, 30)
+    target.stopListening()
+    assert received == f"{5 * 1024 * 1024} {source.digest.hexdigest()}".encode()
+    assert relay.client.spliceTried and relay.client.pipe is None
+    assert spliced == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_the_pipe_bound_sides_copy(
+    reactor: Any, services: list[Any], spliced: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tcp._SplicePipe, "MAX_PIPES", 3)
+    echo = listen_tcp(reactor, protocol.Factory.forProtocol(Echo))
+    service = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
+    services.append(service)
+    payload = os.urandom(300_000)
+    clients = [raw_client(bound_port(service)) for _ in range(3)]
+    await until(reactor, lambda: len(relays(service)) == 3)
+    await deferLater(reactor, 0.05)
+    assert tcp._SplicePipe.live == 3
+    sides = [side for r in relays(service) for side in (r.client, r.target)]
+    assert sum(side.pipe is not None for side in sides) == 3
+    for client in clients:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+    for client in clients:
+        assert await read_to_eof(reactor, client) == payload
+        client.close()
+    await until(reactor, lambda: not relays(service))
+    echo.stopListening()
+    assert tcp._SplicePipe.live == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_proxy_header_still_goes_first(
+    reactor: Any, services: list[Any], spliced: list[int]
+) -> None:
+    listener = raw_listener()
+    service = start_service(
+        forward(target=("127.0.0.1", listener.getsockname()[1]), proxy_protocol=1)
+    )
+    services.append(service)
+    payload = os.urandom(2 * 1024 * 1024)
+    client = raw_client(bound_port(service))
+    client.setblocking(True)
+    client.sendall(payload[:500_000])  # waiting in the kernel before the target is connected
+    client.setblocking(False)
+    conn = await accept_raw(reactor, listener)
+    rest = payload[500_000:]
+    while rest:
+        try:
+            rest = rest[client.send(rest) :]
+        except BlockingIOError:
+            await deferLater(reactor, 0.01)
+    client.shutdown(socket.SHUT_WR)
+    received = await read_to_eof(reactor, conn, 20)
+    header, _, data = received.partition(b"\r\n")
+    assert header.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ")
+    assert data == payload
+    assert spliced
+    conn.close()
+    client.close()
+    listener.close()
