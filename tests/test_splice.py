@@ -6,7 +6,6 @@ real loopback sockets: bytes exact, backpressure, ends, descriptors.
 from __future__ import annotations
 
 import errno
-import gc
 import hashlib
 import os
 import socket
@@ -28,6 +27,7 @@ from .support import (
     finished,
     forward,
     listen_tcp,
+    open_fds,
     raw_client,
     raw_listener,
     read_to_eof,
@@ -66,11 +66,6 @@ def spliced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     monkeypatch.setattr(tcp, "_SPLICE", counting)
     monkeypatch.setattr(tcp, "SPLICE_AFTER", 0)
     return moved
-
-
-def open_fds() -> int:
-    gc.collect()  # PyPy closes dropped files only when collected
-    return len(os.listdir("/proc/self/fd"))
 
 
 class Pump(Source):
