@@ -236,8 +236,15 @@ def check_endpoint(description: str) -> None:
     @raise ValueError: with a sentence saying what is wrong.
     """
     try:
-        serverFromString(None, description)
+        endpoint = serverFromString(None, description)
     except (ValueError, TypeError, KeyError, IndexError, ImportError, OSError) as e:
         raise ValueError(
             f"{description!r} is not a server endpoint ({e}); e.g. tcp:9108:interface=127.0.0.1"
         ) from None
+    # Twisted takes any integer as a TCP port and fails only when listening,
+    # after the forwards have started; its endpoints keep it in _port.
+    port = getattr(endpoint, "_port", None)
+    if type(port) is int and not 0 <= port <= 65535:
+        raise ValueError(
+            f"{description!r}: port {port} is not 0 to 65535; e.g. tcp:9108:interface=127.0.0.1"
+        )

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from goma_twisted import GatewayConfig
+from goma_twisted import GatewayConfig, metrics
 from goma_twisted.service import ListenError, PassThroughService
 from goma_twisted.stats import TCPStats
 
@@ -371,3 +371,16 @@ async def test_udp_drops_are_counted_by_reason(reactor: Any, cleanup: list[Any])
     assert value("goma_pt_udp_sessions_ended_total", 1, reason="resolve failed") == 1
     assert value(dropped, 1, reason="resolve failed") == 3
     assert value("goma_pt_udp_datagrams_total", 1, direction="to_target") == 0
+
+
+@pytest.mark.parametrize(
+    "description", ["tcp:99999", "tcp6:port=-1", "tcp:65536:interface=127.0.0.1"]
+)
+def test_an_endpoint_port_out_of_range_is_refused_before_start(description: str) -> None:
+    with pytest.raises(ValueError, match=r"port -?\d+ is not 0 to 65535; e\.g\. tcp:9108"):
+        metrics.check_endpoint(description)
+
+
+@pytest.mark.parametrize("description", ["tcp:0", "tcp:65535:interface=127.0.0.1", "unix:/tmp/m"])
+def test_an_endpoint_in_range_passes(description: str) -> None:
+    metrics.check_endpoint(description)
