@@ -289,7 +289,14 @@ class GatheringFileLogObserver(FileLogObserver):
     def _write(self, text: str) -> None:
         out = self._notice() + text if self._unwritten else text
         try:
-            self._out.write(out.encode("utf-8") if self._encode else out)
+            try:
+                self._out.write(out.encode("utf-8") if self._encode else out)
+            except UnicodeEncodeError:
+                # A character the file cannot encode (a lone surrogate, from
+                # bytes the system gave undecoded): nothing was written, and
+                # the lines it came with are written escaped, not lost.
+                out = out.encode("ascii", "backslashreplace").decode("ascii")
+                self._out.write(out.encode("ascii") if self._encode else out)
             self._out.flush()
         except (OSError, ValueError) as e:
             # A full disk, a reader gone (EPIPE), a closed file: raising

@@ -563,3 +563,22 @@ def test_render_remembers_a_bounded_number_of_formats(monkeypatch: pytest.Monkey
     # Not a string: format_map's error, as before.
     with pytest.raises(AttributeError):
         render({"log_format": None})
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "text"])
+def test_a_line_the_file_cannot_encode_is_written_escaped_with_its_turn(
+    io_thread: None, binary: bool
+) -> None:
+    raw = io.BytesIO()
+    out: Any = raw if binary else io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+    reactor = TurningReactor()
+    observer = GatheringFileLogObserver(out, classic_line, reactor)
+    observer(line_event(1))
+    observer(emitted("name {name}", "goma_pt.tcp", name="caf\xe9-\udcff") | {"log_time": 0.0})
+    observer(line_event(3))
+    reactor.turn()
+    written = raw.getvalue().decode("ascii").splitlines()
+    assert len(written) == 3
+    assert written[0].endswith("line 1") and written[2].endswith("line 3")
+    assert written[1].endswith("name caf\\xe9-\\udcff")
+    assert observer._unwritten == 0
