@@ -224,67 +224,32 @@ def classic_line(event: LogEvent) -> str | None:
     return line
 
 
-class GatheringFileLogObserver(FileLogObserver):
+class SteadyFileLogObserver(FileLogObserver):
     """
-    A text log observer that writes the lines logged in one turn of the
-    reactor together, in one write (and flush) made before the reactor
-    waits for events again, instead of a write per line: every relayed
-    connection and session logs a line at its end, and its own write was
-    a system call per session.
-
-    The reactor calls L{writeGathered} before each wait: it lists it in its
-    C{beforeWait} (goma-pt's L{goma_twisted.reactor.EPollReactor} does).
-    Lines logged while the reactor is not running (starting up, stopped)
-    are written at once, after those gathered. Lines logged from another
-    thread are written at once too, so they may come before lines the
-    reactor's thread gathered earlier in the same turn.
-
-    A write that fails (a full disk, a reader gone away) does not raise: its
-    lines are counted, and the first write that works again starts with a
-    warning line saying how many could not be written, since when and why
-    (after a newline: the failed write may have left a line unfinished).
+    A file log observer whose writes never raise. A write that fails (a
+    full disk, a reader gone away, a closed file) would not be written by
+    raising either, and Twisted would report it to the same log at every
+    event: its lines are counted, and the first write that works again
+    starts with a warning line saying how many could not be written, since
+    when and why (after a newline: the failed write may have left a line
+    unfinished). goma-pt's JSON log is one.
 
     @param outFile: a text or binary file, as for L{FileLogObserver}.
     """
 
-    # Lines gathered at most before they are written anyway.
-    MAX_GATHERED = 256
-
-    def __init__(
-        self, outFile: IO[Any], formatEvent: Callable[[LogEvent], str | None], reactor: Any
-    ) -> None:
+    def __init__(self, outFile: IO[Any], formatEvent: Callable[[LogEvent], str | None]) -> None:
         super().__init__(outFile, formatEvent)
         self._out = outFile
         self._encode = ioType(outFile) is not str
-        self._reactor = reactor
-        self._lines: list[str] = []
         # Lines that could not be written, since when and why.
         self._unwritten = 0
         self._since = 0.0
         self._why = ""
-        reactor.beforeWait.append(self.writeGathered)
-        atexit.register(self.writeGathered)
 
     def __call__(self, event: LogEvent) -> None:
         text = self.formatEvent(event)
-        if not text:
-            return
-        if get_ident() == threadable.ioThread:
-            if self._reactor.running:
-                lines = self._lines
-                lines.append(text)
-                if len(lines) >= self.MAX_GATHERED:
-                    self.writeGathered()
-                return
-            self.writeGathered()
-        self._write(text)
-
-    def writeGathered(self) -> None:
-        """Write the lines gathered so far, if any."""
-        lines = self._lines
-        if lines:
-            self._lines = []
-            self._write("".join(lines))
+        if text:
+            self._write(text)
 
     def _write(self, text: str) -> None:
         out = self._notice() + text if self._unwritten else text
@@ -329,6 +294,59 @@ class GatheringFileLogObserver(FileLogObserver):
         )
 
 
+class GatheringFileLogObserver(SteadyFileLogObserver):
+    """
+    A text log observer that writes the lines logged in one turn of the
+    reactor together, in one write (and flush) made before the reactor
+    waits for events again, instead of a write per line: every relayed
+    connection and session logs a line at its end, and its own write was
+    a system call per session. Its writes never raise
+    (L{SteadyFileLogObserver}).
+
+    The reactor calls L{writeGathered} before each wait: it lists it in its
+    C{beforeWait} (goma-pt's L{goma_twisted.reactor.EPollReactor} does).
+    Lines logged while the reactor is not running (starting up, stopped)
+    are written at once, after those gathered. Lines logged from another
+    thread are written at once too, so they may come before lines the
+    reactor's thread gathered earlier in the same turn.
+
+    @param outFile: a text or binary file, as for L{FileLogObserver}.
+    """
+
+    # Lines gathered at most before they are written anyway.
+    MAX_GATHERED = 256
+
+    def __init__(
+        self, outFile: IO[Any], formatEvent: Callable[[LogEvent], str | None], reactor: Any
+    ) -> None:
+        super().__init__(outFile, formatEvent)
+        self._reactor = reactor
+        self._lines: list[str] = []
+        reactor.beforeWait.append(self.writeGathered)
+        atexit.register(self.writeGathered)
+
+    def __call__(self, event: LogEvent) -> None:
+        text = self.formatEvent(event)
+        if not text:
+            return
+        if get_ident() == threadable.ioThread:
+            if self._reactor.running:
+                lines = self._lines
+                lines.append(text)
+                if len(lines) >= self.MAX_GATHERED:
+                    self.writeGathered()
+                return
+            self.writeGathered()
+        self._write(text)
+
+    def writeGathered(self) -> None:
+        """Write the lines gathered so far, if any."""
+        lines = self._lines
+        if lines:
+            self._lines = []
+            self._write("".join(lines))
+
+
 class ReopeningFile:
     """A file appended to, that can be reopened at the same path."""
 
@@ -357,14 +375,14 @@ def json_observer() -> FileLogObserver:
     """
     path = os.environ.get(ENVIRONMENT, "")
     if path in ("", "-"):
-        return FileLogObserver(sys.stdout, event_as_json_line)
+        return SteadyFileLogObserver(sys.stdout, event_as_json_line)
     try:
         out = ReopeningFile(path)
     except OSError as e:
         # twistd calls this before anything is logged: say it in a line.
         raise SystemExit(f"goma-pt: cannot open ${ENVIRONMENT} ({path}): {e.strerror}") from None
     _reopen_on_sigusr1(out)
-    return FileLogObserver(cast(IO[Any], out), event_as_json_line)
+    return SteadyFileLogObserver(cast(IO[Any], out), event_as_json_line)
 
 
 def _reopen_on_sigusr1(out: ReopeningFile) -> None:

@@ -6,6 +6,7 @@ Twisted's own lines, and twistd still decides where they go.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -31,10 +32,12 @@ from twisted.python import threadable
 
 from goma_twisted import tap, tcp, udp
 from goma_twisted.logs import (
+    ENVIRONMENT,
     GatheringFileLogObserver,
     _TimeStamps,
     classic_line,
     event_text,
+    json_observer,
     render,
 )
 
@@ -582,3 +585,25 @@ def test_a_line_the_file_cannot_encode_is_written_escaped_with_its_turn(
     assert written[0].endswith("line 1") and written[2].endswith("line 3")
     assert written[1].endswith("name caf\\xe9-\\udcff")
     assert observer._unwritten == 0
+
+
+def test_the_json_log_counts_what_it_cannot_write_and_says_so_in_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "goma.jsonl"
+    monkeypatch.setattr(signal, "getsignal", lambda signum: object())  # no SIGUSR1 handler
+    monkeypatch.setenv(ENVIRONMENT, str(path))
+    observer = json_observer()
+    observer(line_event(1))
+    real = observer._out._file  # type: ignore[attr-defined]
+    real.close()  # as a disk gone: every write fails (ValueError), none raises
+    observer(line_event(2))
+    observer(line_event(3))
+    observer._out.reopen()  # type: ignore[attr-defined]
+    observer(line_event(4))
+    observer._out._file.close()  # type: ignore[attr-defined]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    assert [r.get("n") for r in records] == [1, None, 4]
+    assert records[1]["lines"] == 2
+    assert records[1]["log_level"]["name"] == "warn"
+    assert "could not be written" in records[1]["log_text"]
