@@ -26,9 +26,13 @@ UNTRUSTED = "untrusted source"
 BAD_HEADER = "bad proxy header"
 REFUSALS = (DENIED, AT_BOUND, AT_BOUND_PER_IP, UNTRUSTED, BAD_HEADER)
 
+# Pipes the TCP relays may hold at once to splice bulk streams
+# (tcp._SplicePipe), two descriptors each.
+SPLICE_PIPES = 16
 # File descriptors kept aside for the process itself (logs, DNS lookups,
-# the listeners' momentary accept, a .tac's own services).
-RESERVED_FDS = 64
+# the listeners' momentary accept, metrics scrapes, a .tac's own
+# services), and for the splice pipes.
+RESERVED_FDS = 64 + 2 * SPLICE_PIPES
 # A relayed TCP connection holds two descriptors, a UDP session one.
 FDS_PER_CONNECTION = 2
 FDS_PER_SESSION = 1

@@ -41,7 +41,7 @@ from ._reactor import reactor_or_global
 from .config import Forward, format_address
 from .connect import Connecting, TargetAddress, lean
 from .logs import EventLogger
-from .policy import Bounds, IPAddress, RefusalLog, ip_text, matches, parse_ip
+from .policy import SPLICE_PIPES, Bounds, IPAddress, RefusalLog, ip_text, matches, parse_ip
 from .proxyprotocol import HeaderReader, ProxyHeaderError, encode
 from .stats import TCPStats
 
@@ -250,11 +250,11 @@ class _SplicePipe:
     """
 
     held = 0
-    # The pipes open in the process: at most MAX_PIPES, so that their
-    # descriptors come out of the ones policy.RESERVED_FDS keeps aside and
+    # The pipes open in the process: at most MAX_PIPES, the number whose
+    # descriptors policy.RESERVED_FDS keeps aside for them, so that
     # accept() still never fails for want of one (see policy.plan_budget).
     live = 0
-    MAX_PIPES = 16
+    MAX_PIPES = SPLICE_PIPES
 
     def __init__(self) -> None:
         if _SplicePipe.live >= self.MAX_PIPES:

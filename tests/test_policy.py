@@ -181,7 +181,8 @@ def test_budget_defaults_fit_the_descriptor_limit() -> None:
 
 def test_budget_shares_what_configured_bounds_leave() -> None:
     budget = plan_budget(1024, 24, tcp=[100, None], udp=[300])
-    assert budget.tcp == ((100, False), ((1024 - 24 - 64 - 200 - 300) // 2, True))
+    reserved = policy.RESERVED_FDS
+    assert budget.tcp == ((100, False), ((1024 - 24 - reserved - 200 - 300) // 2, True))
     assert budget.udp == ((300, False),)
     assert not budget.overcommitted
 
