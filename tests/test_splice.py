@@ -651,3 +651,38 @@ async def test_a_stop_while_both_pipes_hold_bytes_drains_each_before_its_fin(
     client.close()
     conn.close()
     listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reset_met_by_drain_pipe_as_do_write_closes_the_pair(
+    reactor: Any, services: list[Any], spliced: list[int]
+) -> None:
+    # The client half-closed, so its socket is watched for writing only;
+    # its reset then reaches drainPipe (the transport's doWrite) when it
+    # comes between the poll and the write: the reactor gets its answer.
+    listener = raw_listener()
+    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
+    services.append(service)
+    await deferLater(reactor, 0.05)
+    before = open_fds()
+    client, conn, relay = await _linked(reactor, service, listener)
+    client.shutdown(socket.SHUT_WR)
+    assert await read_to_eof(reactor, conn) == b""
+    side, toClient = relay.target, relay.client.transport
+    await _hold(reactor, conn, side, os.urandom(24 * 1024 * 1024))
+    assert toClient.doWrite == side.drainPipe
+    with captured_logs() as logs:
+        reset(client)
+        why = toClient.doWrite()
+        assert why is tcp.CONNECTION_LOST
+        assert side.pipe.held  # left for closePipe: the peer is gone
+        reactor._disconnectSelectable(toClient, why, False)
+        await until(reactor, lambda: not relays(service))
+        await deferLater(reactor, 0.05)
+    [end] = logs.ends()
+    # The client's half-close named the end first.
+    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert tcp._SplicePipe.live == 0
+    conn.close()
+    await until(reactor, lambda: open_fds() == before, 5)
+    listener.close()
