@@ -5,6 +5,7 @@ real loopback sockets: bytes exact, backpressure, ends, descriptors.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -334,4 +335,354 @@ async def test_the_proxy_header_still_goes_first(
     assert spliced
     conn.close()
     client.close()
+    listener.close()
+
+
+# The spots below are reached on purpose, some by calling the reactor's
+# doRead by hand at the moment a race would (the same call the reactor
+# makes for a read event in the same batch).
+
+
+async def _linked(reactor: Any, service: Any, listener: socket.socket) -> tuple[Any, Any, Any]:
+    """A raw client through C{service} to a raw target: (client, target's conn, relay)."""
+    client = raw_client(bound_port(service))
+    conn = await accept_raw(reactor, listener)
+    await until(reactor, lambda: relays(service))
+    [relay] = relays(service)
+    await until(reactor, lambda: relay.target is not None and relay.target.pipe is not None)
+    return client, conn, relay
+
+
+async def _hold(reactor: Any, conn: socket.socket, side: Any, payload: bytes) -> int:
+    """Send from C{conn} (nobody reading the other end) until C{side}'s pipe holds bytes."""
+    sent = 0
+    for _ in range(2000):
+        if side.pipe.held:
+            break
+        try:
+            sent += conn.send(payload[sent : sent + 256 * 1024])
+        except BlockingIOError:
+            await deferLater(reactor, 0.005)
+    assert side.pipe.held, "the pipe never held bytes"
+    await deferLater(reactor, 0.05)  # settled: the peer's socket takes nothing more
+    return sent
+
+
+async def _send_and_read(
+    reactor: Any, conn: socket.socket, client: socket.socket, payload: bytes, sent: int
+) -> bytes:
+    """Send the rest of C{payload} from C{conn} while C{client} reads, then the FIN; all read."""
+    chunks: list[bytes] = []
+    for _ in range(20000):
+        if sent == len(payload):
+            break
+        with contextlib.suppress(BlockingIOError):
+            sent += conn.send(payload[sent : sent + 256 * 1024])
+        try:
+            chunks.append(client.recv(1 << 20))
+        except BlockingIOError:
+            await deferLater(reactor, 0.001)
+    assert sent == len(payload)
+    conn.shutdown(socket.SHUT_WR)
+    return b"".join(chunks) + await read_to_eof(reactor, client, 20)
+
+
+@pytest_twisted.ensureDeferred
+async def test_resumed_while_the_pipe_holds_bytes_it_stops_reading_again(
+    reactor: Any, services: list[Any], spliced: list[int]
+) -> None:
+    listener = raw_listener()
+    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
+    services.append(service)
+    payload = os.urandom(24 * 1024 * 1024)
+    client, conn, relay = await _linked(reactor, service, listener)
+    side, fromTarget = relay.target, relay.target.transport
+    sent = await _hold(reactor, conn, side, payload)
+    assert fromTarget not in reactor.getReaders()
+    held, counted, calls = side.pipe.held, relay.bytesToClient, len(spliced)
+    # More waiting to be read, and the reactor told to read it (as a
+    # resumeProducing from elsewhere would).
+    with contextlib.suppress(BlockingIOError):
+        sent += conn.send(payload[sent : sent + 64 * 1024])
+    fromTarget.startReading()
+    await deferLater(reactor, 0.1)
+    assert fromTarget not in reactor.getReaders()
+    assert (side.pipe.held, relay.bytesToClient) == (held, counted)
+    assert len(spliced) == calls  # nothing spliced in (nor out: the client reads nothing)
+    received = await _send_and_read(reactor, conn, client, payload, sent)
+    assert len(received) == len(payload)
+    assert received == payload
+    client.close()
+    conn.close()
+    listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spliced_read_with_the_peer_gone_is_counted_and_dropped(
+    reactor: Any, services: list[Any], spliced: list[int]
+) -> None:
+    listener = raw_listener()
+    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
+    services.append(service)
+    client, conn, relay = await _linked(reactor, service, listener)
+    side, fromClient = relay.client, relay.client.transport
+    pipe = side.pipe
+    fromClient.stopReading()
+    payload = os.urandom(60_000)
+    client.sendall(payload)
+    await deferLater(reactor, 0.05)
+    assert relay.bytesToTarget == 0
+    seen: list[Any] = []
+    lose = fromClient.loseConnection
+
+    def lateRead(*args: Any) -> Any:
+        # The target's loss closes the client's side; the client's read
+        # event, in the same batch, comes after it (the reactor does not
+        # ask whether the side still reads).
+        lose(*args)
+        if side.peer is not None:
+            return  # Twisted's own stopProducing, before the relay's
+        seen.append((side.peer, fromClient.doRead(), pipe.held))
+        try:
+            os.read(pipe.read, 1)
+        except BlockingIOError:
+            seen.append("pipe empty")
+
+    fromClient.loseConnection = lateRead
+    with captured_logs() as logs:
+        reset(conn)
+        await until(reactor, lambda: not relays(service))
+        await deferLater(reactor, 0.05)
+    assert seen == [(None, None, 0), "pipe empty"]
+    [end] = logs.ends()
+    assert end["reason"] == tcp.TARGET_RESET
+    assert end["bytesToTarget"] == len(payload)
+    assert tcp._SplicePipe.live == 0
+    assert spliced == [len(payload)]
+    client.close()
+    listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_queued_in_twisted_go_out_ahead_of_the_spliced_read(
+    reactor: Any, services: list[Any], spliced: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readOut: list[int] = []
+    real = tcp._readPipe
+
+    def counting(pipe: Any, count: int) -> bytes:
+        readOut.append(count)
+        return real(pipe, count)
+
+    monkeypatch.setattr(tcp, "_readPipe", counting)
+    listener = raw_listener()
+    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
+    services.append(service)
+    client, conn, relay = await _linked(reactor, service, listener)
+    fromClient, toTarget = relay.client.transport, relay.target.transport
+    fromClient.stopReading()
+    payload = os.urandom(60_000)
+    client.sendall(payload)
+    await deferLater(reactor, 0.05)
+    # Queued in the target's Twisted buffer (as a PROXY header is), not
+    # yet sent, when the client's read comes.
+    toTarget.write(b"AHEAD")
+    assert fromClient.doRead() is None
+    assert readOut == [len(payload)]  # read out of the pipe, not spliced on
+    fromClient.startReading()
+    client.shutdown(socket.SHUT_WR)
+    assert await read_to_eof(reactor, conn, 10) == b"AHEAD" + payload
+    assert readOut == [len(payload)]
+    client.close()
+    conn.close()
+    listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipe_left_at_its_default_size_still_relays_exactly(
+    reactor: Any, services: list[Any], spliced: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    real = fcntl.fcntl
+
+    def refusing(fd: int, cmd: int, arg: Any = 0) -> Any:
+        if cmd == tcp._F_SETPIPE_SZ:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", refusing)
+    echo = listen_tcp(reactor, protocol.Factory.forProtocol(Echo))
+    service = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
+    services.append(service)
+    size = 8 * 1024 * 1024 + 3
+    pump = Pump(size, halfClose=True)
+    connect(reactor, bound_port(service), pump)
+    await until(reactor, lambda: relays(service))
+    [relay] = relays(service)
+    await until(reactor, lambda: relay.client.pipe is not None)
+    pipeSize = real(relay.client.pipe.write, tcp._F_SETPIPE_SZ + 1)  # F_GETPIPE_SZ
+    await finished(reactor, pump.lost, 30)
+    echo.stopListening()
+    assert pipeSize < tcp.READ_SIZE
+    assert pump.backCount == size
+    assert pump.back.hexdigest() == pump.digest.hexdigest()
+    assert sum(spliced) >= size
+    assert max(spliced) <= pipeSize
+    await until(reactor, lambda: tcp._SplicePipe.live == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_reset_met_draining_the_pipe_ends_the_pair_as_a_reset(
+    reactor: Any, services: list[Any], spliced: list[int]
+) -> None:
+    listener = raw_listener()
+    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
+    services.append(service)
+    await deferLater(reactor, 0.05)
+    before = open_fds()
+    client, conn, relay = await _linked(reactor, service, listener)
+    side, fromTarget = relay.target, relay.target.transport
+    drained: list[Any] = []
+    drain = side.drainPipe
+
+    def recording() -> Any:
+        drained.append(drain())
+        return drained[-1]
+
+    side.drainPipe = recording
+    fromTarget.stopReading()
+    conn.sendall(os.urandom(60_000))
+    await deferLater(reactor, 0.05)
+    with captured_logs() as logs:
+        reset(client)  # the relay has not seen it yet: its client socket looks writable
+        assert fromTarget.doRead() is None
+        assert drained == [tcp.CONNECTION_LOST]
+        assert relay.client.sendFailed and side.pipe.held == 0
+        fromTarget.startReading()
+        await until(reactor, lambda: not relays(service))
+        await deferLater(reactor, 0.05)
+    [end] = logs.ends()
+    assert end["reason"] == tcp.CLIENT_RESET
+    assert end["bytesToClient"] == 60_000
+    assert tcp._SplicePipe.live == 0
+    conn.close()
+    await until(reactor, lambda: open_fds() == before, 5)
+    listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_close_while_the_pipe_holds_bytes_sends_them_before_the_fin(
+    reactor: Any, services: list[Any], spliced: list[int]
+) -> None:
+    clock = Clock()
+    listener = raw_listener()
+    service = start_service(
+        forward(target=("127.0.0.1", listener.getsockname()[1]), idle_timeout=5.0), clock=clock
+    )
+    services.append(service)
+    payload = os.urandom(24 * 1024 * 1024)
+    client, conn, relay = await _linked(reactor, service, listener)
+    await _hold(reactor, conn, relay.target, payload)
+    counted = relay.bytesToClient
+    assert relay.target.pipe.held and counted
+    with captured_logs() as logs:
+        clock.advance(6)  # the idle timeout: both sides loseConnection()
+        received = await read_to_eof(reactor, client, 20)  # a FIN, not a reset
+        await until(reactor, lambda: not relays(service))
+        await deferLater(reactor, 0.05)
+    assert len(received) == counted
+    assert received == payload[:counted]
+    [end] = logs.ends()
+    assert end["reason"] == tcp.IDLE_TIMEOUT
+    assert end["bytesToClient"] == counted
+    assert tcp._SplicePipe.live == 0
+    client.close()
+    conn.close()
+    listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_while_both_pipes_hold_bytes_drains_each_before_its_fin(
+    reactor: Any, services: list[Any], spliced: list[int]
+) -> None:
+    # Neither end reads: each side's pipe holds bytes for the other, and a
+    # stop's loseConnection() waits on both. The client then reads first:
+    # its side's drainPipe empties the pipe and hands the close over to
+    # Twisted's doWrite, while the target's side still waits.
+    listener = raw_listener()
+    service = start_service(
+        forward(target=("127.0.0.1", listener.getsockname()[1])), clock=Clock()
+    )
+    up, down = os.urandom(24 * 1024 * 1024), os.urandom(24 * 1024 * 1024)
+    client, conn, relay = await _linked(reactor, service, listener)
+    await _hold(reactor, conn, relay.target, down)
+    await _hold(reactor, client, relay.client, up)
+    toClient, toTarget = relay.bytesToClient, relay.bytesToTarget
+    assert relay.target.pipe.held and relay.client.pipe.held
+    side, fromRelay = relay.target, relay.client.transport
+    assert fromRelay.doWrite == side.drainPipe
+    drained: list[Any] = []
+    drain = side.drainPipe
+
+    def recording() -> Any:
+        drained.append(drain())
+        return drained[-1]
+
+    side.drainPipe = fromRelay.doWrite = recording
+    with captured_logs() as logs:
+        stopped = service.stopService()
+        await deferLater(reactor, 0.05)
+        assert relays(service)  # nothing closed yet: both pipes hold bytes
+        received = await read_to_eof(reactor, client, 20)
+        assert len(received) == toClient
+        assert received == down[:toClient]
+        # The drain that emptied the pipe finished the close at once.
+        assert drained[-1] is tcp.CONNECTION_DONE
+        assert drained.count(tcp.CONNECTION_DONE) == 1
+        assert relays(service)  # the target's side still owes it its bytes
+        atTarget = await read_to_eof(reactor, conn, 20)
+        await finished(reactor, stopped, 10)
+    assert len(atTarget) == toTarget
+    assert atTarget == up[:toTarget]
+    [end] = logs.ends()
+    assert (end["bytesToClient"], end["bytesToTarget"]) == (toClient, toTarget)
+    assert tcp._SplicePipe.live == 0
+    client.close()
+    conn.close()
+    listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reset_met_by_drain_pipe_as_do_write_closes_the_pair(
+    reactor: Any, services: list[Any], spliced: list[int]
+) -> None:
+    # The client half-closed, so its socket is watched for writing only;
+    # its reset then reaches drainPipe (the transport's doWrite) when it
+    # comes between the poll and the write: the reactor gets its answer.
+    listener = raw_listener()
+    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
+    services.append(service)
+    await deferLater(reactor, 0.05)
+    before = open_fds()
+    client, conn, relay = await _linked(reactor, service, listener)
+    client.shutdown(socket.SHUT_WR)
+    assert await read_to_eof(reactor, conn) == b""
+    side, toClient = relay.target, relay.client.transport
+    await _hold(reactor, conn, side, os.urandom(24 * 1024 * 1024))
+    assert toClient.doWrite == side.drainPipe
+    with captured_logs() as logs:
+        reset(client)
+        why = toClient.doWrite()
+        assert why is tcp.CONNECTION_LOST
+        assert side.pipe.held  # left for closePipe: the peer is gone
+        reactor._disconnectSelectable(toClient, why, False)
+        await until(reactor, lambda: not relays(service))
+        await deferLater(reactor, 0.05)
+    [end] = logs.ends()
+    # The client's half-close named the end first.
+    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert tcp._SplicePipe.live == 0
+    conn.close()
+    await until(reactor, lambda: open_fds() == before, 5)
     listener.close()
