@@ -131,11 +131,14 @@ class _RawIO:
         ffi = cffi.FFI()
         ffi.cdef(
             "ssize_t recv(int, void *, size_t, int); ssize_t send(int, const void *, size_t, int);"
+            "ssize_t splice(int, void *, int, void *, size_t, unsigned int);"
         )
         lib = ffi.dlopen(None)  # the C library the interpreter has loaded
         self.ffi = ffi
         self.recv = lib.recv
         self.send = lib.send
+        # Linux only (see _loadSplice): None elsewhere.
+        self.splice = getattr(lib, "splice", None)
         self.buffer = ffi.new("char[]", READ_SIZE)
         # What relayData gets: a view of the first bytes of the buffer.
         self.view = memoryview(ffi.buffer(self.buffer, READ_SIZE))
@@ -187,7 +190,8 @@ def _loadSplice() -> Any:
     """
     C{splice(src, dst, count)} moving bytes between a socket and a pipe
     without copying them, raising as C{os.splice} does; None where there is
-    none (not Linux, or PyPy without cffi: it has no C{os.splice}).
+    none (not Linux, or PyPy without cffi: it has no C{os.splice}, and
+    calls libc's through L{_RawIO}).
     """
     flags = 3  # SPLICE_F_MOVE | SPLICE_F_NONBLOCK
     if hasattr(os, "splice"):
@@ -196,17 +200,10 @@ def _loadSplice() -> Any:
             return os.splice(src, dst, count, flags=flags)
 
         return splice
-    if not hasattr(os, "pipe2"):
+    raw = _RAW
+    if raw is None or raw.splice is None or not hasattr(os, "pipe2"):
         return None
-    try:
-        import cffi
-
-        ffi = cffi.FFI()
-        ffi.cdef("ssize_t splice(int, void *, int, void *, size_t, unsigned int);")
-        call = ffi.dlopen(None).splice
-    except Exception:
-        return None
-    null = ffi.NULL
+    call, null, ffi = raw.splice, raw.ffi.NULL, raw.ffi
 
     def rawSplice(src: int, dst: int, count: int) -> int:
         moved: int = call(src, null, dst, null, count, flags)
