@@ -214,6 +214,20 @@ def task_cpu_seconds(pid: int) -> dict[int, float]:
     return out
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds so far of the whole machine, all cores: (busy, idle).
+
+    Busy counts every process (clients, servers, the forwarder) and the kernel's own work
+    (interrupts, softirq); idle includes waiting for I/O.
+    """
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
+    idle = fields[3] + fields[4]
+    busy = sum(fields[:8]) - idle
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, idle / tick
+
+
 def fd_count(pid: int) -> int:
     """Open file descriptors of one process (0 if it is gone)."""
     try:

@@ -168,6 +168,10 @@ def markdown(result: Result) -> str:
         cpu_per_unit(result, k, p) for k in WORK_DONE for p in peers
     ):
         text += "\n" + cpu_markdown(result)
+    if result.get("procs", 1) == 1 and any(
+        machine_per_unit(result, k, p) for k in WORK_DONE for p in peers
+    ):
+        text += "\n" + whole_machine_markdown(result)
     return text
 
 
@@ -215,6 +219,44 @@ def cpu_per_unit(result: Result, key: str, peer: str) -> float | None:
         if "cpu" in d and d.get(field) and d["cpu"]["seconds"]
     ]
     return statistics.median(per) if per else None
+
+
+def machine_per_unit(result: Result, key: str, peer: str) -> tuple[float, float] | None:
+    """Medians over the rounds of the whole machine's busy CPU seconds per unit of work
+    and of its idle share, or None (a run from before the machine was measured)."""
+    if key not in WORK_DONE:
+        return None
+    field, scale, _unit = WORK_DONE[key]
+    done = [
+        d for d in result["details"].get(key, {}).get(peer, []) if "machine" in d and d.get(field)
+    ]
+    if not done:
+        return None
+    per = [d["machine"]["busy"] / (d[field] * scale) for d in done]
+    idle = [d["machine"]["idle"] / (sum(d["machine"].values()) or 1) for d in done]
+    return statistics.median(per), statistics.median(idle)
+
+
+def whole_machine_markdown(result: Result) -> str:
+    """The whole machine's CPU per unit of work under each forwarder (and direct)."""
+    peers = list(result["peers"])
+    keys = [k for k in result["workloads"] if k in WORK_DONE]
+    rows = []
+    for k in keys:
+        cells = []
+        for p in peers:
+            got = machine_per_unit(result, k, p)
+            cells.append(f"{_fmt(got[0])} / {100 * got[1]:.0f}%" if got else "-")
+        rows.append([k, WORK_DONE[k][2], *cells])
+    lines = [
+        "Whole machine CPU time per unit of work, then its idle share (all cores: the clients, "
+        "the servers, the forwarder and the kernel, from /proc/stat; median over the rounds). "
+        "Where the idle share is near 0%, the rate is set by this total, not by the "
+        "forwarder's own CPU alone:",
+        "",
+        *_table(["workload", "unit", *peers], rows),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def cpu_markdown(result: Result) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench import peers, report, run, workloads
+from bench import procs as bench_procs
 from goma_twisted.config import parse_config
 
 
@@ -55,10 +57,18 @@ def _result(with_pypy: bool = True) -> dict[str, Any]:
     cpu = {peers.GOMA: 1.5, peers.GOMA_PYPY: 1.0, "nginx": 0.5}
     details: dict[str, dict[str, Any]] = {
         "tcp_rr": {
-            p: [{"requests": 50_000, "cpu": {"seconds": s, "tasks": [s]}}] for p, s in cpu.items()
+            p: [
+                {
+                    "requests": 50_000,
+                    "cpu": {"seconds": s, "tasks": [s]},
+                    "machine": {"busy": 2 * s, "idle": 0.5},
+                }
+            ]
+            for p, s in cpu.items()
         },
         "idle_mem": {},
     }
+    details["tcp_rr"][peers.DIRECT] = [{"requests": 50_000, "machine": {"busy": 1.0, "idle": 1.0}}]
     if not with_pypy:
         for per_peer in (*samples.values(), *details.values()):
             per_peer.pop(peers.GOMA_PYPY, None)
@@ -121,6 +131,28 @@ def test_markdown_has_a_pypy_column_and_its_own_ratio_table() -> None:
     assert "| tcp_rr | us/req | 30.0 | 20.0 | 10.0 |" in text
     assert "| tcp_rr | goma-pt | 1 | 1.50 | 3.00 |" in text
     assert "| tcp_rr | goma-pt-pypy | 0.67 | 1 | 2.00 |" in text
+
+
+def test_markdown_shows_the_whole_machine_per_unit_and_its_idle_share() -> None:
+    text = report.markdown(_result())
+    # busy 3.0 / 2.0 / 1.0 / 1.0 s and idle 0.5 / 0.5 / 0.5 / 1.0 s over 50,000 requests
+    assert "| tcp_rr | us/req | 60.0 / 14% | 40.0 / 20% | 20.0 / 33% | 20.0 / 50% |" in text
+    del_machine = _result()
+    for done in del_machine["details"]["tcp_rr"].values():
+        done[0].pop("machine")
+    assert "Whole machine" not in report.markdown(del_machine)
+
+
+def test_machine_cpu_seconds_grow_with_work_and_split_into_busy_and_idle() -> None:
+    before = bench_procs.machine_cpu_seconds()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    after = bench_procs.machine_cpu_seconds()
+    split = run.machine_split(before, after)
+    assert split["busy"] >= 0.2
+    assert split["idle"] >= 0.0
+    assert set(split) == {"busy", "idle"}
 
 
 def test_a_result_without_pypy_renders_as_before() -> None:
