@@ -214,18 +214,26 @@ def task_cpu_seconds(pid: int) -> dict[int, float]:
     return out
 
 
-def machine_cpu_seconds() -> tuple[float, float]:
-    """CPU seconds so far of the whole machine, all cores: (busy, idle).
+def machine_cpu_seconds(backend_pid: int) -> dict[str, float]:
+    """CPU seconds so far, all cores: the machine's `busy` and `idle` time, and within busy,
+    what the backend (with its children) and this process's finished clients used.
 
-    Busy counts every process (clients, servers, the forwarder) and the kernel's own work
-    (interrupts, softirq); idle includes waiting for I/O.
+    Busy counts every process and the kernel's own work (interrupts, softirq); idle includes
+    waiting for I/O. `client` is every child tool this process has waited for, so a
+    difference across one measurement is the client tool of that measurement.
     """
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     # user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
     idle = fields[3] + fields[4]
     busy = sum(fields[:8]) - idle
     tick = os.sysconf("SC_CLK_TCK")
-    return busy / tick, idle / tick
+    clients = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "busy": busy / tick,
+        "idle": idle / tick,
+        "client": clients.ru_utime + clients.ru_stime,
+        "backend": sum(sum(task_cpu_seconds(p).values()) for p in process_tree(backend_pid)),
+    }
 
 
 def fd_count(pid: int) -> int:

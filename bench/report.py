@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -221,40 +222,56 @@ def cpu_per_unit(result: Result, key: str, peer: str) -> float | None:
     return statistics.median(per) if per else None
 
 
-def machine_per_unit(result: Result, key: str, peer: str) -> tuple[float, float] | None:
-    """Medians over the rounds of the whole machine's busy CPU seconds per unit of work
-    and of its idle share, or None (a run from before the machine was measured)."""
+def machine_per_unit(result: Result, key: str, peer: str) -> dict[str, float] | None:
+    """Medians over the rounds of the whole machine's busy CPU seconds per unit of work, of
+    the ends' (the client's and the backend's) part of it, and of the idle share; or None
+    (a run from before the machine was measured)."""
     if key not in WORK_DONE:
         return None
     field, scale, _unit = WORK_DONE[key]
     done = [
-        d for d in result["details"].get(key, {}).get(peer, []) if "machine" in d and d.get(field)
+        (d["machine"], d[field] * scale)
+        for d in result["details"].get(key, {}).get(peer, [])
+        if "machine" in d and d.get(field)
     ]
     if not done:
         return None
-    per = [d["machine"]["busy"] / (d[field] * scale) for d in done]
-    idle = [d["machine"]["idle"] / (sum(d["machine"].values()) or 1) for d in done]
-    return statistics.median(per), statistics.median(idle)
+    return {
+        "busy": statistics.median(m["busy"] / units for m, units in done),
+        "ends": statistics.median(
+            (m.get("client", 0.0) + m.get("backend", 0.0)) / units for m, units in done
+        ),
+        "idle": statistics.median(m["idle"] / ((m["busy"] + m["idle"]) or 1) for m, _ in done),
+    }
 
 
 def whole_machine_markdown(result: Result) -> str:
     """The whole machine's CPU per unit of work under each forwarder (and direct)."""
     peers = list(result["peers"])
     keys = [k for k in result["workloads"] if k in WORK_DONE]
-    rows = []
-    for k in keys:
-        cells = []
-        for p in peers:
-            got = machine_per_unit(result, k, p)
-            cells.append(f"{_fmt(got[0])} / {100 * got[1]:.0f}%" if got else "-")
-        rows.append([k, WORK_DONE[k][2], *cells])
+    per = {k: {p: machine_per_unit(result, k, p) for p in peers} for k in keys}
+
+    def cells(show: Callable[[dict[str, float]], str]) -> list[list[str]]:
+        return [
+            [k, WORK_DONE[k][2], *(show(got) if got else "-" for got in per[k].values())]
+            for k in keys
+        ]
+
     lines = [
-        "Whole machine CPU time per unit of work, then its idle share (all cores: the clients, "
-        "the servers, the forwarder and the kernel, from /proc/stat; median over the rounds). "
-        "Where the idle share is near 0%, the rate is set by this total, not by the "
+        "Whole machine CPU time per unit of work, then its idle share (all cores: the "
+        "clients, the servers, the forwarder and the kernel, from /proc/stat; median over the "
+        "rounds). Where the idle share is near 0%, the rate is set by this total, not by the "
         "forwarder's own CPU alone:",
         "",
-        *_table(["workload", "unit", *peers], rows),
+        *_table(
+            ["workload", "unit", *peers],
+            cells(lambda got: f"{_fmt(got['busy'])} / {100 * got['idle']:.0f}%"),
+        ),
+        "",
+        "Of which the ends: CPU time per unit of work of the client tool and the backend "
+        "server together (what each forwarder makes them spend, as well as their own work):",
+        "",
+        *_table(["workload", "unit", *peers], cells(lambda got: _fmt(got["ends"]))),
     ]
     return "\n".join(lines) + "\n"
 

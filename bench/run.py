@@ -205,10 +205,12 @@ def run_cell(
             if profile_stem is not None and peer.name == peers_mod.GOMA and running.proc:
                 spies = profiles.start(running.proc.pid, profile_stem)
             before = cpu_snapshot(running)
-            machine_before = procs.machine_cpu_seconds()
+            machine_before = procs.machine_cpu_seconds(backend.proc.pid)
             measured = wl.measure(running, backend, params)
             measured.detail["cpu"] = cpu_split(before, cpu_snapshot(running))
-            measured.detail["machine"] = machine_split(machine_before, procs.machine_cpu_seconds())
+            measured.detail["machine"] = machine_split(
+                machine_before, procs.machine_cpu_seconds(backend.proc.pid)
+            )
             if warm is not None:
                 measured.detail["warmup"] = warm
             if running.metrics_ports:
@@ -263,13 +265,13 @@ def cpu_split(before: Snapshot, after: Snapshot) -> dict[str, Any]:
     return {"seconds": round(sum(used.values()), 3), "tasks": [round(v, 3) for v in busy]}
 
 
-def machine_split(before: tuple[float, float], after: tuple[float, float]) -> dict[str, float]:
-    """The whole machine's CPU during a measurement: busy and idle seconds over all cores.
+def machine_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The whole machine's CPU during a measurement, from two `procs.machine_cpu_seconds`.
 
     With the clients and servers on the same cores as the forwarder, a rate can be set by
     what the whole machine spends per unit rather than by the forwarder's own share.
     """
-    return {"busy": round(after[0] - before[0], 3), "idle": round(after[1] - before[1], 3)}
+    return {key: round(after[key] - before[key], 3) for key in after}
 
 
 def skip_reason(peer: peers_mod.Peer, wl: wl_mod.Workload, procs_n: int = 1) -> str | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,14 +63,16 @@ def _result(with_pypy: bool = True) -> dict[str, Any]:
                 {
                     "requests": 50_000,
                     "cpu": {"seconds": s, "tasks": [s]},
-                    "machine": {"busy": 2 * s, "idle": 0.5},
+                    "machine": {"busy": 2 * s, "idle": 0.5, "client": s / 2, "backend": s / 4},
                 }
             ]
             for p, s in cpu.items()
         },
         "idle_mem": {},
     }
-    details["tcp_rr"][peers.DIRECT] = [{"requests": 50_000, "machine": {"busy": 1.0, "idle": 1.0}}]
+    details["tcp_rr"][peers.DIRECT] = [
+        {"requests": 50_000, "machine": {"busy": 1.0, "idle": 1.0, "client": 0.5, "backend": 0.4}}
+    ]
     if not with_pypy:
         for per_peer in (*samples.values(), *details.values()):
             per_peer.pop(peers.GOMA_PYPY, None)
@@ -137,22 +141,31 @@ def test_markdown_shows_the_whole_machine_per_unit_and_its_idle_share() -> None:
     text = report.markdown(_result())
     # busy 3.0 / 2.0 / 1.0 / 1.0 s and idle 0.5 / 0.5 / 0.5 / 1.0 s over 50,000 requests
     assert "| tcp_rr | us/req | 60.0 / 14% | 40.0 / 20% | 20.0 / 33% | 20.0 / 50% |" in text
+    # the ends: client s/2 plus backend s/4 for s = 1.5, 1.0, 0.5; direct 0.5 + 0.4
+    assert "| tcp_rr | us/req | 22.5 | 15.0 | 7.50 | 18.0 |" in text
     del_machine = _result()
     for done in del_machine["details"]["tcp_rr"].values():
         done[0].pop("machine")
     assert "Whole machine" not in report.markdown(del_machine)
 
 
-def test_machine_cpu_seconds_grow_with_work_and_split_into_busy_and_idle() -> None:
-    before = bench_procs.machine_cpu_seconds()
-    deadline = time.process_time() + 0.3
-    while time.process_time() < deadline:
-        pass
-    after = bench_procs.machine_cpu_seconds()
-    split = run.machine_split(before, after)
-    assert split["busy"] >= 0.2
+def test_machine_cpu_seconds_count_the_machine_the_backend_and_finished_clients() -> None:
+    spin = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    backend = subprocess.Popen([sys.executable, "-c", spin + "\nimport time; time.sleep(30)"])
+    try:
+        time.sleep(0.1)
+        before = bench_procs.machine_cpu_seconds(backend.pid)
+        subprocess.run([sys.executable, "-c", spin], check=True)
+        time.sleep(0.5)
+        split = run.machine_split(before, bench_procs.machine_cpu_seconds(backend.pid))
+    finally:
+        backend.kill()
+        backend.wait()
+    assert set(split) == {"busy", "idle", "client", "backend"}
+    assert split["client"] >= 0.28
+    assert split["backend"] >= 0.1
+    assert split["busy"] >= split["client"] + split["backend"] - 0.05
     assert split["idle"] >= 0.0
-    assert set(split) == {"busy", "idle"}
 
 
 def test_a_result_without_pypy_renders_as_before() -> None:
