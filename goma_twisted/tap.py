@@ -191,7 +191,14 @@ def _offer_text_log(application: Componentized, twistdOptions: Any) -> None:
     makeObserver = getattr(loggerFactory, "_getLogObserver", None)
     if loggerFactory is None or makeObserver is None:
         return
-    observer = makeObserver(loggerFactory(twistdOptions))
+    try:
+        observer = makeObserver(loggerFactory(twistdOptions))
+    except OSError as e:
+        # A --logfile in a missing directory, or one that cannot be
+        # written: twistd would show it as a traceback. Nothing is logged
+        # or bound yet (and a daemon has not forked): say it in a line.
+        path = twistdOptions.get("logfile") or e.filename
+        raise SystemExit(f"goma-pt: cannot open --logfile {path}: {e.strerror or e}") from None
     if isinstance(observer, FileLogObserver):
         observer.formatEvent = classic_line
         observer = _gathering(observer)

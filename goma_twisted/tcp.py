@@ -482,6 +482,12 @@ class _RelaySide(Protocol):
             return None
         return CONNECTION_LOST
 
+    def copyRead(self) -> Any:
+        """A read of the copy path (L{relayRawRead} or L{relayRead}), where splicing cannot."""
+        if _RAW is not None:
+            return self.relayRawRead()
+        return self.relayRead()
+
     def startSplicing(self) -> None:
         """
         Read this side by L{relaySplice} from now on, through a pipe of
@@ -523,11 +529,18 @@ class _RelaySide(Protocol):
         try:
             count = _SPLICE(transport.socket.fileno(), pipe.write, READ_SIZE)
         except BlockingIOError:
-            return None
+            # Nothing to read, or bytes splice(2) will not move: it stops
+            # at TCP urgent data (MSG_OOB), and fails so for as long as the
+            # socket stays readable (the reactor would call again at once,
+            # and the rest never came). recv() steps over the urgent byte,
+            # as the copy path always did.
+            return self.copyRead()
         except OSError:
             return CONNECTION_LOST
         if count == 0:
-            return self.readEnded()
+            # The end of the stream, or urgent data with the FIN behind it
+            # (splice reads 0 at the mark then): recv() tells them apart.
+            return self.copyRead()
         peer = self.counted(count)
         if peer is None:
             _readPipe(pipe, count)

@@ -690,3 +690,63 @@ async def test_a_reset_met_by_drain_pipe_as_do_write_closes_the_pair(
     conn.close()
     await until(reactor, lambda: open_fds() == before, 5)
     listener.close()
+
+
+async def _read_for(reactor: Any, conn: socket.socket, count: int, within: float) -> bytes:
+    """Read a non-blocking socket until C{count} bytes came, or C{within} seconds passed."""
+    chunks: list[bytes] = []
+    got = 0
+    for _ in range(int(within / 0.01)):
+        try:
+            chunk = conn.recv(1 << 20)
+        except BlockingIOError:
+            await deferLater(reactor, 0.01)
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+        if got >= count:
+            break
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("fin", [True, False], ids=["then-a-fin", "connection-open"])
+@pytest_twisted.ensureDeferred
+async def test_urgent_data_on_a_spliced_direction_stops_nothing(
+    reactor: Any, services: list[Any], spliced: list[int], fin: bool
+) -> None:
+    # splice(2) stops at TCP urgent data (MSG_OOB) and moves nothing past
+    # it: EAGAIN while the connection is open (the socket stays readable,
+    # so the relay spun and the rest never came), 0 once the FIN is in (it
+    # read as the end: the rest was dropped and the end logged clean).
+    # recv() steps over the urgent byte (not inline): the copy path's
+    # bytes, and the spliced direction's, are the stream without it.
+    listener = raw_listener()
+    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
+    services.append(service)
+    client, conn, _ = await _linked(reactor, service, listener)
+    client.setblocking(True)
+    before, after = os.urandom(300_000), os.urandom(200_000)
+    client.sendall(before)
+    client.send(b"!", socket.MSG_OOB)
+    client.sendall(after)
+    if fin:
+        client.shutdown(socket.SHUT_WR)
+    with captured_logs() as logs:
+        received = await _read_for(reactor, conn, len(before + after), 5)
+        assert len(received) == len(before + after)
+        assert received == before + after
+        assert spliced
+        if fin:
+            assert await read_to_eof(reactor, conn) == b""
+            conn.close()
+            client.close()
+            await until(reactor, lambda: not relays(service))
+            [end] = logs.ends()
+            assert end["bytesToTarget"] == len(before + after)
+            assert end["reason"] == tcp.CLIENT_CLOSED
+    if not fin:
+        client.close()
+        conn.close()
+    listener.close()

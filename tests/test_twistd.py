@@ -158,6 +158,29 @@ def test_a_port_in_use_is_one_line_and_nothing_stays_bound(tmp_path: Path) -> No
     assert f"cannot start: tcp 127.0.0.1:{taken}: Address already in use" in output
 
 
+@pytest.mark.parametrize("daemon", [False, True])
+def test_a_logfile_that_cannot_be_opened_is_one_line(tmp_path: Path, daemon: bool) -> None:
+    # twistd's own --logfile, opened by goma-pt's text log before anything
+    # else: a missing directory was a traceback through twistd and Twisted.
+    forward = {"protocol": "tcp", "port": free_port(), "target": "127.0.0.1:9"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    logfile, pidfile = tmp_path / "no-such-dir" / "goma-pt.log", tmp_path / "goma-pt.pid"
+    result = run_twistd(
+        *([] if daemon else ["-n"]),
+        f"--pidfile={pidfile}",
+        f"--logfile={logfile}",
+        "goma-pt",
+        "--config",
+        str(config),
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip() == (
+        f"goma-pt: cannot open --logfile {logfile}: No such file or directory"
+    )
+    assert not pidfile.exists()
+
+
 def test_a_daemon_that_cannot_start_says_why_as_the_foreground_does(tmp_path: Path) -> None:
     # twistd's parent prints the first 100 bytes of the daemon's error as
     # traceback's "module.Class: message"; the message must fit whole.
