@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import signal
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import IService
@@ -17,6 +18,7 @@ from twisted.logger import FileLogObserver, ILogObserver
 from twisted.python import log as legacy_log
 from twisted.python import usage
 from twisted.python.components import Componentized
+from twisted.python.logfile import LogFile
 
 from .config import ConfigError, GatewayConfig, load_config
 from .logs import GatheringFileLogObserver, classic_line
@@ -33,6 +35,32 @@ def _seconds(value: str) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{value!r} is not a number of seconds, 0 or more")
     return seconds
+
+
+def _megabytes(value: str) -> float:
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = math.nan
+    if not math.isfinite(megabytes) or megabytes < 0:
+        raise ValueError(f"{value!r} is not a number of megabytes, 0 or more")
+    return megabytes
+
+
+def _files(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{value!r} is not a number of files, 1 or more")
+    return count
+
+
+# twistd's --logfile rotates at 1 MB and keeps every old file: with a line
+# per connection, a busy forwarder would fill its disk with them.
+DEFAULT_LOG_SIZE_MB = 10
+DEFAULT_LOG_KEEP = 10
 
 
 class Options(usage.Options):
@@ -64,6 +92,22 @@ class Options(usage.Options):
             None,
             "Serve Prometheus metrics at /metrics on this Twisted server endpoint, "
             "e.g. tcp:9108:interface=127.0.0.1 (off by default).",
+        ],
+        [
+            "log-size",
+            None,
+            DEFAULT_LOG_SIZE_MB,
+            "With twistd's --logfile: megabytes at which the file is rotated (moved to "
+            "FILE.1, older ones up a number); 0: only on SIGUSR1.",
+            _megabytes,
+        ],
+        [
+            "log-keep",
+            None,
+            DEFAULT_LOG_KEEP,
+            "With twistd's --logfile: rotated files kept (FILE.1 to FILE.N); older ones "
+            "are deleted.",
+            _files,
         ],
     ]
     optFlags = [
@@ -121,7 +165,17 @@ def makeService(options: dict[str, Any]) -> IService:
         metrics=options["metrics"],
     )
     service.twistdOptions = getattr(options, "parent", None)
+    service.logRotation = LogRotation(round(options["log-size"] * 1_000_000), options["log-keep"])
     return service
+
+
+@dataclass(frozen=True)
+class LogRotation:
+    """When twistd's --logfile rotates (bytes; 0: only on SIGUSR1) and how
+    many rotated files it keeps."""
+
+    size: int = DEFAULT_LOG_SIZE_MB * 1_000_000
+    keep: int = DEFAULT_LOG_KEEP
 
 
 class _CannotStartError(ListenError):
@@ -147,10 +201,11 @@ class _TwistdService(PassThroughService):
     """
 
     twistdOptions: Any = None
+    logRotation = LogRotation()
 
     def setServiceParent(self, parent: Any) -> None:
         if isinstance(parent, Componentized) and self.twistdOptions is not None:
-            _offer_text_log(parent, self.twistdOptions)
+            _offer_text_log(parent, self.twistdOptions, self.logRotation)
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
@@ -166,14 +221,18 @@ class _TwistdService(PassThroughService):
             raise _CannotStartError(*e.args) from None
 
 
-def _offer_text_log(application: Componentized, twistdOptions: Any) -> None:
+def _offer_text_log(
+    application: Componentized, twistdOptions: Any, rotation: LogRotation = LogRotation()
+) -> None:
     """
     Give twistd its own text log observer (C{--logfile} or standard output,
     rotation, SIGUSR1, its daemon checks), made by twistd's own code, but
     writing each line with L{classic_line}: the same lines, at a fifth of
-    the CPU. twistd takes an C{ILogObserver} component of the Application
-    when C{--logger} is not given, and makes the Application only after
-    C{makeService}, so this is the first moment it can be offered.
+    the CPU, and a C{--logfile} rotated as C{rotation} says rather than at
+    every megabyte with no end to the old files kept. twistd takes an
+    C{ILogObserver} component of the Application when C{--logger} is not
+    given, and makes the Application only after C{makeService}, so this is
+    the first moment it can be offered.
 
     Left to twistd: C{--logger}, C{--syslog}, and any twistd whose logger
     does not look as expected (C{_getLogObserver} is private: checked here,
@@ -199,6 +258,10 @@ def _offer_text_log(application: Componentized, twistdOptions: Any) -> None:
         # or bound yet (and a daemon has not forked): say it in a line.
         path = twistdOptions.get("logfile") or e.filename
         raise SystemExit(f"goma-pt: cannot open --logfile {path}: {e.strerror or e}") from None
+    out = getattr(observer, "_outFile", None)
+    if isinstance(out, LogFile):
+        out.rotateLength = rotation.size or None
+        out.maxRotatedFiles = rotation.keep
     if isinstance(observer, FileLogObserver):
         observer.formatEvent = classic_line
         observer = _gathering(observer)

@@ -29,6 +29,7 @@ from twisted.logger import (
     formatTime,
 )
 from twisted.python import threadable
+from twisted.python.logfile import LogFile
 
 from goma_twisted import tap, tcp, udp
 from goma_twisted.logs import (
@@ -197,6 +198,46 @@ def test_twistd_gets_its_own_observer_with_goma_pts_formatting(tmp_path: Path) -
     assert observer.formatEvent is classic_line
 
 
+def test_twistds_logfile_rotates_at_10_mb_and_keeps_10_files(tmp_path: Path) -> None:
+    # twistd's own: every 1 MB, and every old file kept (a disk filled by a busy forwarder).
+    out = _offered(tmp_path, "-n", "--logfile", str(tmp_path / "goma.log"))._outFile
+    assert isinstance(out, LogFile)
+    assert (out.rotateLength, out.maxRotatedFiles) == (10_000_000, 10)
+
+
+def test_log_size_and_log_keep_set_the_rotation(tmp_path: Path) -> None:
+    logfile = ("-n", "--logfile", str(tmp_path / "goma.log"))
+    out = _offered(tmp_path, *logfile, goma=("--log-size", "0.5", "--log-keep", "3"))._outFile
+    assert (out.rotateLength, out.maxRotatedFiles) == (500_000, 3)
+    out = _offered(tmp_path, *logfile, goma=("--log-size", "0"))._outFile
+    assert (out.rotateLength, out.maxRotatedFiles) == (None, 10)
+
+
+def test_a_logfile_keeps_log_keep_rotated_files_of_log_size(tmp_path: Path, backend: int) -> None:
+    port = free_port()
+    forward = {"protocol": "tcp", "port": port, "target": f"127.0.0.1:{backend}"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    log = tmp_path / "goma.log"
+    command = twistd_command(
+        "-n", "--pidfile=", f"--logfile={log}", "goma-pt", "--config", str(config),
+        "--log-size", "0.002", "--log-keep", "2",
+    )  # fmt: skip
+    with running(command, tmp_path / "stdout", env=twistd_env()):
+        wait_for(lambda: log.exists() and "goma-pt ready" in log.read_text(), what="ready")
+        # about 150 bytes a line: 60 connections are several rotations of 2,000 bytes
+        for n in range(60):
+            assert tcp_roundtrip(port, b"%03d" % n) == b"%03d" % n
+    kept = sorted(p.name for p in tmp_path.glob("goma.log*"))
+    assert kept == ["goma.log", "goma.log.1", "goma.log.2"]
+    for path in (log, tmp_path / "goma.log.1", tmp_path / "goma.log.2"):
+        text = path.read_text()
+        # rotated once past 2,000 bytes, by a turn's lines at most (the stop's are the most)
+        assert len(text) < 2_000 + 1_000, path
+        for line in text.splitlines():
+            assert LINE.fullmatch(line), line
+    assert log.read_text().splitlines()[-1].endswith("#info] Server Shut Down.")
+
+
 def test_logger_and_syslog_are_left_to_twistd(tmp_path: Path) -> None:
     assert _offered(tmp_path, "-n", "--logger", "goma_twisted.logs.json_observer") is None
     assert _offered(tmp_path, "-n", "--syslog") is None
@@ -209,10 +250,11 @@ def test_a_tac_or_another_runner_is_left_alone(tmp_path: Path) -> None:
     assert not (tmp_path / "x.log").exists()
 
 
-def _offered(tmp_path: Path, *twistd: str) -> Any:
+def _offered(tmp_path: Path, *twistd: str, goma: tuple[str, ...] = ()) -> Any:
     """
     The ILogObserver on the Application twistd makes for these options
-    (twistd's own steps before it starts logging: options, makeService).
+    (twistd's own steps before it starts logging: options, makeService),
+    C{goma} being goma-pt's own.
     """
     import sys
 
@@ -221,7 +263,7 @@ def _offered(tmp_path: Path, *twistd: str) -> Any:
     forward = {"protocol": "tcp", "port": free_port(), "target": "127.0.0.1:1"}
     config = write_config(tmp_path / "goma.yml", [forward])
     options = ServerOptions()
-    options.parseOptions([*twistd, "goma-pt", "--config", str(config)])
+    options.parseOptions([*twistd, "goma-pt", "--config", str(config), *goma])
     usr1, excepthook = signal.getsignal(signal.SIGUSR1), sys.excepthook
     try:
         application = _SomeApplicationRunner(options).createOrGetApplication()

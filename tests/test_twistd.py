@@ -106,7 +106,18 @@ def test_without_config_it_says_how_to_give_one() -> None:
     assert "no config file given; use --config FILE" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("args", [[], ["--drain", "x"], ["--config", "x", "-m", "9108"], ["--no"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--drain", "x"],
+        ["--config", "x", "-m", "9108"],
+        ["--no"],
+        ["--config", "x", "--log-keep", "0"],
+        ["--config", "x", "--log-size", "-1"],
+        ["--config", "x", "--log-size", "nan"],
+    ],
+)
 def test_a_usage_error_exits_1_whatever_twisteds_twistd_does(
     args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
