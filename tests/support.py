@@ -436,6 +436,18 @@ async def accept_raw(reactor: Any, listener: socket.socket, within: float = 8) -
 
 async def read_to_eof(reactor: Any, conn: socket.socket, within: float = 8) -> bytes:
     """Read a non-blocking socket to its end of stream, polling on the reactor."""
+    data, end = await read_to_end(reactor, conn, within)
+    if end != "eof":
+        raise ConnectionResetError(f"reset after {len(data)} bytes")
+    return data
+
+
+async def read_to_end(reactor: Any, conn: socket.socket, within: float = 8) -> tuple[bytes, str]:
+    """
+    Read a non-blocking socket until it ends, polling on the reactor: what
+    came, and how it ended ("eof" or "reset": the bytes before a reset are
+    all read first, as the kernel gives them).
+    """
     chunks: list[bytes] = []
     for _ in range(int(within / 0.01)):
         try:
@@ -443,10 +455,12 @@ async def read_to_eof(reactor: Any, conn: socket.socket, within: float = 8) -> b
         except BlockingIOError:
             await deferLater(reactor, 0.01)
             continue
+        except ConnectionResetError:
+            return b"".join(chunks), "reset"
         if not chunk:
-            return b"".join(chunks)
+            return b"".join(chunks), "eof"
         chunks.append(chunk)
-    raise AssertionError("no EOF")
+    raise AssertionError("no end of stream")
 
 
 async def client_half_closed(
