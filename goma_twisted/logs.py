@@ -184,14 +184,17 @@ class _TimeStamps:
     """
 
     def __init__(self) -> None:
-        # One tuple, replaced whole: a thread logging too sees a pair.
-        self._last: tuple[float, str] = (-1.5, "")
+        # The second stamped last, [start, end), and its stamp; one tuple,
+        # replaced whole: a thread logging too sees a consistent one.
+        self._last: tuple[float, float, str] = (0.0, -1.0, "")
 
     def stamp(self, when: float) -> str:
-        second, stamp = self._last
-        if when // 1 != second:
-            stamp = formatTime(when)
-            self._last = (when // 1, stamp)
+        start, end, stamp = self._last
+        if start <= when < end:
+            return stamp
+        stamp = formatTime(when)
+        second = when // 1
+        self._last = (second, second + 1, stamp)
         return stamp
 
     __call__ = stamp
