@@ -77,14 +77,14 @@ class EventLogger(Logger):
 
     def _publish(self, level: LogLevel, format: str | None, event: dict[str, Any]) -> None:
         """Complete C{event} as Twisted's C{emit} does, and send it to the observer."""
-        event.update(
-            log_logger=self,
-            log_level=level,
-            log_namespace=self.namespace,
-            log_source=self.source,
-            log_format=format,
-            log_time=time.time(),
-        )
+        # One key at a time: update(log_logger=...) builds a dict of keyword
+        # arguments first, and merges it.
+        event["log_logger"] = self
+        event["log_level"] = level
+        event["log_namespace"] = self.namespace
+        event["log_source"] = self.source
+        event["log_format"] = format
+        event["log_time"] = time.time()
         if "log_trace" in event:
             event["log_trace"].append((self, self.observer))
         self.observer(event)
@@ -184,18 +184,24 @@ class _TimeStamps:
     """
 
     def __init__(self) -> None:
-        # One tuple, replaced whole: a thread logging too sees a pair.
-        self._last: tuple[float, str] = (-1.5, "")
+        # The second stamped last, [start, end), and its stamp; one tuple,
+        # replaced whole: a thread logging too sees a consistent one.
+        self._last: tuple[float, float, str] = (0.0, -1.0, "")
 
-    def __call__(self, when: float) -> str:
-        second, stamp = self._last
-        if when // 1 != second:
-            stamp = formatTime(when)
-            self._last = (when // 1, stamp)
+    def stamp(self, when: float) -> str:
+        start, end, stamp = self._last
+        if start <= when < end:
+            return stamp
+        stamp = formatTime(when)
+        second = when // 1
+        self._last = (second, second + 1, stamp)
         return stamp
 
+    __call__ = stamp
 
-_stamp = _TimeStamps()
+
+# The bound method: calling the instance itself looks up __call__ each time.
+_stamp = _TimeStamps().stamp
 
 
 def classic_line(event: LogEvent) -> str | None:
