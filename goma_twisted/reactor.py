@@ -121,7 +121,8 @@ class EPollReactor(epollreactor.EPollReactor):
         C{addReader(reader)} for a descriptor C{fd} (its C{fileno()}) just
         opened, so watched for nothing yet: it registers it at once, without
         C{addReader}'s look-ups and the C{fileno()} call (a UDP session's
-        socket, one per DNS query under churn). Anything else goes to
+        socket, one per DNS query under churn; each relayed TCP connection's
+        two sockets, see L{goma_twisted.connect}). Anything else goes to
         C{addReader}.
         """
         if not self._records or fd in self._selectables:

@@ -239,6 +239,9 @@ class _NoWatches:
 
     addReader = addWriter
 
+    def addNewReader(self, reader: Any, fd: int) -> None:
+        self.addWriter(reader)
+
 
 @pytest_twisted.ensureDeferred
 async def test_a_reactor_that_cannot_watch_fails_the_attempt(
