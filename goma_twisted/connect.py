@@ -417,6 +417,8 @@ class RelayPort(tcp.Port):
         family, kind, proto = numbers
         accept = self.socket._accept  # type: ignore[union-attr]
         factory: Any = self.factory
+        # goma_twisted.tcp's factory takes the host and port themselves.
+        acceptFrom = getattr(factory, "acceptFrom", None)
         limit = self.numberAccepts
         accepted = 0
         try:
@@ -434,7 +436,10 @@ class RelayPort(tcp.Port):
                     # IPv6: with the zone, as Twisted's loop does.
                     host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
                     addr = (host[0], *addr[1:])
-                protocol = factory.buildProtocol(self._buildAddr(addr))
+                if acceptFrom is not None:
+                    protocol = acceptFrom(addr[0], addr[1])
+                else:
+                    protocol = factory.buildProtocol(self._buildAddr(addr))
                 if protocol is None:
                     skt.close()
                     continue

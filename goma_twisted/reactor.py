@@ -32,7 +32,7 @@ from __future__ import annotations
 import errno
 import sys
 from collections.abc import Callable
-from select import EPOLLIN
+from select import EPOLLIN, EPOLLOUT
 from typing import Any
 
 from twisted.internet import epollreactor, posixbase
@@ -131,6 +131,27 @@ class EPollReactor(epollreactor.EPollReactor):
         self._poller.register(fd, EPOLLIN)
         self._reads.add(fd)
         self._selectables[fd] = reader
+
+    def removeReader(self, reader: Any) -> None:
+        """
+        Twisted's C{removeReader} in one call for a descriptor the epoll set
+        watches for reading (a relay's side paused, or stopped at its end of
+        stream): Twisted's goes through three, and a look-up in its
+        continuous polling first, which never holds such a descriptor.
+        Anything else goes to Twisted's.
+        """
+        if self._records:
+            fd = reader.fileno()
+            reads = self._reads
+            if fd in reads:
+                if fd in self._writes:
+                    self._poller.modify(fd, EPOLLOUT)
+                else:
+                    del self._selectables[fd]
+                    self._poller.unregister(fd)
+                reads.remove(fd)
+                return
+        super().removeReader(reader)
 
     def closeSocket(self, selectable: Any, skt: Any) -> None:
         """
