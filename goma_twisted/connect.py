@@ -228,6 +228,10 @@ class Connecting:
                 result = skt.connect_ex(target.sockaddr)
         except OSError as e:
             result = e.errno or errno.EIO
+        if result in _CONNECTED:
+            # At once (most often over loopback): _outcome's way there.
+            self._connected()
+            return
         if result in _WAITING:
             try:
                 self.reactor.addWriter(self)
@@ -313,7 +317,10 @@ class Connecting:
             self.reactor.removeWriter(self)
 
     def _connected(self) -> None:
-        self._stopWaiting()
+        if self._waiting or self._timer is not None:
+            self._stopWaiting()
+        else:
+            self.done = True
         skt, self._socket = self._socket, None
         assert skt is not None
         transport = OutgoingConnection(skt, self.protocol, self.reactor, self.target.peer)
