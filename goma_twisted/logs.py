@@ -77,14 +77,13 @@ class EventLogger(Logger):
 
     def _publish(self, level: LogLevel, format: str | None, event: dict[str, Any]) -> None:
         """Complete C{event} as Twisted's C{emit} does, and send it to the observer."""
-        event.update(
-            log_logger=self,
-            log_level=level,
-            log_namespace=self.namespace,
-            log_source=self.source,
-            log_format=format,
-            log_time=time.time(),
-        )
+        # Item by item: update() with keyword arguments builds a second dict.
+        event["log_logger"] = self
+        event["log_level"] = level
+        event["log_namespace"] = self.namespace
+        event["log_source"] = self.source
+        event["log_format"] = format
+        event["log_time"] = time.time()
         if "log_trace" in event:
             event["log_trace"].append((self, self.observer))
         self.observer(event)
