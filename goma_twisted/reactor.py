@@ -11,8 +11,9 @@ the same way and calls the same handler directly; an exception escaping a
 handler is still logged, with the connection's prefix, and the loop goes
 on, as with Twisted's.
 
-An event that is only "readable" (most of a relay's) is dispatched here
-as L{twisted.internet.posixbase._PollLikeMixin._doReadOrWrite} would,
+An event that is only "readable" (most of a relay's), or readable with a
+hang-up (a relay's last end of stream), is dispatched here as
+L{twisted.internet.posixbase._PollLikeMixin._doReadOrWrite} would,
 without that call: the same checks, C{doRead}, and disconnection on what
 it returns or raises. Any other event goes through C{_doReadOrWrite}.
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 import errno
 import sys
 from collections.abc import Callable
-from select import EPOLLIN, EPOLLOUT
+from select import EPOLLHUP, EPOLLIN, EPOLLOUT
 from typing import Any
 
 from twisted.internet import epollreactor, posixbase
@@ -43,6 +44,9 @@ from twisted.python import log
 # (another Twisted), every event goes through _doReadOrWrite.
 _NO_FILEDESC: Any = getattr(posixbase, "_NO_FILEDESC", None)
 _READ_ONLY = EPOLLIN if _NO_FILEDESC is not None else -1
+# Readable with the connection hung up both ways (a relay's last end of
+# stream): _doReadOrWrite reads it as it reads a read event alone.
+_READ_HUP = EPOLLIN | EPOLLHUP if _NO_FILEDESC is not None else -1
 
 
 class EPollReactor(epollreactor.EPollReactor):
@@ -91,10 +95,10 @@ class EPollReactor(epollreactor.EPollReactor):
             if selectable is None:
                 continue
             try:
-                if event != _READ_ONLY:
+                if event != _READ_ONLY and event != _READ_HUP:
                     handle(selectable, fd, event)
                     continue
-                # _doReadOrWrite for a read event alone.
+                # _doReadOrWrite for a read event alone (or with a hang-up).
                 inRead = False
                 why: Any
                 try:

@@ -126,6 +126,44 @@ def test_a_read_event_that_ends_the_stream_disconnects_cleanly() -> None:
         reactor._poller.close()
 
 
+class Ending(Reader):
+    """A reader whose read ends its stream."""
+
+    def doRead(self) -> Any:
+        super().doRead()
+        return CONNECTION_DONE
+
+
+@pytest.mark.parametrize("kind", [Reader, Ending])
+def test_a_read_event_with_a_hang_up_is_read_in_line(kind: type[Reader]) -> None:
+    # Readable and hung up (a relay's last end of stream): read here as
+    # _doReadOrWrite would, without calling it; its end as it would too.
+    reactor = EPollReactor()
+    ours, theirs = socket.socketpair()
+    reader = kind(reactor, ours.fileno())
+    handled: list[Any] = []
+    reactor._doReadOrWrite = lambda *a: handled.append(a)  # type: ignore[method-assign]
+    try:
+        reactor.addReader(reader)
+        theirs.send(b"last")
+        theirs.close()
+        assert reactor._poller.poll(0) == [(ours.fileno(), select.EPOLLIN | select.EPOLLHUP)]
+        reactor.doPoll(0)
+        assert handled == []
+        assert reader.read == b"last"
+        if kind is Ending:
+            [reason] = reader.lost
+            assert reason.check(ConnectionDone)
+            assert reader not in reactor.getReaders()
+        else:
+            assert reader.lost == []
+            assert reader in reactor.getReaders()
+            reactor.removeReader(reader)
+    finally:
+        ours.close()
+        reactor._poller.close()
+
+
 class Socketed(FileDescriptor):
     """A socket's reader, for closeSocket."""
 
