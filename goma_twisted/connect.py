@@ -33,6 +33,7 @@ own port.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import ipaddress
 import os
@@ -65,6 +66,13 @@ LEAN = (
 _LEAN_ACCEPT = LEAN and hasattr(socket.socket, "_accept") and hasattr(tcp.Port, "sessionno")
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+
+# The class of the relay's own sockets: the C socket type that
+# socket.socket extends, without that subclass's Python __init__ and
+# close (three Python calls per socket) and its enum-converting family
+# and type. Twisted's transports use only its C methods.
+_Socket: Any = _socket.socket if issubclass(socket.socket, _socket.socket) else socket.socket
+
 _WAITING = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK, errno.EINTR)
 _CONNECTED = (0, errno.EISCONN)
 
@@ -112,7 +120,28 @@ def _connect_error(number: int) -> Exception:
     return exc
 
 
-class OutgoingConnection(tcp.Connection):
+class _NewReader:
+    """
+    C{startReading} for our transports: through the reactor's
+    C{addNewReader} where it has one (L{goma_twisted.reactor}), which
+    registers a descriptor watched for nothing yet at once, without
+    C{addReader}'s calls and look-ups (each transport starts reading so
+    once), and hands any other to C{addReader}.
+    """
+
+    reactor: Any
+    socket: Any
+
+    def startReading(self) -> None:
+        reactor = self.reactor
+        add = getattr(reactor, "addNewReader", None)
+        if add is None:
+            reactor.addReader(self)
+        else:
+            add(self, self.socket.fileno())
+
+
+class OutgoingConnection(_NewReader, tcp.Connection):
     """
     Twisted's TCP transport around a socket that L{Connecting} connected.
     The socket is already non-blocking and has its TCP options.
@@ -185,7 +214,7 @@ class Connecting:
         """Make the socket and connect; may finish (either way) before it returns."""
         target = self.target
         try:
-            skt = socket.socket(target.family, socket.SOCK_STREAM | _NONBLOCK)
+            skt = _Socket(target.family, socket.SOCK_STREAM | _NONBLOCK)
         except OSError as e:
             self._fail(error.ConnectBindError(e.args[0], e.args[1]))
             return
@@ -199,6 +228,10 @@ class Connecting:
                 result = skt.connect_ex(target.sockaddr)
         except OSError as e:
             result = e.errno or errno.EIO
+        if result in _CONNECTED:
+            # At once (most often over loopback): _outcome's way there.
+            self._connected()
+            return
         if result in _WAITING:
             try:
                 self.reactor.addWriter(self)
@@ -284,7 +317,10 @@ class Connecting:
             self.reactor.removeWriter(self)
 
     def _connected(self) -> None:
-        self._stopWaiting()
+        if self._waiting or self._timer is not None:
+            self._stopWaiting()
+        else:
+            self.done = True
         skt, self._socket = self._socket, None
         assert skt is not None
         transport = OutgoingConnection(skt, self.protocol, self.reactor, self.target.peer)
@@ -304,7 +340,7 @@ class Connecting:
         self.failed(Failure(reason))
 
 
-class AcceptedConnection(tcp.Server):
+class AcceptedConnection(_NewReader, tcp.Server):
     """
     Twisted's transport for an accepted connection, which starts reading
     only when C{resumeProducing} or C{startReading} says so. Its TCP options
@@ -323,8 +359,13 @@ class AcceptedConnection(tcp.Server):
         sessionno: int,
         reactor: Any,
     ) -> None:
-        # tcp.Server.__init__ without startReading() and its log strings.
-        tcp.Connection.__init__(self, sock, protocol, reactor)
+        # tcp.Server.__init__ without startReading() and its log strings,
+        # and tcp.Connection.__init__ in line.
+        abstract.FileDescriptor.__init__(self, reactor=reactor)
+        self.socket = sock
+        sock.setblocking(False)
+        self.fileno = sock.fileno
+        self.protocol = protocol
         if len(client) != 2:
             self._addressType = IPv6Address
         self.server = server
@@ -383,6 +424,8 @@ class RelayPort(tcp.Port):
         family, kind, proto = numbers
         accept = self.socket._accept  # type: ignore[union-attr]
         factory: Any = self.factory
+        # goma_twisted.tcp's factory takes the host and port themselves.
+        acceptFrom = getattr(factory, "acceptFrom", None)
         limit = self.numberAccepts
         accepted = 0
         try:
@@ -395,12 +438,15 @@ class RelayPort(tcp.Port):
                     super().doRead()
                     return
                 accepted += 1
-                skt = socket.socket(family, kind, proto, fd)
+                skt = _Socket(family, kind, proto, fd)
                 if len(addr) == 4:
                     # IPv6: with the zone, as Twisted's loop does.
                     host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
                     addr = (host[0], *addr[1:])
-                protocol = factory.buildProtocol(self._buildAddr(addr))
+                if acceptFrom is not None:
+                    protocol = acceptFrom(addr[0], addr[1])
+                else:
+                    protocol = factory.buildProtocol(self._buildAddr(addr))
                 if protocol is None:
                     skt.close()
                     continue

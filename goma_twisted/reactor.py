@@ -11,8 +11,9 @@ the same way and calls the same handler directly; an exception escaping a
 handler is still logged, with the connection's prefix, and the loop goes
 on, as with Twisted's.
 
-An event that is only "readable" (most of a relay's) is dispatched here
-as L{twisted.internet.posixbase._PollLikeMixin._doReadOrWrite} would,
+An event that is only "readable" (most of a relay's), or readable with a
+hang-up (a relay's last end of stream), is dispatched here as
+L{twisted.internet.posixbase._PollLikeMixin._doReadOrWrite} would,
 without that call: the same checks, C{doRead}, and disconnection on what
 it returns or raises. Any other event goes through C{_doReadOrWrite}.
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 import errno
 import sys
 from collections.abc import Callable
-from select import EPOLLIN
+from select import EPOLLHUP, EPOLLIN, EPOLLOUT
 from typing import Any
 
 from twisted.internet import epollreactor, posixbase
@@ -43,6 +44,9 @@ from twisted.python import log
 # (another Twisted), every event goes through _doReadOrWrite.
 _NO_FILEDESC: Any = getattr(posixbase, "_NO_FILEDESC", None)
 _READ_ONLY = EPOLLIN if _NO_FILEDESC is not None else -1
+# Readable with the connection hung up both ways (a relay's last end of
+# stream): _doReadOrWrite reads it as it reads a read event alone.
+_READ_HUP = EPOLLIN | EPOLLHUP if _NO_FILEDESC is not None else -1
 
 
 class EPollReactor(epollreactor.EPollReactor):
@@ -91,10 +95,10 @@ class EPollReactor(epollreactor.EPollReactor):
             if selectable is None:
                 continue
             try:
-                if event != _READ_ONLY:
+                if event != _READ_ONLY and event != _READ_HUP:
                     handle(selectable, fd, event)
                     continue
-                # _doReadOrWrite for a read event alone.
+                # _doReadOrWrite for a read event alone (or with a hang-up).
                 inRead = False
                 why: Any
                 try:
@@ -121,7 +125,8 @@ class EPollReactor(epollreactor.EPollReactor):
         C{addReader(reader)} for a descriptor C{fd} (its C{fileno()}) just
         opened, so watched for nothing yet: it registers it at once, without
         C{addReader}'s look-ups and the C{fileno()} call (a UDP session's
-        socket, one per DNS query under churn). Anything else goes to
+        socket, one per DNS query under churn; each relayed TCP connection's
+        two sockets, see L{goma_twisted.connect}). Anything else goes to
         C{addReader}.
         """
         if not self._records or fd in self._selectables:
@@ -130,6 +135,27 @@ class EPollReactor(epollreactor.EPollReactor):
         self._poller.register(fd, EPOLLIN)
         self._reads.add(fd)
         self._selectables[fd] = reader
+
+    def removeReader(self, reader: Any) -> None:
+        """
+        Twisted's C{removeReader} in one call for a descriptor the epoll set
+        watches for reading (a relay's side paused, or stopped at its end of
+        stream): Twisted's goes through three, and a look-up in its
+        continuous polling first, which never holds such a descriptor.
+        Anything else goes to Twisted's.
+        """
+        if self._records:
+            fd = reader.fileno()
+            reads = self._reads
+            if fd in reads:
+                if fd in self._writes:
+                    self._poller.modify(fd, EPOLLOUT)
+                else:
+                    del self._selectables[fd]
+                    self._poller.unregister(fd)
+                reads.remove(fd)
+                return
+        super().removeReader(reader)
 
     def closeSocket(self, selectable: Any, skt: Any) -> None:
         """

@@ -1221,8 +1221,14 @@ class TCPForwardFactory(Factory):
         Admit a client, or refuse it before any upstream work: returning
         None makes the listening port close the socket at once.
         """
-        host = str(getattr(addr, "host", ""))
-        port = int(getattr(addr, "port", 0))
+        return self.acceptFrom(str(getattr(addr, "host", "")), int(getattr(addr, "port", 0)))
+
+    def acceptFrom(self, host: str, port: int) -> ClientSide | None:
+        """
+        L{buildProtocol} for a client at C{host} and C{port}: what
+        L{goma_twisted.connect.RelayPort} calls, without making an address
+        object for each connection that only these two are read from.
+        """
         relay = Relay(self)
         if relay.expectHeader:
             if not matches_trusted(parse_ip(host), self.forward):

@@ -239,6 +239,9 @@ class _NoWatches:
 
     addReader = addWriter
 
+    def addNewReader(self, reader: Any, fd: int) -> None:
+        self.addWriter(reader)
+
 
 @pytest_twisted.ensureDeferred
 async def test_a_reactor_that_cannot_watch_fails_the_attempt(
@@ -419,6 +422,49 @@ def test_relay_port_accepts_all_waiting_connections(reactor: Any, host: str) -> 
         assert [t.sessionno for _, t in factory.served] == [0, 1, 2]
         # Three taken, then none: the next loop takes up to three.
         assert port.numberAccepts == 3
+    finally:
+        for client in clients:
+            client.close()
+        port.stopListening()
+
+
+class AcceptingFrom(Accepting):
+    """A factory taking the host and port themselves (as goma-pt's does)."""
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        raise AssertionError("acceptFrom is there")
+
+    def acceptFrom(self, host: str, port: int) -> protocol.Protocol | None:
+        if len(self.served) == 1:
+            # The second one refused: the port closes its socket.
+            self.served.append(((host, port), None))
+            return None
+        return Accepting.buildProtocol(self, (host, port))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_relay_port_hands_the_host_and_port_to_accept_from(reactor: Any, host: str) -> None:
+    factory = AcceptingFrom()
+    port = connect.listen_tcp(reactor, 0, factory, host)
+    clients = [socket.socket(port.socket.family) for _ in range(4)]
+    try:
+        for client in clients:
+            client.connect((host, port.getHost().port))
+        port.doRead()
+        assert [address for address, _ in factory.served] == [
+            tuple(client.getsockname()[:2]) for client in clients
+        ]
+        refused = [transport is None for _, transport in factory.served]
+        assert refused == [False, True, False, False]
+        for (address, transport), client in zip(factory.served, clients):
+            if transport is None:
+                # Closed at once: the client reads its end.
+                client.settimeout(5)
+                assert client.recv(10) == b""
+            else:
+                assert isinstance(transport, connect.AcceptedConnection)
+                assert (transport.getPeer().host, transport.getPeer().port) == address
+                transport.socket.close()
     finally:
         for client in clients:
             client.close()

@@ -126,6 +126,44 @@ def test_a_read_event_that_ends_the_stream_disconnects_cleanly() -> None:
         reactor._poller.close()
 
 
+class Ending(Reader):
+    """A reader whose read ends its stream."""
+
+    def doRead(self) -> Any:
+        super().doRead()
+        return CONNECTION_DONE
+
+
+@pytest.mark.parametrize("kind", [Reader, Ending])
+def test_a_read_event_with_a_hang_up_is_read_in_line(kind: type[Reader]) -> None:
+    # Readable and hung up (a relay's last end of stream): read here as
+    # _doReadOrWrite would, without calling it; its end as it would too.
+    reactor = EPollReactor()
+    ours, theirs = socket.socketpair()
+    reader = kind(reactor, ours.fileno())
+    handled: list[Any] = []
+    reactor._doReadOrWrite = lambda *a: handled.append(a)  # type: ignore[method-assign]
+    try:
+        reactor.addReader(reader)
+        theirs.send(b"last")
+        theirs.close()
+        assert reactor._poller.poll(0) == [(ours.fileno(), select.EPOLLIN | select.EPOLLHUP)]
+        reactor.doPoll(0)
+        assert handled == []
+        assert reader.read == b"last"
+        if kind is Ending:
+            [reason] = reader.lost
+            assert reason.check(ConnectionDone)
+            assert reader not in reactor.getReaders()
+        else:
+            assert reader.lost == []
+            assert reader in reactor.getReaders()
+            reactor.removeReader(reader)
+    finally:
+        ours.close()
+        reactor._poller.close()
+
+
 class Socketed(FileDescriptor):
     """A socket's reader, for closeSocket."""
 
@@ -253,6 +291,58 @@ def test_add_new_reader_without_twisteds_records_asks_add_reader() -> None:
     try:
         reactor.addNewReader(selectable, ours.fileno())
         assert asked == [selectable]
+        assert ours.fileno() not in reactor._selectables
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()
+
+
+@pytest.mark.parametrize("writing", [False, True])
+def test_remove_reader_leaves_the_records_and_the_epoll_set_as_twisteds(writing: bool) -> None:
+    # Our removeReader does in one call what Twisted's does: a descriptor
+    # also watched for writing stays watched for that alone, any other
+    # leaves the epoll set (its number can be registered anew).
+    reactor = EPollReactor()
+    ours, theirs = socket.socketpair()
+    selectable = Socketed(reactor, ours)
+    written: list[bool] = []
+    selectable.doWrite = lambda: written.append(True)  # type: ignore[method-assign]
+    fd = ours.fileno()
+    try:
+        reactor.addReader(selectable)
+        if writing:
+            reactor.addWriter(selectable)
+        theirs.send(b"ping")
+        reactor.removeReader(selectable)
+        assert selectable not in reactor.getReaders()
+        assert fd not in reactor._reads
+        if writing:
+            assert reactor._selectables[fd] is selectable
+            assert selectable in reactor.getWriters()
+            # Watched for writing only: the pending bytes wake no read.
+            assert reactor._poller.poll(0) == [(fd, select.EPOLLOUT)]
+            reactor.removeWriter(selectable)
+        assert fd not in reactor._selectables
+        reactor._poller.register(fd, select.EPOLLIN)  # not in the set any more
+        reactor._poller.unregister(fd)
+        # A reader not watched: nothing to do, as with Twisted's.
+        reactor.removeReader(selectable)
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()
+
+
+def test_remove_reader_without_twisteds_records_is_twisteds() -> None:
+    reactor = EPollReactor()
+    ours, theirs = socket.socketpair()
+    selectable = Socketed(reactor, ours)
+    try:
+        reactor.addReader(selectable)
+        reactor._records = False
+        reactor.removeReader(selectable)
+        assert selectable not in reactor.getReaders()
         assert ours.fileno() not in reactor._selectables
     finally:
         ours.close()
