@@ -27,24 +27,23 @@ from .report import forwards_table
 from .service import DEFAULT_DRAIN_TIMEOUT, ListenError, PassThroughService
 
 
-def _seconds(value: str) -> float:
+def _amount(value: str, unit: str) -> float:
+    """C{value} as a finite number, 0 or more, or a usage error naming C{unit}."""
     try:
-        seconds = float(value)
+        amount = float(value)
     except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{value!r} is not a number of seconds, 0 or more")
-    return seconds
+        amount = math.nan
+    if not math.isfinite(amount) or amount < 0:
+        raise ValueError(f"{value!r} is not a number of {unit}, 0 or more")
+    return amount
+
+
+def _seconds(value: str) -> float:
+    return _amount(value, "seconds")
 
 
 def _megabytes(value: str) -> float:
-    try:
-        megabytes = float(value)
-    except ValueError:
-        megabytes = math.nan
-    if not math.isfinite(megabytes) or megabytes < 0:
-        raise ValueError(f"{value!r} is not a number of megabytes, 0 or more")
-    return megabytes
+    return _amount(value, "megabytes")
 
 
 def _files(value: str) -> int:
