@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import platform
 import socket
+import sys
+import termios
 from errno import EWOULDBLOCK
+from functools import partial
 from typing import Any
 
 from twisted.internet import error, tcp
@@ -29,6 +33,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
     IPushProducer,
+    IReadDescriptor,
     ITCPTransport,
 )
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
@@ -62,6 +67,10 @@ SHUTDOWN = "shutdown"
 # After a timeout or a stop, how long a side may take to flush what it
 # holds before its connection is cut.
 CLOSE_GRACE = 2.0
+# A side closed for a timeout or a stop while its peer was still sending
+# reads and drops what comes after its FIN until the peer's own FIN, this
+# long without a byte, or CLOSE_GRACE (see _Lingering).
+LINGER_QUIET = 0.5
 
 END_REASONS = (
     CLIENT_CLOSED, TARGET_CLOSED, CLIENT_RESET, TARGET_RESET, IDLE_TIMEOUT,
@@ -389,6 +398,69 @@ def _closeTransport(transport: Any) -> None:
     del transport.protocol
     del transport.socket
     del transport.fileno
+
+
+def _unread(skt: socket.socket) -> int:
+    """How many received bytes wait in C{skt} (0 if it cannot say)."""
+    try:
+        return int.from_bytes(fcntl.ioctl(skt.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder)
+    except (OSError, ValueError):  # ValueError: closed (no descriptor)
+        return 0
+
+
+@implementer(IReadDescriptor)
+class _Lingering:
+    """
+    A socket closed for a timeout or a stop while its peer was still
+    sending, after its FIN. Closed at once, Linux would answer the peer
+    with a reset (its bytes are unread) and drop what it had not yet sent
+    of ours, the last bytes the close was to flush. So, as nginx's
+    C{lingering_close}: it reads and drops what still comes until the
+    peer's FIN or reset, L{LINGER_QUIET} seconds without a byte, or the
+    close's deadline (L{CLOSE_GRACE} after it began), then closes.
+    """
+
+    def __init__(self, skt: socket.socket, reactor: Any, clock: Any, deadline: float) -> None:
+        self.socket: socket.socket | None = skt
+        self.reactor = reactor
+        self.clock = clock
+        self.closed: Deferred[None] = Deferred()
+        self._deadline = clock.callLater(max(0.0, deadline - clock.seconds()), self.close)
+        self._quiet = clock.callLater(LINGER_QUIET, self.close)
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return -1 if self.socket is None else self.socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "goma-pt lingering close"
+
+    def doRead(self) -> Any:
+        assert self.socket is not None
+        for _ in range(16):
+            try:
+                if not self.socket.recv(READ_SIZE):
+                    return CONNECTION_DONE
+            except BlockingIOError:
+                break
+            except OSError:
+                return CONNECTION_LOST
+        self._quiet.reset(LINGER_QUIET)
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.socket is None:
+            return
+        for timer in (self._deadline, self._quiet):
+            if timer.active():
+                timer.cancel()
+        self.reactor.removeReader(self)
+        skt, self.socket = self.socket, None
+        skt.close()
+        self.closed.callback(None)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -846,6 +918,10 @@ class Relay:
     _clientGone = False
     _targetGone = True
     _finished = False
+    # Sides still reading after a close's FIN (see _closeSocket), and
+    # when the close began (its sides are cut CLOSE_GRACE after).
+    _lingering = 0
+    _closeStarted: float | None = None
     failureDetail: str | None = None
     # Who the client is: the connection's own addresses, or what a
     # trusted load balancer's PROXY header says they are.
@@ -877,10 +953,11 @@ class Relay:
 
     @property
     def done(self) -> Deferred[None]:
-        """Fires once the relay has ended and reported its end."""
+        """Fires once the relay has ended and reported its end, and its
+        sockets are closed."""
         if self._done is None:
             self._done = Deferred()
-            if self._finished:
+            if self._finished and not self._lingering:
                 self._done.callback(None)
         return self._done
 
@@ -1071,11 +1148,46 @@ class Relay:
         connector, self._connector = self._connector, None
         if connector is not None:
             connector.stopConnecting()
+        if self._closeStarted is None:
+            self._closeStarted = self.clock.seconds()
         for side in self._sides():
-            side.transport.unregisterProducer()
-            side.transport.loseConnection()
+            transport = side.transport
+            if isinstance(transport, tcp.Connection) and "_closeSocket" not in vars(transport):
+                # An instance attribute, which Twisted's connectionLost calls
+                # (private: a Twisted that does not closes as it always did).
+                transport._closeSocket = partial(  # type: ignore[method-assign]
+                    self._closeSocket, transport
+                )
+            transport.unregisterProducer()
+            transport.loseConnection()
         if self._abortTimer is None and not self._finished:
             self._abortTimer = self.clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _closeSocket(self, transport: tcp.Connection, orderly: bool) -> None:
+        """
+        Close the socket of a side this relay closed (L{close}), its bytes
+        flushed: one whose peer was still sending lingers (L{_Lingering})
+        after a FIN, instead of a close the kernel would turn into a reset.
+        """
+        skt = transport.socket
+        if orderly and _unread(skt):
+            try:
+                skt.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            else:
+                started = self._closeStarted
+                deadline = (self.clock.seconds() if started is None else started) + CLOSE_GRACE
+                lingering = _Lingering(skt, self.reactor, self.clock, deadline)
+                self._lingering += 1
+                lingering.closed.addCallback(self._lingered)
+                return
+        tcp.Connection._closeSocket(transport, orderly)
+
+    def _lingered(self, _: object) -> None:
+        self._lingering -= 1
+        if self._finished and not self._lingering and self._done is not None:
+            self._done.callback(None)
 
     def _abort(self) -> None:
         self._abortTimer = None
@@ -1127,7 +1239,7 @@ class Relay:
             # its PROXY header: a connection that was served.
             self._logEnd()
         self._letGo()
-        if self._done is not None:
+        if self._done is not None and not self._lingering:
             self._done.callback(None)
 
     def _logEnd(self) -> None:
@@ -1165,7 +1277,9 @@ class Relay:
         """
         for side in (getattr(self, "client", None), self.target):
             if side is not None:
-                vars(side.transport).pop("doRead", None)
+                transport = vars(side.transport)
+                transport.pop("doRead", None)
+                transport.pop("_closeSocket", None)
                 del side.relay
 
 

@@ -1,0 +1,164 @@
+"""
+A side that a stop or a timeout closes while its peer still sends lingers
+after its FIN (tcp._Lingering): the peer reads every relayed byte and a FIN,
+not a reset, and the stop waits for it, within its bounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock, deferLater
+
+from goma_twisted import tcp
+
+from .support import (
+    accept_raw,
+    bound_port,
+    finished,
+    forward,
+    open_fds,
+    raw_client,
+    raw_listener,
+    read_to_end,
+    read_to_eof,
+    relays,
+    start_service,
+    until,
+)
+
+
+async def _flooding(reactor: Any, clock: Clock) -> tuple[Any, Any, Any, Any, bytes]:
+    """
+    A service whose one client has sent the target more than it reads, so
+    that goma-pt's client side holds bytes unread; the target has sent
+    C{b"bye"}, relayed. (service, client, target's conn, listener, what the
+    client sent.)
+    """
+    listener = raw_listener()
+    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])), clock=clock)
+    client = raw_client(bound_port(service))
+    conn = await accept_raw(reactor, listener)
+    await until(reactor, lambda: relays(service))
+    conn.sendall(b"bye")
+    [relay] = relays(service)
+    await until(reactor, lambda: relay.bytesToClient == 3)
+    sent = bytearray()
+    chunk = b"x" * 65536
+    for _ in range(4000):  # until every buffer on the way is full
+        try:
+            sent += chunk[: client.send(chunk)]
+        except BlockingIOError:
+            if tcp._unread(_clientSocket(service)):
+                break
+            await deferLater(reactor, 0.005)
+    assert tcp._unread(_clientSocket(service)), "goma-pt's client side never held bytes"
+    return service, client, conn, listener, bytes(sent)
+
+
+def _sockets() -> int:
+    """This process's open sockets (the lingering one is closed at the end)."""
+    open_fds()  # collects what earlier tests left
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def _clientSocket(service: Any) -> socket.socket:
+    [relay] = relays(service)
+    return relay.client.transport.socket
+
+
+async def _readAll(reactor: Any, conn: socket.socket) -> bytes:
+    data, how = await read_to_end(reactor, conn, 20)
+    assert how == "eof"
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_ends_a_client_still_sending_with_a_fin_and_waits_for_it(
+    reactor: Any,
+) -> None:
+    sockets = _sockets()
+    clock = Clock()
+    service, client, conn, listener, sent = await _flooding(reactor, clock)
+    stopped = service.stopService()
+    atTarget = ensureDeferred(_readAll(reactor, conn))
+    data, how = await read_to_end(reactor, client, 20)
+    assert (data, how) == (b"bye", "eof")  # a FIN: before, a reset
+    relayed = await atTarget
+    assert relayed == sent[: len(relayed)]
+    await deferLater(reactor, 0.05)
+    assert not stopped.called  # goma-pt's client side still reads and drops
+    assert not relays(service)  # the relay itself has ended and logged
+    client.close()  # its FIN ends the lingering
+    await finished(reactor, stopped, 10)
+    conn.close()
+    listener.close()
+    await until(reactor, lambda: _sockets() <= sockets)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lingering_side_closes_after_a_quiet_spell(reactor: Any) -> None:
+    clock = Clock()
+    service, client, conn, listener, _ = await _flooding(reactor, clock)
+    stopped = service.stopService()
+    atTarget = ensureDeferred(_readAll(reactor, conn))
+    assert await read_to_eof(reactor, client, 20) == b"bye"
+    await atTarget
+    await deferLater(reactor, 0.05)  # what the client had sent is read and dropped
+    clock.advance(tcp.LINGER_QUIET - 0.01)
+    assert not stopped.called
+    clock.advance(0.01)
+    await finished(reactor, stopped, 10)
+    client.close()
+    conn.close()
+    listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_never_stops_sending_is_closed_at_the_grace(
+    reactor: Any,
+) -> None:
+    clock = Clock()
+    service, client, conn, listener, _ = await _flooding(reactor, clock)
+    stopped = service.stopService()
+    atTarget = ensureDeferred(_readAll(reactor, conn))
+    assert await read_to_eof(reactor, client, 20) == b"bye"
+    await atTarget
+    waited = 0.0
+    chunk = b"y" * 4096
+    while not stopped.called and waited < tcp.CLOSE_GRACE + 1:  # bounded: about 50 steps
+        try:
+            client.send(chunk)
+        except BlockingIOError:
+            pass
+        except OSError:
+            break
+        await deferLater(reactor, 0.01)  # goma-pt reads and drops it
+        clock.advance(tcp.LINGER_QUIET / 2)  # never quiet for long enough
+        waited += tcp.LINGER_QUIET / 2
+    assert stopped.called
+    assert tcp.CLOSE_GRACE <= waited < tcp.CLOSE_GRACE + tcp.LINGER_QUIET
+    await finished(reactor, stopped, 10)
+    client.close()
+    conn.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("unread", [False, True])
+def test_unread_counts_what_waits_in_a_socket(unread: bool) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        if unread:
+            b.sendall(b"12345")
+        assert tcp._unread(a) == (5 if unread else 0)
+    assert tcp._unread(a) == 0  # closed: it cannot say
