@@ -106,14 +106,24 @@ async def test_a_stop_ends_a_client_still_sending_with_a_fin_and_waits_for_it(
     await until(reactor, lambda: _sockets() <= sockets)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_lingering_side_closes_after_a_quiet_spell(reactor: Any) -> None:
-    clock = Clock()
+async def _stoppedAndRead(reactor: Any, clock: Clock) -> tuple[Any, Any, Any, Any]:
+    """
+    A L{_flooding} service stopped, with its client and target having read
+    all they were sent and the FIN: (the stop's Deferred, client, target's
+    conn, listener).
+    """
     service, client, conn, listener, _ = await _flooding(reactor, clock)
     stopped = service.stopService()
     atTarget = ensureDeferred(_readAll(reactor, conn))
     assert await read_to_eof(reactor, client, 20) == b"bye"
     await atTarget
+    return stopped, client, conn, listener
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lingering_side_closes_after_a_quiet_spell(reactor: Any) -> None:
+    clock = Clock()
+    stopped, client, conn, listener = await _stoppedAndRead(reactor, clock)
     await deferLater(reactor, 0.05)  # what the client had sent is read and dropped
     clock.advance(tcp.LINGER_QUIET - 0.01)
     assert not stopped.called
@@ -129,11 +139,7 @@ async def test_a_client_that_never_stops_sending_is_closed_at_the_grace(
     reactor: Any,
 ) -> None:
     clock = Clock()
-    service, client, conn, listener, _ = await _flooding(reactor, clock)
-    stopped = service.stopService()
-    atTarget = ensureDeferred(_readAll(reactor, conn))
-    assert await read_to_eof(reactor, client, 20) == b"bye"
-    await atTarget
+    stopped, client, conn, listener = await _stoppedAndRead(reactor, clock)
     waited = 0.0
     chunk = b"y" * 4096
     while not stopped.called and waited < tcp.CLOSE_GRACE + 1:  # bounded: about 50 steps
