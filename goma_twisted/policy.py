@@ -31,8 +31,14 @@ REFUSALS = (DENIED, AT_BOUND, AT_BOUND_PER_IP, UNTRUSTED, BAD_HEADER)
 SPLICE_PIPES = 16
 # File descriptors kept aside for the process itself (logs, DNS lookups,
 # the listeners' momentary accept, metrics scrapes, a .tac's own
-# services), and for the splice pipes.
-RESERVED_FDS = 64 + 2 * SPLICE_PIPES
+# services); and that with the splice pipes', where the relays splice.
+PROCESS_FDS = 64
+RESERVED_FDS = PROCESS_FDS + 2 * SPLICE_PIPES
+
+
+def reserved_fds(splicing: bool) -> int:
+    """The descriptors a budget keeps aside, the splice pipes' only where they can open."""
+    return RESERVED_FDS if splicing else PROCESS_FDS
 # A relayed TCP connection holds two descriptors, a UDP session one.
 FDS_PER_CONNECTION = 2
 FDS_PER_SESSION = 1

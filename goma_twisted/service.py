@@ -24,9 +24,9 @@ from . import connect, reuseport
 from ._reactor import reactor_or_global
 from .config import ConfigError, Forward, GatewayConfig, format_address, load_config
 from .metrics import ForwardCollector, metrics_site
-from .policy import Budget, plan_budget
+from .policy import Budget, plan_budget, reserved_fds
 from .stats import TCPStats, UDPStats
-from .tcp import TCPForwardFactory
+from .tcp import TCPForwardFactory, splices
 from .udp import MAX_DATAGRAM, UDPForward
 
 log = Logger(namespace="goma_pt")
@@ -441,6 +441,7 @@ class PassThroughService(MultiService):
             in_use,
             [lst.forward.max_connections for lst in tcp],
             [lst.forward.max_sessions for lst in udp],
+            reserved_fds(splicing=splices()),
         )
         for listener, (bound, _) in zip(tcp, budget.tcp):
             listener.factory.bounds.total = bound

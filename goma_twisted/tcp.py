@@ -239,6 +239,12 @@ _SPLICE = _loadSplice()
 # reuse its own): off there. Tests set 0: sides splice from their first read.
 SPLICE_AFTER: int | None = READ_SIZE if _RAW is not None else None
 
+
+def splices() -> bool:
+    """Whether relays here may splice, and so open pipes (L{_SplicePipe})."""
+    return SPLICE_AFTER is not None
+
+
 # fcntl's F_SETPIPE_SZ (Linux; Python's fcntl has it from 3.10).
 _F_SETPIPE_SZ = 1031
 

@@ -412,6 +412,19 @@ async def test_default_bounds_come_from_the_descriptor_limit(
     assert f"{tcp_bound} connections (derived)" in budget["shares"]
 
 
+@pytest.mark.parametrize(("splice_after", "reserved"), [(None, 64), (0, 96)])
+def test_the_splice_pipes_descriptors_are_kept_aside_only_where_relays_splice(
+    cleanup: list[Any], monkeypatch: pytest.MonkeyPatch, splice_after: int | None, reserved: int
+) -> None:
+    monkeypatch.setattr(tcp, "SPLICE_AFTER", splice_after)
+    with captured_logs() as logs:
+        service = serve(cleanup, forward(("tcp",), ("127.0.0.1", 9)))
+    [budget] = [e for e in logs.events if "File descriptors" in e["log_format"]]
+    assert service.budget is not None
+    assert service.budget.reserved == budget["reserved"] == reserved
+    assert reserved == policy.PROCESS_FDS + (2 * policy.SPLICE_PIPES if splice_after == 0 else 0)
+
+
 # PROXY protocol toward the target
 
 
