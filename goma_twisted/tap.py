@@ -43,7 +43,17 @@ def _seconds(value: str) -> float:
 
 
 def _megabytes(value: str) -> float:
-    return _amount(value, "megabytes")
+    megabytes = _amount(value, "megabytes")
+    if not math.isfinite(megabytes * 1_000_000):
+        # 1e308: finite, but not as a count of bytes.
+        raise ValueError(f"{value!r} is too many megabytes")
+    return megabytes
+
+
+def _bytes(megabytes: float) -> int:
+    """C{megabytes} in bytes; a size under a byte is one byte, not 0 (never)."""
+    count = round(megabytes * 1_000_000)
+    return max(count, 1) if megabytes > 0 else 0
 
 
 def _files(value: str) -> int:
@@ -164,7 +174,7 @@ def makeService(options: dict[str, Any]) -> IService:
         metrics=options["metrics"],
     )
     service.twistdOptions = getattr(options, "parent", None)
-    service.logRotation = LogRotation(round(options["log-size"] * 1_000_000), options["log-keep"])
+    service.logRotation = LogRotation(_bytes(options["log-size"]), options["log-keep"])
     return service
 
 

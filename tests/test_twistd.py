@@ -116,6 +116,8 @@ def test_without_config_it_says_how_to_give_one() -> None:
         ["--config", "x", "--log-keep", "0"],
         ["--config", "x", "--log-size", "-1"],
         ["--config", "x", "--log-size", "nan"],
+        # Finite, but not as bytes (a traceback in makeService, once).
+        ["--config", "x", "--log-size", "1e308"],
     ],
 )
 def test_a_usage_error_exits_1_whatever_twisteds_twistd_does(
