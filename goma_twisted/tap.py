@@ -76,7 +76,10 @@ DEFAULT_LOG_KEEP = 10
 
 
 class Options(usage.Options):
-    synopsis = "--config FILE [--check] [--drain SECONDS] [--metrics ENDPOINT]"
+    synopsis = (
+        "--config FILE [--check] [--drain SECONDS] [--metrics ENDPOINT] "
+        "[--log-size MB] [--log-keep N]"
+    )
     longdesc = (
         "Forward TCP and UDP ports as listed under gateway.entryPoints.passThrough.forwards "
         "of a Goma Gateway config file. The rest of the file (routes, middlewares, other "

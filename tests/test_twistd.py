@@ -98,6 +98,9 @@ def test_twistd_lists_the_plugin_and_explains_its_options() -> None:
     assert help_text.returncode == 0
     assert "--config=" in help_text.stdout
     assert "passThrough" in help_text.stdout
+    usage = help_text.stdout.splitlines()[0]
+    for option in ("--config", "--check", "--drain", "--metrics", "--log-size", "--log-keep"):
+        assert option in usage, option
 
 
 def test_without_config_it_says_how_to_give_one() -> None:
