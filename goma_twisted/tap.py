@@ -8,13 +8,14 @@ and shown as sentences rather than tracebacks.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.logger import FileLogObserver, ILogObserver
+from twisted.logger import FileLogObserver, ILogObserver, Logger
 from twisted.python import log as legacy_log
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -25,6 +26,8 @@ from .logs import GatheringFileLogObserver, classic_line
 from .metrics import check_endpoint
 from .report import forwards_table
 from .service import DEFAULT_DRAIN_TIMEOUT, ListenError, PassThroughService
+
+log = Logger(namespace="goma_pt")
 
 
 def _amount(value: str, unit: str) -> float:
@@ -43,7 +46,17 @@ def _seconds(value: str) -> float:
 
 
 def _megabytes(value: str) -> float:
-    return _amount(value, "megabytes")
+    megabytes = _amount(value, "megabytes")
+    if not math.isfinite(megabytes * 1_000_000):
+        # 1e308: finite, but not as a count of bytes.
+        raise ValueError(f"{value!r} is too many megabytes")
+    return megabytes
+
+
+def _bytes(megabytes: float) -> int:
+    """C{megabytes} in bytes; a size under a byte is one byte, not 0 (never)."""
+    count = round(megabytes * 1_000_000)
+    return max(count, 1) if megabytes > 0 else 0
 
 
 def _files(value: str) -> int:
@@ -63,7 +76,10 @@ DEFAULT_LOG_KEEP = 10
 
 
 class Options(usage.Options):
-    synopsis = "--config FILE [--check] [--drain SECONDS] [--metrics ENDPOINT]"
+    synopsis = (
+        "--config FILE [--check] [--drain SECONDS] [--metrics ENDPOINT] "
+        "[--log-size MB] [--log-keep N]"
+    )
     longdesc = (
         "Forward TCP and UDP ports as listed under gateway.entryPoints.passThrough.forwards "
         "of a Goma Gateway config file. The rest of the file (routes, middlewares, other "
@@ -164,7 +180,7 @@ def makeService(options: dict[str, Any]) -> IService:
         metrics=options["metrics"],
     )
     service.twistdOptions = getattr(options, "parent", None)
-    service.logRotation = LogRotation(round(options["log-size"] * 1_000_000), options["log-keep"])
+    service.logRotation = LogRotation(_bytes(options["log-size"]), options["log-keep"])
     return service
 
 
@@ -201,10 +217,12 @@ class _TwistdService(PassThroughService):
 
     twistdOptions: Any = None
     logRotation = LogRotation()
+    # twistd's --logfile, when goma-pt set its rotation.
+    logFile: LogFile | None = None
 
     def setServiceParent(self, parent: Any) -> None:
         if isinstance(parent, Componentized) and self.twistdOptions is not None:
-            _offer_text_log(parent, self.twistdOptions, self.logRotation)
+            self.logFile = _offer_text_log(parent, self.twistdOptions, self.logRotation)
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
@@ -218,11 +236,31 @@ class _TwistdService(PassThroughService):
             super().startService()
         except ListenError as e:
             raise _CannotStartError(*e.args) from None
+        if self.logFile is not None:
+            _check_rotation(self.logFile)
+
+
+def _check_rotation(out: LogFile) -> None:
+    """
+    Warn, once started (after twistd's C{--uid}), if C{out} cannot be
+    rotated: twistd's L{LogFile} then skips every rotation silently, and the
+    file grows without end. It stays writable (opened before the drop).
+    """
+    for path in (out.directory, out.path):
+        if not os.access(path, os.W_OK):
+            log.warn(
+                "--logfile {logfile} will not be rotated (at --log-size or on SIGUSR1): "
+                "user {uid} cannot write to {path}",
+                logfile=out.path,
+                uid=os.geteuid(),
+                path=path,
+            )
+            return
 
 
 def _offer_text_log(
     application: Componentized, twistdOptions: Any, rotation: LogRotation = LogRotation()
-) -> None:
+) -> LogFile | None:
     """
     Give twistd its own text log observer (C{--logfile} or standard output,
     rotation, SIGUSR1, its daemon checks), made by twistd's own code, but
@@ -236,19 +274,21 @@ def _offer_text_log(
     Left to twistd: C{--logger}, C{--syslog}, and any twistd whose logger
     does not look as expected (C{_getLogObserver} is private: checked here,
     and its observer is handed back as it is whatever it turns out to be).
+
+    @return: the C{--logfile} whose rotation was set, if any.
     """
     from twisted.scripts import twistd
 
     if not isinstance(twistdOptions, twistd.ServerOptions):
-        return
+        return None
     if twistdOptions.get("logger") or twistdOptions.get("syslog"):
-        return
+        return None
     if application.getComponent(ILogObserver) is not None:
-        return
+        return None
     loggerFactory = getattr(twistd._SomeApplicationRunner, "loggerFactory", None)
     makeObserver = getattr(loggerFactory, "_getLogObserver", None)
     if loggerFactory is None or makeObserver is None:
-        return
+        return None
     try:
         observer = makeObserver(loggerFactory(twistdOptions))
     except OSError as e:
@@ -261,6 +301,8 @@ def _offer_text_log(
     if isinstance(out, LogFile):
         out.rotateLength = rotation.size or None
         out.maxRotatedFiles = rotation.keep
+    else:
+        out = None
     if isinstance(observer, FileLogObserver):
         observer.formatEvent = classic_line
         observer = _gathering(observer)
@@ -268,6 +310,7 @@ def _offer_text_log(
         application.setComponent(ILogObserver, observer)
     else:
         application.setComponent(legacy_log.ILogObserver, observer)
+    return out
 
 
 def _gathering(observer: FileLogObserver) -> FileLogObserver:

@@ -431,9 +431,10 @@ class _Lingering:
         self.reactor = reactor
         self.clock = clock
         self.closed: Deferred[None] = Deferred()
+        # First: it may fail (OSError: epoll takes no more descriptors).
+        reactor.addReader(self)
         self._deadline = clock.callLater(max(0.0, deadline - clock.seconds()), self.close)
         self._quiet = clock.callLater(LINGER_QUIET, self.close)
-        reactor.addReader(self)
 
     def fileno(self) -> int:
         return -1 if self.socket is None else self.socket.fileno()
@@ -1177,14 +1178,17 @@ class Relay:
         """
         skt = transport.socket
         if orderly and _unread(skt):
+            started = self._closeStarted
+            deadline = (self.clock.seconds() if started is None else started) + CLOSE_GRACE
             try:
                 skt.shutdown(socket.SHUT_WR)
+                lingering = _Lingering(skt, self.reactor, self.clock, deadline)
             except OSError:
+                # Not connected any more, or not to be watched: closed as
+                # before (raising here, Twisted's connectionLost would stop
+                # short of the relay, which would never end).
                 pass
             else:
-                started = self._closeStarted
-                deadline = (self.clock.seconds() if started is None else started) + CLOSE_GRACE
-                lingering = _Lingering(skt, self.reactor, self.clock, deadline)
                 self._lingering += 1
                 lingering.closed.addCallback(self._lingered)
                 return

@@ -7,6 +7,7 @@ not a reset, and the stop waits for it, within its bounds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from typing import Any
@@ -168,3 +169,34 @@ def test_unread_counts_what_waits_in_a_socket(unread: bool) -> None:
             b.sendall(b"12345")
         assert tcp._unread(a) == (5 if unread else 0)
     assert tcp._unread(a) == 0  # closed: it cannot say
+
+
+class _NoWatches:
+    """A reactor whose epoll set takes no more descriptors (ENOSPC: max_user_watches)."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def addReader(self, reader: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_side_that_cannot_linger_is_closed_and_the_stop_ends(reactor: Any) -> None:
+    # Before, the error escaped Twisted's connectionLost: the side never
+    # reached the relay, which never ended (its slot held, the stop waiting).
+    sockets = _sockets()
+    clock = Clock()
+    service, client, conn, listener, _ = await _flooding(reactor, clock)
+    [relay] = relays(service)
+    relay.reactor = _NoWatches(reactor)
+    stopped = service.stopService()
+    await finished(reactor, stopped, 10)
+    assert not relays(service)
+    client.close()
+    conn.close()
+    listener.close()
+    await until(reactor, lambda: _sockets() <= sockets)

@@ -211,6 +211,9 @@ def test_log_size_and_log_keep_set_the_rotation(tmp_path: Path) -> None:
     assert (out.rotateLength, out.maxRotatedFiles) == (500_000, 3)
     out = _offered(tmp_path, *logfile, goma=("--log-size", "0"))._outFile
     assert (out.rotateLength, out.maxRotatedFiles) == (None, 10)
+    # Less than a byte is still a size (the smallest), not 0's "never".
+    out = _offered(tmp_path, *logfile, goma=("--log-size", "1e-9"))._outFile
+    assert (out.rotateLength, out.maxRotatedFiles) == (1, 10)
 
 
 def test_a_logfile_keeps_log_keep_rotated_files_of_log_size(tmp_path: Path, backend: int) -> None:
