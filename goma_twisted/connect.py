@@ -381,6 +381,20 @@ class AcceptedConnection(_NewReader, tcp.Server):
         return f"<{self.protocol.__class__.__name__} #{self.sessionno}>"
 
 
+def accept_from(factory: Any) -> Callable[[str, int], Any] | None:
+    """
+    The factory's C{acceptFrom(host, port)}, its C{buildProtocol} without
+    an address object (goma_twisted.tcp's factory has one), where that is
+    what its C{buildProtocol} does: not when a subclass overrides
+    C{buildProtocol} alone, whose override must then be called.
+    """
+    acceptFrom = getattr(factory, "acceptFrom", None)
+    for klass in type(factory).__mro__:
+        if "buildProtocol" in vars(klass):
+            return acceptFrom if "acceptFrom" in vars(klass) else None
+    return None
+
+
 class RelayPort(tcp.Port):
     """
     Twisted's listening port, building L{AcceptedConnection}s, with the
@@ -390,6 +404,7 @@ class RelayPort(tcp.Port):
     transport = AcceptedConnection
     # The listening socket's family, type and protocol, as numbers.
     _numbers: tuple[int, int, int] | None = None
+    _acceptFrom: Callable[[str, int], Any] | None = None
 
     def createInternetSocket(self) -> socket.socket:
         skt: socket.socket = super().createInternetSocket()
@@ -405,6 +420,7 @@ class RelayPort(tcp.Port):
         if _LEAN_ACCEPT:
             skt = self.socket
             self._numbers = (int(skt.family), int(skt.type), skt.proto)
+        self._acceptFrom = accept_from(self.factory)
 
     def doRead(self) -> None:
         """
@@ -424,8 +440,7 @@ class RelayPort(tcp.Port):
         family, kind, proto = numbers
         accept = self.socket._accept  # type: ignore[union-attr]
         factory: Any = self.factory
-        # goma_twisted.tcp's factory takes the host and port themselves.
-        acceptFrom = getattr(factory, "acceptFrom", None)
+        acceptFrom = self._acceptFrom
         limit = self.numberAccepts
         accepted = 0
         try:

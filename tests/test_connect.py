@@ -471,6 +471,54 @@ def test_relay_port_hands_the_host_and_port_to_accept_from(reactor: Any, host: s
         port.stopListening()
 
 
+class BuildingItsOwn(AcceptingFrom):
+    """A subclass overriding C{buildProtocol} alone (a .tac's, say)."""
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        self.built.append(addr)
+        return AcceptingFrom.acceptFrom(self, addr.host, addr.port)  # type: ignore[return-value]
+
+    built: list[Any]
+
+
+def test_relay_port_calls_a_subclass_own_build_protocol(reactor: Any) -> None:
+    factory = BuildingItsOwn()
+    factory.built = []
+    port = connect.listen_tcp(reactor, 0, factory, "127.0.0.1")
+    client = socket.socket()
+    try:
+        client.connect(("127.0.0.1", port.getHost().port))
+        port.doRead()
+        [addr] = factory.built
+        assert (addr.host, addr.port) == client.getsockname()
+        [(_, transport)] = factory.served
+        transport.socket.close()
+    finally:
+        client.close()
+        port.stopListening()
+
+
+def test_accept_from_only_where_build_protocol_is_the_one_calling_it() -> None:
+    class OwnAcceptFrom(tcp.TCPForwardFactory):
+        def acceptFrom(self, host: str, port: int) -> Any:
+            return None
+
+    class OwnBuildProtocol(tcp.TCPForwardFactory):
+        def buildProtocol(self, addr: Any) -> Any:
+            return None
+
+    def ask(klass: Any) -> Any:
+        factory = klass.__new__(klass)
+        acceptFrom = connect.accept_from(factory)
+        return None if acceptFrom is None else acceptFrom.__func__  # type: ignore[attr-defined]
+
+    assert ask(tcp.TCPForwardFactory) is tcp.TCPForwardFactory.acceptFrom
+    assert ask(OwnAcceptFrom) is OwnAcceptFrom.acceptFrom
+    assert ask(OwnBuildProtocol) is None
+    assert ask(Accepting) is None
+    assert ask(AcceptingFrom) is AcceptingFrom.acceptFrom
+
+
 @pytest.mark.parametrize("number", [errno.EMFILE, errno.ECONNABORTED])
 def test_relay_port_leaves_accept_errors_to_twisted(reactor: Any, number: int) -> None:
     factory = Accepting()
