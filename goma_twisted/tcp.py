@@ -414,6 +414,11 @@ def _unread(skt: socket.socket) -> int:
         return 0
 
 
+# Where a lingering socket reads what it drops (one buffer for all: a
+# recv of a new bytes object would allocate each time).
+_DROPPED = bytearray(64 * 1024)
+
+
 @implementer(IReadDescriptor)
 class _Lingering:
     """
@@ -446,7 +451,7 @@ class _Lingering:
         assert self.socket is not None
         for _ in range(16):
             try:
-                if not self.socket.recv(READ_SIZE):
+                if not self.socket.recv_into(_DROPPED):
                     return CONNECTION_DONE
             except BlockingIOError:
                 break
