@@ -288,7 +288,9 @@ class PassThroughService(MultiService):
         live = sum(len(factory.relays) for factory in factories)
         if live:
             log.info(
-                "Stopping: {live} connections may finish within {timeout}s",
+                "Stopping: {connections} may finish within {seconds}s",
+                connections=f"{live} connection" + ("" if live == 1 else "s"),
+                seconds=f"{self.drain_timeout:.15g}",
                 live=live,
                 timeout=self.drain_timeout,
             )
