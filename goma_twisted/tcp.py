@@ -1201,8 +1201,10 @@ class Relay:
 
     def _lingered(self, _: object) -> None:
         self._lingering -= 1
-        if self._finished and not self._lingering and self._done is not None:
-            self._done.callback(None)
+        if self._finished and not self._lingering:
+            self.factory.lingering.discard(self)
+            if self._done is not None:
+                self._done.callback(None)
 
     def _abort(self) -> None:
         self._abortTimer = None
@@ -1249,6 +1251,9 @@ class Relay:
                 timer.cancel()
         self._idleTimer = self._abortTimer = None
         self.factory.relayEnded(self)
+        if self._lingering:
+            # A stop must wait for its sockets still (drain).
+            self.factory.lingering.add(self)
         if self.admitted:
             # Not refused (those are logged, rate-limited) nor gone before
             # its PROXY header: a connection that was served.
@@ -1320,6 +1325,9 @@ class TCPForwardFactory(Factory):
         self.reactor = reactor = reactor_or_global(reactor)
         self.clock = clock if clock is not None else reactor
         self.relays: set[Relay] = set()
+        # Ended relays whose sockets still linger (L{_Lingering}): out of
+        # the bounds, but a drain waits for them.
+        self.lingering: set[Relay] = set()
         # maxConnections (the service fills in the default from the file
         # descriptor budget) and maxConnectionsPerIp.
         self.bounds = Bounds(forward.max_connections, forward.max_connections_per_ip)
@@ -1416,11 +1424,14 @@ class TCPForwardFactory(Factory):
     def drain(self, timeout: float) -> Deferred[None]:
         """
         Fire once every live relay has ended on its own, closing those still
-        open after C{timeout} seconds (all of them at once for 0).
+        open after C{timeout} seconds (all of them at once for 0), and the
+        lingering sockets of those already ended have closed.
         """
-        if not self.relays:
+        if not self.relays and not self.lingering:
             return succeed(None)
-        ended: Deferred[Any] = DeferredList([relay.done for relay in self.relays])
+        ended: Deferred[Any] = DeferredList(
+            [relay.done for relay in (*self.relays, *self.lingering)]
+        )
         if timeout <= 0:
             self.closeAll()
         else:

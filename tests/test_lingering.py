@@ -35,7 +35,9 @@ from .support import (
 )
 
 
-async def _flooding(reactor: Any, clock: Clock) -> tuple[Any, Any, Any, Any, bytes]:
+async def _flooding(
+    reactor: Any, clock: Clock, **options: Any
+) -> tuple[Any, Any, Any, Any, bytes]:
     """
     A service whose one client has sent the target more than it reads, so
     that goma-pt's client side holds bytes unread; the target has sent
@@ -43,7 +45,8 @@ async def _flooding(reactor: Any, clock: Clock) -> tuple[Any, Any, Any, Any, byt
     client sent.)
     """
     listener = raw_listener()
-    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])), clock=clock)
+    target = ("127.0.0.1", listener.getsockname()[1])
+    service = start_service(forward(target=target, **options), clock=clock)
     client = raw_client(bound_port(service))
     conn = await accept_raw(reactor, listener)
     await until(reactor, lambda: relays(service))
@@ -157,6 +160,28 @@ async def test_a_client_that_never_stops_sending_is_closed_at_the_grace(
     assert tcp.CLOSE_GRACE <= waited < tcp.CLOSE_GRACE + tcp.LINGER_QUIET
     await finished(reactor, stopped, 10)
     client.close()
+    conn.close()
+    listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_waits_for_the_lingering_side_of_a_relay_already_ended(
+    reactor: Any,
+) -> None:
+    # An idle timeout ended the relay (out of the live ones) while its
+    # client side lingers: a stop then must not end before that socket.
+    clock = Clock()
+    service, client, conn, listener, _ = await _flooding(reactor, clock, idle_timeout=30.0)
+    clock.advance(30)
+    atTarget = ensureDeferred(_readAll(reactor, conn))
+    assert await read_to_eof(reactor, client, 20) == b"bye"
+    await atTarget
+    await until(reactor, lambda: not relays(service))
+    stopped = service.stopService()
+    await deferLater(reactor, 0.05)
+    assert not stopped.called
+    client.close()  # its FIN ends the lingering
+    await finished(reactor, stopped, 10)
     conn.close()
     listener.close()
 
