@@ -40,6 +40,8 @@ def apply(spec: str) -> None:
             _pipeSize(tcp, int(value))
         elif name == "splice_more":
             _spliceMore(tcp)
+        elif name == "rcvlowat_bulk":
+            _rcvlowatBulk(tcp, int(value))
         else:
             level, option = _SOCKOPTS[name]
             options.append((level, option, int(value)))
@@ -95,3 +97,20 @@ def _sockopts(tcp: Any, options: list[tuple[int, int, int]]) -> None:
                 skt.setsockopt(level, option, value)
 
     tcp._RelaySide.link = linkWithOptions
+
+
+def _rcvlowatBulk(tcp: Any, lowat: int) -> None:
+    """
+    SO_RCVLOWAT on a side after its first full read: the kernel wakes the
+    forwarder for that socket only once C{lowat} bytes wait. An experiment
+    only: a sender that pauses with fewer queued would stall.
+    """
+    relayData = tcp._RelaySide.relayData
+
+    def relayDataLowat(self: Any, data: Any) -> None:
+        if len(data) >= tcp.READ_SIZE and not getattr(self, "lowatSet", False):
+            self.lowatSet = True
+            self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+        relayData(self, data)
+
+    tcp._RelaySide.relayData = relayDataLowat
