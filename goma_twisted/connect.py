@@ -207,6 +207,9 @@ class Connecting:
         self.timeout = timeout
         self.protocol = protocol
         self.failed = failed
+        # The class's starting state, on the instance (see _ownState).
+        self._socket = self._timer = None
+        self._waiting = self.done = False
 
     def start(self) -> None:
         """Make the socket and connect; may finish (either way) before it returns."""

@@ -373,6 +373,13 @@ _LEAN_END = _RELAY_READ and all(
 )
 
 
+# Whether Relay.targetConnected may register each transport of a pair as
+# the other's producer by setting what Twisted's registerProducer sets.
+_LEAN_PAIR = _SEND_NOW and all(
+    hasattr(tcp.Connection, name) for name in ("producer", "streamingProducer", "disconnected")
+)
+
+
 def _writable(transport: Any) -> bool:
     """Whether a transport is open for writing with nothing queued."""
     return not (
@@ -1151,9 +1158,26 @@ class Relay:
         early, self._early = self._early, b""
         if early:
             client.relayData(early)
-        target.transport.registerProducer(client.transport, True)
-        client.transport.registerProducer(target.transport, True)
-        client.transport.resumeProducing()
+        ours: Any = client.transport
+        theirs: Any = target.transport
+        if (
+            _LEAN_PAIR
+            and client.sendsNow
+            and target.sendsNow
+            and ours.producer is None
+            and theirs.producer is None
+            and not (ours.disconnected or theirs.disconnected)
+        ):
+            # What registerProducer does for a pair that is connected and
+            # has none, both ways; then resumeProducing (startReading).
+            theirs.producer, theirs.streamingProducer = ours, True
+            ours.producer, ours.streamingProducer = theirs, True
+            if ours.connected and not ours.disconnecting:
+                ours.startReading()
+        else:
+            theirs.registerProducer(ours, True)
+            ours.registerProducer(theirs, True)
+            ours.resumeProducing()
         if self.forward.idle_timeout is not None:
             self.lastActivity = self.clock.seconds()
             self._idleTimer = self.clock.callLater(self.forward.idle_timeout, self._idleCheck)
@@ -1337,9 +1361,20 @@ class Relay:
         """
         for side in (getattr(self, "client", None), self.target):
             if side is not None:
-                transport = vars(side.transport)
-                transport.pop("doRead", None)
-                transport.pop("_closeSocket", None)
+                transport: Any = side.transport
+                if side.sendsNow:
+                    # link() set it (abortConnection() may have replaced
+                    # it): deleted without vars(), which turns the
+                    # instance's attributes into a dict of their own.
+                    try:  # noqa: SIM105 (contextlib.suppress is three more calls)
+                        del transport.doRead
+                    except AttributeError:
+                        pass
+                else:
+                    vars(transport).pop("doRead", None)
+                if self._closeStarted is not None:
+                    # close() may have set it.
+                    vars(transport).pop("_closeSocket", None)
                 del side.relay
 
 
