@@ -121,7 +121,8 @@ def _connect_error(number: int) -> Exception:
 
 
 # The state of Twisted's TCP transport that its classes hold until it
-# changes, and the relay reads on every connection (see _ownState).
+# changes, and the relay reads on every connection (RelayConnection sets
+# them on itself).
 _CLASS_STATE = {
     "disconnected": 0, "disconnecting": 0, "_writeDisconnecting": False,
     "_writeDisconnected": False, "dataBuffer": b"", "_aborting": False,
@@ -145,24 +146,6 @@ class _NewReader:
 
     reactor: Any
     socket: Any
-
-    def _ownState(self) -> None:
-        """
-        Set L{_CLASS_STATE} on the transport itself, as it starts. CPython
-        3.11 does not specialise reading, through an instance, an attribute
-        its class holds: about 6x the time of one the instance holds, and
-        the relay reads these some 30 times per connection.
-        """
-        if _OWN_STATE:
-            me: Any = self
-            me.disconnected = 0
-            me.disconnecting = 0
-            me._writeDisconnecting = False
-            me._writeDisconnected = False
-            me.dataBuffer = b""
-            me._aborting = False
-            me.producer = None
-            me.streamingProducer = False
 
     def startReading(self) -> None:
         reactor = self.reactor
@@ -207,7 +190,7 @@ class Connecting:
         self.timeout = timeout
         self.protocol = protocol
         self.failed = failed
-        # The class's starting state, on the instance (see _ownState).
+        # The class's starting state, on the instance (see RelayConnection).
         self._socket = self._timer = None
         self._waiting = self.done = False
 
@@ -354,7 +337,7 @@ class RelayConnection(_NewReader, tcp.Server):
     One class for both, not two: the relay's code runs on both transports
     alike, and CPython 3.11 specialises an attribute access for one class
     at a time; with two classes taking turns, most of the relay's accesses
-    to its transports fell back to the generic look-up (see _ownState).
+    to its transports fell back to the generic look-up.
     The TCP options come from the listening socket or L{Connecting}.
     """
 
@@ -379,7 +362,20 @@ class RelayConnection(_NewReader, tcp.Server):
         # tcp.Server.__init__ without startReading() and its log strings,
         # and tcp.Connection.__init__ in line.
         abstract.FileDescriptor.__init__(self, reactor=reactor)
-        self._ownState()
+        if _OWN_STATE:
+            # _CLASS_STATE on the transport itself: CPython 3.11 does not
+            # specialise reading, through an instance, an attribute its
+            # class holds (about 6x the time of one the instance holds),
+            # and the relay reads these some 30 times per connection.
+            me: Any = self
+            me.disconnected = 0
+            me.disconnecting = 0
+            me._writeDisconnecting = False
+            me._writeDisconnected = False
+            me.dataBuffer = b""
+            me._aborting = False
+            me.producer = None
+            me.streamingProducer = False
         self.socket = sock
         self.fileno = sock.fileno
         self.protocol = protocol
