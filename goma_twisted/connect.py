@@ -18,14 +18,14 @@ Here, for a target given as an IP address:
     A target on a loopback address has usually finished its handshake
     when the first C{connect()} returns, so it is asked at once and most
     often needs no wait at all. The connected socket is handed, not
-    duplicated, to an L{OutgoingConnection}: Twisted's own TCP transport.
+    duplicated, to a L{RelayConnection}: Twisted's own TCP transport.
   - L{RelayPort} sets the TCP options once on the listening socket (an
-    accepted socket inherits them) and builds L{AcceptedConnection}s,
+    accepted socket inherits them) and builds L{RelayConnection}s too,
     which do not read until told, so a client waiting for its target
     costs no C{epoll_ctl} pair.
 
-Both transports are Twisted's L{tcp.Connection}; only their construction
-is ours. That leans on attributes Twisted does not document, checked once
+Both transports are Twisted's L{tcp.Server}, of one class; only their
+construction is ours. That leans on attributes Twisted does not document, checked once
 here (L{LEAN}): without them, or on a reactor that is not Twisted's POSIX
 one (a test's memory reactor), the relay uses C{connectTCP} and Twisted's
 own port.
@@ -120,6 +120,21 @@ def _connect_error(number: int) -> Exception:
     return exc
 
 
+# The state of Twisted's TCP transport that its classes hold until it
+# changes, and the relay reads on every connection (RelayConnection sets
+# them on itself).
+_CLASS_STATE = {
+    "disconnected": 0, "disconnecting": 0, "_writeDisconnecting": False,
+    "_writeDisconnected": False, "dataBuffer": b"", "_aborting": False,
+    "producer": None, "streamingProducer": False,
+}  # fmt: skip
+_OWN_STATE = all(
+    name in vars(klass) and vars(klass)[name] == value
+    for name, value in _CLASS_STATE.items()
+    for klass in [next((k for k in tcp.Connection.__mro__ if name in vars(k)), object)]
+)
+
+
 class _NewReader:
     """
     C{startReading} for our transports: through the reactor's
@@ -141,45 +156,11 @@ class _NewReader:
             add(self, self.socket.fileno())
 
 
-class OutgoingConnection(_NewReader, tcp.Connection):
-    """
-    Twisted's TCP transport around a socket that L{Connecting} connected.
-    The socket is already non-blocking and has its TCP options.
-    """
-
-    tcpOptionsSet = True
-
-    def __init__(
-        self,
-        skt: socket.socket,
-        protocol: IProtocol,
-        reactor: Any,
-        peer: IPv4Address | IPv6Address,
-    ) -> None:
-        # tcp.Connection.__init__ without its setblocking() system call.
-        abstract.FileDescriptor.__init__(self, reactor=reactor)
-        self.socket = skt
-        self.fileno = skt.fileno
-        self.protocol = protocol
-        self._peer = peer
-        self.connected = 1
-
-    def logPrefix(self) -> str:
-        return f"{self.protocol.__class__.__name__},client"
-
-    def getPeer(self) -> IPv4Address | IPv6Address:
-        return self._peer
-
-    def getHost(self) -> IPv4Address | IPv6Address:
-        host = tcp._getsockname(self.socket)
-        return type(self._peer)("TCP", *host)
-
-
 class Connecting:
     """
     One attempt to connect to a L{TargetAddress}, for one protocol.
 
-    On success the protocol gets an L{OutgoingConnection}, reading; on
+    On success the protocol gets a L{RelayConnection}, reading; on
     failure C{failed} is called with the same exceptions Twisted's
     connector gives: L{error.ConnectionRefusedError} and its kin for the
     errno of C{connect()}, L{error.TimeoutError} after C{timeout} seconds,
@@ -209,6 +190,9 @@ class Connecting:
         self.timeout = timeout
         self.protocol = protocol
         self.failed = failed
+        # The class's starting state, on the instance (see RelayConnection).
+        self._socket = self._timer = None
+        self._waiting = self.done = False
 
     def start(self) -> None:
         """Make the socket and connect; may finish (either way) before it returns."""
@@ -323,7 +307,8 @@ class Connecting:
             self.done = True
         skt, self._socket = self._socket, None
         assert skt is not None
-        transport = OutgoingConnection(skt, self.protocol, self.reactor, self.target.peer)
+        peer = self.target.peer
+        transport = RelayConnection(skt, self.protocol, (), None, 0, self.reactor, peer)
         try:
             transport.startReading()
         except OSError as e:
@@ -340,15 +325,29 @@ class Connecting:
         self.failed(Failure(reason))
 
 
-class AcceptedConnection(_NewReader, tcp.Server):
+class RelayConnection(_NewReader, tcp.Server):
     """
-    Twisted's transport for an accepted connection, which starts reading
-    only when C{resumeProducing} or C{startReading} says so. Its TCP options
-    come from the listening socket.
+    Twisted's TCP transport for both sockets of a relay: an accepted one
+    (what L{tcp.Server} is, built with its arguments by L{RelayPort}),
+    which starts reading only when C{resumeProducing} or C{startReading}
+    says so, and one that L{Connecting} connected to C{peer} (a
+    L{tcp.Server} too, as the port's transport type must be: the relay
+    never starts TLS, the one thing a server does differently).
+
+    One class for both, not two: the relay's code runs on both transports
+    alike, and CPython 3.11 specialises an attribute access for one class
+    at a time; with two classes taking turns, most of the relay's accesses
+    to its transports fell back to the generic look-up.
+    The TCP options come from the listening socket or L{Connecting}.
     """
 
     tcpOptionsSet = True
     readingHeld = True
+    # The accepted side's, as tcp.Server has them.
+    server: Any = None
+    client: tuple[Any, ...] = ()
+    sessionno = 0
+    hostname = ""
 
     def __init__(
         self,
@@ -358,27 +357,65 @@ class AcceptedConnection(_NewReader, tcp.Server):
         server: Any,
         sessionno: int,
         reactor: Any,
+        peer: IPv4Address | IPv6Address | None = None,
     ) -> None:
         # tcp.Server.__init__ without startReading() and its log strings,
         # and tcp.Connection.__init__ in line.
         abstract.FileDescriptor.__init__(self, reactor=reactor)
+        if _OWN_STATE:
+            # _CLASS_STATE on the transport itself: CPython 3.11 does not
+            # specialise reading, through an instance, an attribute its
+            # class holds (about 6x the time of one the instance holds),
+            # and the relay reads these some 30 times per connection.
+            me: Any = self
+            me.disconnected = 0
+            me.disconnecting = 0
+            me._writeDisconnecting = False
+            me._writeDisconnected = False
+            me.dataBuffer = b""
+            me._aborting = False
+            me.producer = None
+            me.streamingProducer = False
         self.socket = sock
-        sock.setblocking(False)
         self.fileno = sock.fileno
         self.protocol = protocol
-        if len(client) != 2:
+        self._peer = peer
+        if peer is None:
+            # Accepted: non-blocking now (connected ones are already).
+            sock.setblocking(False)
+            if len(client) != 2:
+                self._addressType = IPv6Address
+            self.server = server
+            self.client = client
+            self.sessionno = sessionno
+            self.hostname = client[0]
+        elif isinstance(peer, IPv6Address):
             self._addressType = IPv6Address
-        self.server = server
-        self.client = client
-        self.sessionno = sessionno
-        self.hostname = client[0]
         self.connected = 1
 
     def logPrefix(self) -> str:
-        return f"{self.protocol.__class__.__name__},{self.sessionno},{self.hostname}"
+        name = self.protocol.__class__.__name__
+        if self._peer is not None:
+            return f"{name},client"
+        return f"{name},{self.sessionno},{self.hostname}"
+
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        if self._peer is not None:
+            return self._peer
+        return self._addressType("TCP", *self.client)
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        return self._addressType("TCP", *tcp._getsockname(self.socket))
 
     def __repr__(self) -> str:
-        return f"<{self.protocol.__class__.__name__} #{self.sessionno}>"
+        name = self.protocol.__class__.__name__
+        if self._peer is not None:
+            return f"<{name} to {self._peer.host}:{self._peer.port}>"
+        return f"<{name} #{self.sessionno}>"
+
+
+# The names the two kinds had when they were two classes.
+AcceptedConnection = OutgoingConnection = RelayConnection
 
 
 def accept_from(factory: Any) -> Callable[[str, int], Any] | None:
@@ -397,11 +434,11 @@ def accept_from(factory: Any) -> Callable[[str, int], Any] | None:
 
 class RelayPort(tcp.Port):
     """
-    Twisted's listening port, building L{AcceptedConnection}s, with the
+    Twisted's listening port, building L{RelayConnection}s, with the
     relay's TCP options set on the listening socket for them to inherit.
     """
 
-    transport = AcceptedConnection
+    transport = RelayConnection
     # The listening socket's family, type and protocol, as numbers.
     _numbers: tuple[int, int, int] | None = None
     _acceptFrom: Callable[[str, int], Any] | None = None

@@ -3,10 +3,11 @@ The TCP relay: a pair of protocols in the manner of
 L{twisted.protocols.portforward}, which also pass a half-close through,
 time out connects and idle pairs, and say why each connection ended.
 
-L{ClientSide} is the accepted connection, L{TargetSide} the one we open to
-the forward's target. Each transport is registered as the producer of the
-other, so a slow reader on one side pauses reading on the other and memory
-stays bounded by the socket buffers plus one read.
+A L{RelaySide} is each end: the accepted connection (L{ClientSide}) and
+the one we open to the forward's target (L{TargetSide}). Each transport is
+registered as the producer of the other, so a slow reader on one side
+pauses reading on the other and memory stays bounded by the socket
+buffers plus one read.
 """
 
 from __future__ import annotations
@@ -369,6 +370,13 @@ _RELAY_READ = _SEND_NOW and all(hasattr(tcp.Connection, name) for name in ("doRe
 _LEAN_END = _RELAY_READ and all(
     hasattr(tcp.Connection, name)
     for name in ("producer", "disconnected", "stopReading", "stopWriting", "connectionLost")
+)
+
+
+# Whether Relay.targetConnected may register each transport of a pair as
+# the other's producer by setting what Twisted's registerProducer sets.
+_LEAN_PAIR = _SEND_NOW and all(
+    hasattr(tcp.Connection, name) for name in ("producer", "streamingProducer", "disconnected")
 )
 
 
@@ -841,69 +849,83 @@ class _RelaySide(Protocol):
             peer.transport.loseConnection()
 
 
-class TargetSide(_RelaySide):
-    """Our connection to the forward's target."""
+class RelaySide(_RelaySide):
+    """
+    Either end of a relayed pair: the accepted client connection
+    (C{fromClient}) or our connection to the forward's target.
 
-    def __init__(self, relay: Relay) -> None:
+    The client's end reads nothing until the target is connected, so the
+    bytes a client sends early wait in the kernel. Behind a trusted load
+    balancer (C{acceptProxyProtocol}) it first reads the PROXY header, and
+    only then pauses and connects: the header is done before L{link}, so
+    L{relayRead} need not look for it.
+
+    One class for both ends, not two: the relay's code runs on both alike,
+    and CPython 3.11 specialises an attribute access for one class at a
+    time; with two classes taking turns, most of the relay's attribute
+    accesses per connection fell back to the generic look-up.
+    """
+
+    def __init__(self, relay: Relay, fromClient: bool) -> None:
         self.relay = relay
+        self.fromClient = fromClient
+        # Set here though the class has them: see Relay.__init__.
+        self.peer = None
+        self.readDone = self.writeDone = self.sendsNow = self.sendFailed = False
+        self.pipe = None
 
     def connectionMade(self) -> None:
-        self.relay.targetConnected(self)
+        relay = self.relay
+        if not self.fromClient:
+            relay.targetConnected(self)
+            return
+        # A transport from connect.RelayPort has not started reading.
+        held = getattr(self.transport, "readingHeld", False)
+        if relay.expectHeader:
+            if held:
+                self.transport.startReading()  # type: ignore[attr-defined]
+            relay.readHeader(self)
+            return
+        if not held:
+            self.transport.pauseProducing()
+        relay.clientConnected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.fromClient and self.relay.reader is not None:
+            self.relay.headerData(data)
+            return
+        self.relayData(data)
+
+    def readConnectionLost(self) -> None:
+        if self.fromClient and self.relay.reader is not None:
+            self.relay.headerCut()
+            return
+        super().readConnectionLost()
+
+
+def ClientSide(relay: Relay) -> RelaySide:
+    """The accepted client's end of C{relay}."""
+    return RelaySide(relay, True)
+
+
+def TargetSide(relay: Relay) -> RelaySide:
+    """The end of C{relay} connected to the forward's target."""
+    return RelaySide(relay, False)
 
 
 class _TargetFactory(ClientFactory):
-    """Builds the one L{TargetSide} of a relay and reports a failed connect."""
+    """Builds the one target end of a relay and reports a failed connect."""
 
     noisy = False
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
 
-    def buildProtocol(self, addr: IAddress | None) -> TargetSide:
-        return TargetSide(self.relay)
+    def buildProtocol(self, addr: IAddress | None) -> RelaySide:
+        return RelaySide(self.relay, False)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.relay.targetFailed(reason)
-
-
-class ClientSide(_RelaySide):
-    """
-    An accepted client connection. It reads nothing until the target is
-    connected, so the bytes a client sends early wait in the kernel.
-
-    Behind a trusted load balancer (C{acceptProxyProtocol}) it first reads
-    the PROXY header, and only then pauses and connects: the header is
-    done before L{link}, so L{relayRead} need not look for it.
-    """
-
-    fromClient = True
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-
-    def connectionMade(self) -> None:
-        # A transport from connect.RelayPort has not started reading.
-        held = getattr(self.transport, "readingHeld", False)
-        if self.relay.expectHeader:
-            if held:
-                self.transport.startReading()  # type: ignore[attr-defined]
-            self.relay.readHeader(self)
-            return
-        if not held:
-            self.transport.pauseProducing()
-        self.relay.clientConnected(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.relay.reader is not None:
-            self.relay.headerData(data)
-            return
-        super().dataReceived(data)
-
-    def readConnectionLost(self) -> None:
-        if self.relay.reader is not None:
-            self.relay.headerCut()
-            return
-        super().readConnectionLost()
 
 
 class Relay:
@@ -912,45 +934,58 @@ class Relay:
     the single event that reports its end.
     """
 
-    # The starting state is in class attributes: one relay per connection
-    # is made, and most of it never changes for most connections.
-    client: ClientSide
-    target: TargetSide | None = None
-    reason: str | None = None
-    _done: Deferred[None] | None = None
-    bytesToTarget = 0
-    bytesToClient = 0
-    targetAddress = ""
-    connectTime: float | None = None
-    _connector: IConnector | Connecting | None = None
-    _pending: Deferred[Any] | None = None
-    _connectTimer: IDelayedCall | None = None
-    _idleTimer: IDelayedCall | None = None
-    _abortTimer: IDelayedCall | None = None
-    _clientGone = False
-    _targetGone = True
-    _finished = False
+    # Slots, all set in __init__: CPython 3.11 does not specialise reading
+    # a class attribute through an instance (about 6x the time of reading
+    # an instance's own), and an instance dict shares its keys with its
+    # class's other instances only up to 30 names (a relay has more), past
+    # which it became a plain dict on every connection.
+    __slots__ = (
+        "__weakref__", "_abortTimer", "_clientGone", "_closeStarted", "_connectTimer",
+        "_connector", "_done", "_early", "_finished", "_headerTimer", "_idleTimer", "_lingering",
+        "_pending", "_targetGone", "admitted", "bytesToClient", "bytesToTarget", "client",
+        "clientHost", "clientIP", "clientKey", "clientPort", "clock", "connectTime",
+        "expectHeader", "factory", "failureDetail", "forward", "labels", "lastActivity",
+        "localHost", "localPort", "proxiedBy", "reactor", "reader", "reason", "refusal", "started",
+        "stats", "target", "targetAddress",
+    )  # fmt: skip
+
+    client: RelaySide
+    target: RelaySide | None
+    reason: str | None
+    _done: Deferred[None] | None
+    bytesToTarget: int
+    bytesToClient: int
+    targetAddress: str
+    connectTime: float | None
+    _connector: IConnector | Connecting | None
+    _pending: Deferred[Any] | None
+    _connectTimer: IDelayedCall | None
+    _idleTimer: IDelayedCall | None
+    _abortTimer: IDelayedCall | None
+    _clientGone: bool
+    _targetGone: bool
+    _finished: bool
     # Sides still reading after a close's FIN (see _closeSocket), and
     # when the close began (its sides are cut CLOSE_GRACE after).
-    _lingering = 0
-    _closeStarted: float | None = None
-    failureDetail: str | None = None
+    _lingering: int
+    _closeStarted: float | None
+    failureDetail: str | None
     # Who the client is: the connection's own addresses, or what a
     # trusted load balancer's PROXY header says they are.
-    clientHost = ""
-    clientPort = 0
-    localHost = ""
-    localPort = 0
-    proxiedBy: str | None = None
-    reader: HeaderReader | None = None
-    _headerTimer: IDelayedCall | None = None
-    _early = b""
+    clientHost: str
+    clientPort: int
+    localHost: str
+    localPort: int
+    proxiedBy: str | None
+    reader: HeaderReader | None
+    _headerTimer: IDelayedCall | None
+    _early: bytes
     # Set once the client passed allow/deny and the per-address bound.
-    admitted = False
-    clientIP: IPAddress | None = None
+    admitted: bool
+    clientIP: IPAddress | None
     # What the bounds count it under (policy.ip_text).
-    clientKey: str | None = None
-    refusal: str | None = None
+    clientKey: str | None
+    refusal: str | None
 
     def __init__(self, factory: TCPForwardFactory) -> None:
         self.factory = factory
@@ -962,6 +997,17 @@ class Relay:
         self.clock = factory.clock
         self.started = self.lastActivity = self.clock.seconds()
         self.expectHeader = bool(forward.accept_proxy_protocol)
+        self.target = self._connector = self._pending = None
+        self._connectTimer = self._idleTimer = self._abortTimer = self._headerTimer = None
+        self.reason = self.failureDetail = self.proxiedBy = self.refusal = None
+        self.reader = self._done = self.connectTime = self._closeStarted = None
+        self.clientIP = self.clientKey = None
+        self.bytesToTarget = self.bytesToClient = self._lingering = 0
+        self._clientGone = self._finished = self.admitted = False
+        self._targetGone = True
+        self.targetAddress = self.clientHost = self.localHost = ""
+        self.clientPort = self.localPort = 0
+        self._early = b""
 
     @property
     def done(self) -> Deferred[None]:
@@ -975,7 +1021,7 @@ class Relay:
 
     # Reading an incoming PROXY header
 
-    def readHeader(self, client: ClientSide) -> None:
+    def readHeader(self, client: RelaySide) -> None:
         """Read the load balancer's PROXY header before anything else."""
         self.client = client
         self.reader = HeaderReader()
@@ -1038,7 +1084,7 @@ class Relay:
 
     # Connecting
 
-    def clientConnected(self, client: ClientSide) -> None:
+    def clientConnected(self, client: RelaySide) -> None:
         self.client = client
         if not self.clientHost:
             peer = client.transport.getPeer()
@@ -1054,8 +1100,9 @@ class Relay:
         timeout = self.forward.connect_timeout
         address = self.factory.targetAddress
         if address is not None:
+            side = RelaySide(self, False)
             connecting = Connecting(
-                self.reactor, self.clock, address, timeout, TargetSide(self), self.targetFailed
+                self.reactor, self.clock, address, timeout, side, self.targetFailed
             )
             self._connector = connecting
             connecting.start()
@@ -1082,7 +1129,7 @@ class Relay:
         if pending is not None:
             pending.cancel()
 
-    def targetConnected(self, target: TargetSide) -> None:
+    def targetConnected(self, target: RelaySide) -> None:
         if self._connectTimer is not None:
             self._cancelConnectTimer()
         self.connectTime = self.clock.seconds() - self.started
@@ -1111,9 +1158,26 @@ class Relay:
         early, self._early = self._early, b""
         if early:
             client.relayData(early)
-        target.transport.registerProducer(client.transport, True)
-        client.transport.registerProducer(target.transport, True)
-        client.transport.resumeProducing()
+        ours: Any = client.transport
+        theirs: Any = target.transport
+        if (
+            _LEAN_PAIR
+            and client.sendsNow
+            and target.sendsNow
+            and ours.producer is None
+            and theirs.producer is None
+            and not (ours.disconnected or theirs.disconnected)
+        ):
+            # What registerProducer does for a pair that is connected and
+            # has none, both ways; then resumeProducing (startReading).
+            theirs.producer, theirs.streamingProducer = ours, True
+            ours.producer, ours.streamingProducer = theirs, True
+            if ours.connected and not ours.disconnecting:
+                ours.startReading()
+        else:
+            theirs.registerProducer(ours, True)
+            ours.registerProducer(theirs, True)
+            ours.resumeProducing()
         if self.forward.idle_timeout is not None:
             self.lastActivity = self.clock.seconds()
             self._idleTimer = self.clock.callLater(self.forward.idle_timeout, self._idleCheck)
@@ -1297,9 +1361,20 @@ class Relay:
         """
         for side in (getattr(self, "client", None), self.target):
             if side is not None:
-                transport = vars(side.transport)
-                transport.pop("doRead", None)
-                transport.pop("_closeSocket", None)
+                transport: Any = side.transport
+                if side.sendsNow:
+                    # link() set it (abortConnection() may have replaced
+                    # it): deleted without vars(), which turns the
+                    # instance's attributes into a dict of their own.
+                    try:  # noqa: SIM105 (contextlib.suppress is three more calls)
+                        del transport.doRead
+                    except AttributeError:
+                        pass
+                else:
+                    vars(transport).pop("doRead", None)
+                if self._closeStarted is not None:
+                    # close() may have set it.
+                    vars(transport).pop("_closeSocket", None)
                 del side.relay
 
 
@@ -1353,14 +1428,14 @@ class TCPForwardFactory(Factory):
             return None
         return TargetAddress(target.host, target.port)
 
-    def buildProtocol(self, addr: IAddress | None) -> ClientSide | None:
+    def buildProtocol(self, addr: IAddress | None) -> RelaySide | None:
         """
         Admit a client, or refuse it before any upstream work: returning
         None makes the listening port close the socket at once.
         """
         return self.acceptFrom(str(getattr(addr, "host", "")), int(getattr(addr, "port", 0)))
 
-    def acceptFrom(self, host: str, port: int) -> ClientSide | None:
+    def acceptFrom(self, host: str, port: int) -> RelaySide | None:
         """
         L{buildProtocol} for a client at C{host} and C{port}: what
         L{goma_twisted.connect.RelayPort} calls, without making an address
@@ -1387,7 +1462,7 @@ class TCPForwardFactory(Factory):
                 relay.clientHost, relay.clientPort = host, port
         self.relays.add(relay)
         self.stats.opened()
-        return ClientSide(relay)
+        return RelaySide(relay, True)
 
     def admit(self, relay: Relay, client: IPAddress | None, key: str | None = None) -> str | None:
         """

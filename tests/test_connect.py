@@ -367,6 +367,39 @@ async def test_accepted_sockets_inherit_the_tcp_options(
         await service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_both_ends_of_a_relay_share_their_classes(reactor: Any, echo: Any) -> None:
+    # One class for both transports and one for both sides (CPython 3.11
+    # specialises the relay's attribute accesses for one class at a time),
+    # each still telling its own addresses.
+    service = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
+    factory = service.listeners[0].factory  # type: ignore[union-attr]
+    client = Recorder(send=b"x")
+    try:
+        connect_client(reactor, bound_port(service), client)
+        while client.received != b"x":
+            await deferLater(reactor, 0.01)
+        [relay] = factory.relays
+        assert relay.target is not None
+        ours: Any = relay.client.transport
+        theirs: Any = relay.target.transport
+        assert type(ours) is type(theirs) is connect.RelayConnection
+        assert type(relay.client) is type(relay.target) is tcp.RelaySide
+        assert relay.client.fromClient and not relay.target.fromClient
+        mine: Any = client.transport.getHost()  # type: ignore[union-attr]
+        assert (ours.getPeer().host, ours.getPeer().port) == (mine.host, mine.port)
+        assert ours.getHost() == IPv4Address("TCP", "127.0.0.1", bound_port(service))
+        assert theirs.getPeer() == IPv4Address("TCP", "127.0.0.1", echo.getHost().port)
+        assert theirs.getHost().port == theirs.socket.getsockname()[1]
+        assert ours.logPrefix() == f"RelaySide,{ours.sessionno},127.0.0.1"
+        assert theirs.logPrefix() == "RelaySide,client"
+        assert not hasattr(relay, "__dict__")
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await finished(reactor, client.lost)
+    finally:
+        await service.stopService()
+
+
 class Accepting(protocol.Factory):
     """Records the address and transport of each connection it serves."""
 
