@@ -35,16 +35,17 @@ SPLICE_PIPES = 16
 PROCESS_FDS = 64
 RESERVED_FDS = PROCESS_FDS + 2 * SPLICE_PIPES
 
-
-def reserved_fds(splicing: bool) -> int:
-    """The descriptors a budget keeps aside, the splice pipes' only where they can open."""
-    return RESERVED_FDS if splicing else PROCESS_FDS
 # A relayed TCP connection holds two descriptors, a UDP session one.
 FDS_PER_CONNECTION = 2
 FDS_PER_SESSION = 1
 # Default bounds stay in this range whatever the descriptor limit.
 MIN_DEFAULT_BOUND = 16
 MAX_DEFAULT_BOUND = 65536
+
+
+def reserved_fds(splicing: bool) -> int:
+    """The descriptors a budget keeps aside, the splice pipes' only where they can open."""
+    return RESERVED_FDS if splicing else PROCESS_FDS
 
 
 @functools.lru_cache(maxsize=1024)
