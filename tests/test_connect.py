@@ -394,6 +394,11 @@ async def test_both_ends_of_a_relay_share_their_classes(reactor: Any, echo: Any)
         assert ours.logPrefix() == f"RelaySide,{ours.sessionno},127.0.0.1"
         assert theirs.logPrefix() == "RelaySide,client"
         assert not hasattr(relay, "__dict__")
+        if connect._OWN_STATE:
+            # RelayConnection.__init__'s in-line copy sets on the instance
+            # every name that _OWN_STATE checked against Twisted's classes.
+            for transport in (ours, theirs):
+                assert set(connect._CLASS_STATE) <= set(vars(transport))
         client.transport.loseConnection()  # type: ignore[union-attr]
         await finished(reactor, client.lost)
     finally:
