@@ -499,6 +499,18 @@ class Relay:
             self.logEnd()
         if self._done is not None:
             self._done.callback(None)
+        self.release()
+
+    def release(self) -> None:
+        """
+        Break an ended relay's reference cycles (each side and its relay, a
+        PROXY header's reading and its relay), so that reference counting
+        frees it at once rather than the cyclic collector.
+        """
+        self.header = None
+        for side in (self.client, self.target):
+            if side is not None:
+                del side.relay
 
     def logEnd(self) -> None:
         forwardName, targetText = self.labels

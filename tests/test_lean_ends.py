@@ -7,17 +7,14 @@ stops and resets meeting a half-closed pair; counts and descriptors after.
 from __future__ import annotations
 
 import contextlib
-import gc
 import ipaddress
 import os
-import platform
 import signal
 import socket
 import struct
 import subprocess
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -474,57 +471,5 @@ async def test_lean_ends_give_back_their_max_connections_slots(reactor: Any) -> 
         for skt in [*held, *conns, third]:
             skt.close()
     finally:
-        await service.stopService()
-        listener.close()
-
-
-@pytest.mark.skipif(
-    platform.python_implementation() != "CPython", reason="frees by reference counting"
-)
-@pytest.mark.parametrize("ending", ["lean", "reset"])
-@pytest_twisted.ensureDeferred
-async def test_an_ended_relay_is_freed_without_the_garbage_collector(
-    reactor: Any, ending: str
-) -> None:
-    # Reference counting frees the relay, its sides and their transports as
-    # soon as it ends, both by its own end of stream and by Twisted's way.
-    listener = raw_listener()
-    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
-    factory = factory_of(service)
-    gc.collect()
-    gc.disable()
-    try:
-        with captured_logs() as logs:
-            client, conn = await client_half_closed(reactor, service, listener, b"ask")
-            [relay] = factory.relays
-            assert relay.target is not None
-            refs = [
-                weakref.ref(thing)
-                for thing in (
-                    relay,
-                    relay.client,
-                    relay.target,
-                    relay.client.transport,
-                    relay.target.transport,
-                )
-            ]
-            del relay
-            if ending == "lean":
-                conn.sendall(b"answer")
-                conn.shutdown(socket.SHUT_WR)
-                assert await read_to_eof(reactor, client) == b"answer"
-            else:
-                reset(conn)
-            await until(reactor, lambda: not factory.relays)
-            # What the reactor's own turn still holds (the event being handled).
-            await deferLater(reactor, 0)
-            assert [ref() for ref in refs] == [None] * len(refs)
-        [end] = logs.ends()
-        # The client's half-close came first and names the end either way.
-        assert (end["reason"], end["bytesToTarget"]) == (tcp.CLIENT_CLOSED, 3)
-        client.close()
-        conn.close()
-    finally:
-        gc.enable()
         await service.stopService()
         listener.close()
