@@ -195,8 +195,9 @@ class PassThroughService(MultiService):
     @param reload_signal: a signal (e.g. C{signal.SIGHUP}) on which to
         re-read the config file while running; none if None.
     @param metrics: a server endpoint string (C{tcp:9108:interface=127.0.0.1})
-        where to serve C{/metrics}; none if None. The metrics are in
-        C{registry} either way, to serve from a site of your own.
+        where to serve C{/metrics}, C{/healthz} and C{/readyz}; none if
+        None. The metrics are in C{registry} and the readiness is
+        L{readiness} either way, to serve from a site of your own.
     """
 
     metrics: MetricsServer | None = None
