@@ -576,3 +576,25 @@ def test_sigterm_turns_readyz_503_while_twistd_drains(tmp_path: Path) -> None:
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", metrics_port), timeout=5).close()
     assert "Stopping: 1 connection may finish within 60s" in log.read_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_site_without_readiness_serves_healthz_but_no_readyz(
+    reactor: Any, cleanup: list[Any]
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    site = reactor.listenTCP(0, metrics.metrics_site(CollectorRegistry()), interface="127.0.0.1")
+    cleanup.append(site)
+    base = f"http://127.0.0.1:{site.getHost().port}"
+
+    async def request(method: bytes, path: str) -> tuple[int, bytes]:
+        url = f"{base}{path}".encode()
+        response = await Agent(reactor).request(method, url).addTimeout(TIMEOUT, reactor)
+        return response.code, await readBody(response)
+
+    assert await request(b"GET", "/healthz") == (200, b"ok\n")
+    # Load balancers that check with HEAD get the code without the body.
+    assert await request(b"HEAD", "/healthz") == (200, b"")
+    code, _ = await request(b"GET", "/readyz")
+    assert code == 404
