@@ -10,12 +10,13 @@ import resource
 import signal
 import socket
 from collections.abc import Iterator
+from enum import Enum
 from typing import Any, Union
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from twisted.application import internet
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -23,7 +24,7 @@ from twisted.logger import Logger
 from . import reuseport
 from ._reactor import reactor_or_global
 from .config import ConfigError, Forward, GatewayConfig, format_address, load_config
-from .metrics import ForwardCollector, metrics_site
+from .metrics import ForwardCollector, Readiness, metrics_site
 from .policy import Budget, plan_budget, reserved_fds
 from .relaychoice import RelayChoice, choose_relay
 from .sockopts import system_backlog
@@ -140,12 +141,22 @@ DEFAULT_DRAIN_TIMEOUT = 5.0
 
 
 class MetricsServer(internet.StreamServerEndpointService):
-    """Serves C{/metrics}; a port it cannot listen on is a L{ListenError}."""
+    """
+    Serves C{/metrics}, C{/healthz} and C{/readyz}; a port it cannot listen
+    on is a L{ListenError}.
+    """
 
     port: Any = None
 
-    def __init__(self, description: str, registry: CollectorRegistry, reactor: Any) -> None:
-        super().__init__(serverFromString(reactor, description), metrics_site(registry))
+    def __init__(
+        self,
+        description: str,
+        registry: CollectorRegistry,
+        reactor: Any,
+        readiness: Readiness | None = None,
+    ) -> None:
+        site = metrics_site(registry, readiness)
+        super().__init__(serverFromString(reactor, description), site)
         self.description = description
         self.setName("metrics")
 
@@ -168,6 +179,14 @@ class MetricsServer(internet.StreamServerEndpointService):
         return self.port.getHost()
 
 
+class Phase(Enum):
+    """Where a L{PassThroughService} is in its life; C{/readyz} reports it."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    STOPPING = "stopping"
+
+
 class PassThroughService(MultiService):
     """
     Forwards every port of a L{GatewayConfig}.
@@ -183,8 +202,9 @@ class PassThroughService(MultiService):
     @param reload_signal: a signal (e.g. C{signal.SIGHUP}) on which to
         re-read the config file while running; none if None.
     @param metrics: a server endpoint string (C{tcp:9108:interface=127.0.0.1})
-        where to serve C{/metrics}; none if None. The metrics are in
-        C{registry} either way, to serve from a site of your own.
+        where to serve C{/metrics}, C{/healthz} and C{/readyz}; none if
+        None. The metrics are in C{registry} and the readiness is
+        L{readiness} either way, to serve from a site of your own.
     @param relay: the TCP relay: C{"auto"} (accelerated where it was tested,
         else plain), C{"plain"}, C{"accelerated"} (L{RelayUnavailableError}
         where it cannot run), a L{RelayChoice} already made, or None:
@@ -192,6 +212,7 @@ class PassThroughService(MultiService):
     """
 
     metrics: MetricsServer | None = None
+    phase = Phase.STARTING
 
     def __init__(
         self,
@@ -223,7 +244,9 @@ class PassThroughService(MultiService):
                 self._adopt(listener)
         if metrics is not None:
             # Last, so a forward that cannot listen stops the start first.
-            self.metrics = MetricsServer(metrics, self.registry, reactor_or_global(reactor))
+            self.metrics = MetricsServer(
+                metrics, self.registry, reactor_or_global(reactor), self.readiness
+            )
             self.metrics.setServiceParent(self)
 
     def stats(self) -> Iterator[TCPStats | UDPStats]:
@@ -291,16 +314,36 @@ class PassThroughService(MultiService):
             else:
                 where = f"{self.metrics.description}, path /metrics"
             log.info("Serving metrics at {where}", where=where)
+        self.phase = Phase.SERVING
         log.info("goma-pt ready: {count} listeners", count=len(self._listeners))
         if self.reload_signal is not None:
             self._installReloadSignal(self.reload_signal)
 
+    def readiness(self) -> tuple[bool, str]:
+        """
+        Whether this process should get new traffic (C{/readyz}), and why
+        not: it is ready while serving with every listener bound; it is
+        not while starting, nor from the stop on, while it drains.
+        """
+        if self.phase is Phase.STOPPING:
+            tcp = [lst for lst in self.listeners if isinstance(lst, TCPForwardServer)]
+            live = sum(len(lst.factory.relays) for lst in tcp)
+            return False, f"draining, {live} connection{'' if live == 1 else 's'} open"
+        unbound = [_where(lst) for lst in self.listeners if lst._port is None]
+        if unbound:
+            return False, "not listening: " + ", ".join(unbound)
+        if self.phase is Phase.STARTING:
+            return False, "starting"
+        return True, "ready"
+
     def stopService(self) -> Deferred[Any]:
         """
         Close the listeners at once, let live TCP connections finish up to
-        the drain deadline, then close what is left.
+        the drain deadline, then close what is left. The metrics server
+        stops last, so that C{/readyz} answers "draining" meanwhile.
         """
-        stopped = super().stopService()
+        self.phase = Phase.STOPPING
+        stopped = self._stopAllBut(self.metrics)
         factories = [lst.factory for lst in self.listeners if isinstance(lst, TCPForwardServer)]
         live = sum(len(factory.relays) for factory in factories)
         if live:
@@ -312,7 +355,18 @@ class PassThroughService(MultiService):
                 timeout=self.drain_timeout,
             )
         drains = [self._drain(factory) for factory in factories]
-        return gatherResults([stopped, *drains, *self._draining])
+        return gatherResults([stopped, *drains, *self._draining]).addBoth(self._stopMetrics)
+
+    def _stopAllBut(self, kept: Service | None) -> Deferred[Any]:
+        """L{MultiService.stopService}, leaving C{kept} running."""
+        Service.stopService(self)
+        children = [child for child in reversed(list(self)) if child is not kept]
+        return DeferredList([maybeDeferred(child.stopService) for child in children])
+
+    def _stopMetrics(self, result: Any) -> Any:
+        if self.metrics is None:
+            return result
+        return maybeDeferred(self.metrics.stopService).addBoth(lambda _: result)
 
     def _drain(self, factory: TCPForwardFactory) -> Deferred[None]:
         drained = factory.drain(self.drain_timeout)
@@ -507,6 +561,13 @@ def _keys(forward: Forward) -> list[ListenKey]:
         (protocol, forward.address, forward.port, forward.reuse_port)
         for protocol in forward.protocols
     ]
+
+
+def _where(listener: Listener) -> str:
+    """A listener as C{/readyz} names it: C{tcp 53}, C{udp 127.0.0.1:5353}."""
+    forward = listener.forward
+    where = format_address(forward.address, forward.port) if forward.address else forward.port
+    return f"{listener.protocol} {where}"
 
 
 def _stop(listener: Listener) -> Deferred[Any]:
