@@ -22,7 +22,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock, deferLater
 
-from goma_twisted import policy, tcp
+from goma_twisted import ending, policy
 from goma_twisted.config import GatewayConfig
 
 from .support import (
@@ -117,7 +117,7 @@ async def test_a_half_closed_pair_at_a_stop(reactor: Any) -> None:
         conn.close()
     listener.close()
     [end] = logs.ends()
-    assert end["reason"] == tcp.TARGET_CLOSED
+    assert end["reason"] == ending.TARGET_CLOSED
     assert (end["bytesToTarget"], end["bytesToClient"]) == (4, 5)
     assert stats_of(service).active == 0
     assert open_sockets() <= before  # an earlier test's may close meanwhile
@@ -148,7 +148,7 @@ async def test_a_reset_after_a_fin_with_the_target_still_answering(reactor: Any)
         await service.stopService()
         listener.close()
     [end] = logs.ends()
-    assert end["reason"] in (tcp.CLIENT_CLOSED, tcp.CLIENT_RESET)
+    assert end["reason"] in (ending.CLIENT_CLOSED, ending.CLIENT_RESET)
     assert stats_of(service).active == 0
     assert open_sockets() <= before  # an earlier test's may close meanwhile
 
@@ -226,7 +226,7 @@ async def test_proxy_protocol_header_data_and_fin_in_one_segment_both_ways(
     ends = logs.ends()
     assert len(ends) == 10
     assert {(e["client"], e["reason"], e["bytesToTarget"], e["bytesToClient"]) for e in ends} == {
-        ("192.0.2.7:4000", tcp.CLIENT_CLOSED, 3, 6)
+        ("192.0.2.7:4000", ending.CLIENT_CLOSED, 3, 6)
     }
     assert stats_of(service).active == 0
     assert open_sockets() <= before  # an earlier test's may close meanwhile
@@ -346,7 +346,7 @@ async def test_a_drain_ends_as_a_half_closed_pair_finishes_on_its_own(reactor: A
     listener.close()
     [end] = logs.ends()
     assert (end["reason"], end["bytesToTarget"], end["bytesToClient"]) == (
-        tcp.CLIENT_CLOSED,
+        ending.CLIENT_CLOSED,
         3,
         6,
     )
@@ -421,7 +421,7 @@ async def test_a_reload_removing_the_forward_of_a_half_closed_pair(reactor: Any)
     listener.close()
     [end] = logs.ends()
     assert (end["reason"], end["bytesToTarget"], end["bytesToClient"]) == (
-        tcp.CLIENT_CLOSED,
+        ending.CLIENT_CLOSED,
         3,
         4,
     )

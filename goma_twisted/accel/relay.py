@@ -21,6 +21,7 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from .. import tcp as plain
@@ -291,7 +292,7 @@ class FastSide(plain.RelaySide):
         else:
             transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = plain.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.pipe is not None:
             self.closePipe()
         super().connectionLost(reason)
