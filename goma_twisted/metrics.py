@@ -101,6 +101,7 @@ def _both(tcp: list[TCPStats], udp: list[UDPStats]) -> Iterator[Metric]:
 def _tcp(sources: list[TCPStats]) -> Iterator[Metric]:
     accepted = _counter("goma_pt_tcp_connections_accepted", "TCP connections accepted.")
     active = _gauge("goma_pt_tcp_connections_active", "TCP connections open now.")
+    bound = _gauge("goma_pt_tcp_connections_max", "The bound on open TCP connections.")
     closed = _counter(
         "goma_pt_tcp_connections_closed",
         "TCP connections ended, by the reason their log line gives.",
@@ -125,13 +126,14 @@ def _tcp(sources: list[TCPStats]) -> Iterator[Metric]:
         labels = forward_labels(s)
         accepted.add_metric(labels, s.accepted)
         active.add_metric(labels, s.active)
+        bound.add_metric(labels, s.max_connections)
         _by_reason(closed, labels, s.closed)
         _by_reason(failures, labels, s.connect_failures)
         _by_reason(refused, labels, s.refused)
         histogram = s.connect_time
         buckets = [(floatToGoString(le), n) for le, n in histogram.cumulative()]
         connect.add_metric(labels, buckets, histogram.sum)
-    yield from (accepted, active, closed, failures, refused, connect)
+    yield from (accepted, active, bound, closed, failures, refused, connect)
 
 
 def _udp(sources: list[UDPStats]) -> Iterator[Metric]:

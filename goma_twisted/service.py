@@ -253,6 +253,8 @@ class PassThroughService(MultiService):
         """The counters of every forward now listening, for the metrics."""
         for listener in self.listeners:
             if isinstance(listener, TCPForwardServer):
+                total = listener.factory.bounds.total
+                listener.factory.stats.max_connections = total or 0
                 yield listener.factory.stats
             else:
                 listener.relay.stats.max_sessions = listener.relay.max_sessions

@@ -31,6 +31,7 @@ from . import ending, proxyprotocol
 from .config import format_address
 from .ending import (
     CLIENT_CLOSED,
+    CONNECT_FAILURES,
     CONNECT_TIMEOUT,
     IDLE_TIMEOUT,
     TARGET_CLOSED,
@@ -214,6 +215,8 @@ class Relay:
         self.connecting = None
         self.reason = self.reason or connect_failure_reason(failure)
         self.failureDetail = failure.getErrorMessage()
+        if self.reason in CONNECT_FAILURES:
+            self.factory.targetFailed(self.reason, self.failureDetail)
         if self.client is not None and self.state is not RelayState.ENDED:
             self.state = RelayState.CLOSING
             self.client.transport.loseConnection()

@@ -182,6 +182,8 @@ async def test_scraped_counters_match_the_traffic_exactly(
     value = Values(body.decode())
     assert value("goma_pt_tcp_connections_accepted_total", **tcp_ok) == 5
     assert value("goma_pt_tcp_connections_active", **tcp_ok) == 0
+    assert value("goma_pt_tcp_connections_max", **tcp_ok) == factories[0].bounds.total
+    assert value("goma_pt_tcp_connections_max", **tcp_ok) > 0
     assert value("goma_pt_bytes_total", **tcp_ok, direction="to_target") == sum(sizes)
     assert value("goma_pt_bytes_total", **tcp_ok, direction="to_client") == sum(sizes)
     assert value("goma_pt_tcp_connections_closed_total", **tcp_ok, reason="client closed") == 5

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel
 from zope.interface import implementer
 
 from goma_twisted import ending, tcp, tcpfactory
@@ -318,14 +319,19 @@ async def test_refused_target_closes_the_client_promptly(
     await closed.stopListening()
     service = start_service(forward(target=("127.0.0.1", dead_port)))
     services.append(service)
-    client = Recorder(send=b"anyone there?")
+    clients = [Recorder(send=b"anyone there?") for _ in range(3)]
     with captured_logs() as logs:
-        connect(reactor, bound_port(service), client)
-        assert await finished(reactor, client.lost, 5) == b""
+        for client in clients:
+            connect(reactor, bound_port(service), client)
+            assert await finished(reactor, client.lost, 5) == b""
         await deferLater(reactor, 0.05)
-    [end] = logs.ends()
-    assert end["reason"] == ending.CONNECT_REFUSED
-    assert "refused" in end["detail"].lower()
+    ends = logs.ends()
+    assert [end["reason"] for end in ends] == [ending.CONNECT_REFUSED] * 3
+    assert "refused" in ends[0]["detail"].lower()
+    # The operator hears of it once, as a warning naming the target (the
+    # next ones within 10 s are counted, not logged).
+    [warning] = [e for e in logs.events if e.get("log_level") == LogLevel.warn]
+    assert (warning["target"], warning["refusal"]) == (f"127.0.0.1:{dead_port}", "connect refused")
 
 
 @pytest_twisted.ensureDeferred
