@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from . import reuseport
 from ._reactor import reactor_or_global
+from .activation import Activation, PassedSocket
 from .config import ConfigError, Forward, GatewayConfig, format_address, load_config
 from .metrics import ForwardCollector, Readiness, metrics_site
 from .policy import Budget, plan_budget, reserved_fds
@@ -56,6 +57,9 @@ class _Listener:
     forward: Forward
     protocol: str
     _port: Any
+
+    # The socket systemd passed for this listener, if any (socket activation).
+    passed: PassedSocket | None = None
 
     @property
     def key(self) -> ListenKey:
@@ -101,6 +105,11 @@ class TCPForwardServer(_Listener, internet.TCPServer):
         reactor = reactor_or_global(self.reactor)
         interface = self.kwargs.get("interface", "")
         backlog = self.kwargs["backlog"]
+        if self.passed is not None:
+            fd, family = self.passed.fd, self.passed.family
+            if self.relay.adopt is not None:
+                return self.relay.adopt(reactor, fd, family, factory)
+            return reactor.adoptStreamPort(fd, family, factory)
         if self.forward.reuse_port:
             adopt = self.relay.adopt
             return reuseport.listen_tcp(reactor, port, factory, backlog, interface, adopt)
@@ -123,9 +132,13 @@ class UDPForwardServer(_Listener, internet.UDPServer):
         self.relay.reconfigure(forward)
 
     def _getPort(self) -> Any:
+        port, relay = self.args
+        if self.passed is not None:
+            size = self.kwargs.get("maxPacketSize", MAX_DATAGRAM)
+            reactor = reactor_or_global(self.reactor)
+            return reactor.adoptDatagramPort(self.passed.fd, self.passed.family, relay, size)
         if not self.forward.reuse_port:
             return super()._getPort()
-        port, relay = self.args
         return reuseport.listen_udp(
             reactor_or_global(self.reactor),
             port,
@@ -209,6 +222,9 @@ class PassThroughService(MultiService):
         else plain), C{"plain"}, C{"accelerated"} (L{RelayUnavailableError}
         where it cannot run), a L{RelayChoice} already made, or None:
         C{$GOMA_PT_RELAY}, else auto.
+    @param activation: the listening sockets systemd passed (socket
+        activation: L{Activation.fromEnvironment}); a listener takes the one
+        of its protocol, port and address instead of binding its own.
     """
 
     metrics: MetricsServer | None = None
@@ -223,8 +239,10 @@ class PassThroughService(MultiService):
         reload_signal: int | None = None,
         metrics: str | None = None,
         relay: str | RelayChoice | None = None,
+        activation: Activation | None = None,
     ) -> None:
         super().__init__()
+        self.activation = activation if activation is not None else Activation([])
         if not isinstance(relay, RelayChoice):
             relay = choose_relay(relay, reactor_or_global(reactor))
         self.relay = relay
@@ -275,6 +293,10 @@ class PassThroughService(MultiService):
         if "udp" in forward.protocols:
             relay = UDPForward(forward, forward.max_sessions or 1, self._reactor, self._clock)
             built.append(UDPForwardServer(forward, relay, interface=interface, **extra))
+        for listener in built:
+            listener.passed = self.activation.find(
+                listener.protocol, forward.address, forward.port
+            )
         return built
 
     def _adopt(self, listener: Listener) -> None:
@@ -307,6 +329,9 @@ class PassThroughService(MultiService):
                 source=self.config.source,
             )
         log.info("Relay: {relay}", relay=self.relay.describe(), kind=self.relay.kind.value)
+        wanted = [(lst.protocol, lst.forward.address, lst.forward.port) for lst in self.listeners]
+        for passed in self.activation.unmatched(wanted):
+            log.warn("systemd passed a socket no forward listens on: {socket}", socket=str(passed))
         for listener in self.listeners:
             _announce(listener)
         if self.metrics is not None:
@@ -587,11 +612,12 @@ def _passthrough(call: Any, argument: Any) -> Any:
 def _announce(listener: Listener) -> None:
     host = listener.getHost()
     log.info(
-        "Forwarding {protocol} {listen} to {target}",
+        "Forwarding {protocol} {listen} to {target}{passed}",
         protocol=listener.protocol,
         listen=format_address(host.host, host.port),
         target=str(listener.forward.target),
         forward=listener.forward.name,
+        passed="" if listener.passed is None else " (a socket passed by systemd)",
     )
 
 
