@@ -13,7 +13,9 @@ are shown in the log. Twisted's L{ListenFDs} reads the environment
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+from collections.abc import Mapping
 
 from attrs import frozen
 from twisted.python.systemd import ListenFDs
@@ -50,6 +52,9 @@ def describe(fd: int, name: str = "") -> PassedSocket | None:
         if protocol is None or skt.family not in (socket.AF_INET, socket.AF_INET6):
             return None
         host, port = skt.getsockname()[:2]
+        # systemd passes sockets blocking (unless NonBlocking=yes), and a
+        # reactor's accept or recvfrom must never wait.
+        skt.setblocking(False)
         return PassedSocket(fd, name, protocol, skt.family, host, port)
     except OSError:
         return None
@@ -57,10 +62,39 @@ def describe(fd: int, name: str = "") -> PassedSocket | None:
         skt.detach()  # the descriptor stays systemd's, open
 
 
+def starting_environment() -> Mapping[str, str]:
+    """
+    The environment this process started with. Importing Twisted's endpoints
+    module takes C{LISTEN_FDS} and C{LISTEN_PID} out of C{os.environ} (its
+    C{systemd:} endpoint parser reads them then); C{/proc/self/environ}
+    still has them where there is one.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+    except OSError:
+        return os.environ
+    return {key.decode(errors="replace"): value.decode(errors="replace") for key, value in pairs}
+
+
+def _unnamed(environ: Mapping[str, str]) -> list[int]:
+    """The descriptors C{LISTEN_FDS} passes to this process, from 3 on."""
+    if environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    return list(range(3, 3 + max(0, count)))
+
+
 def _same_host(wanted: str, bound: str) -> bool:
-    """Whether a forward's listen address is the one a socket is bound to."""
-    if not wanted or wanted in ("::", "0.0.0.0"):
-        return bound in ("::", "0.0.0.0")
+    """
+    Whether a forward's listen address is the one a socket is bound to: any
+    address for a forward that names none (the socket unit says where).
+    """
+    if not wanted:
+        return True
     try:
         return ipaddress.ip_address(wanted) == ipaddress.ip_address(bound)
     except ValueError:
@@ -74,11 +108,20 @@ class Activation:
         self.sockets = sockets
 
     @classmethod
-    def fromEnvironment(cls) -> Activation:
-        """The sockets passed to this process (none if it was not socket-activated)."""
-        passed = ListenFDs.fromEnvironment()
+    def fromEnvironment(cls, environ: Mapping[str, str] | None = None) -> Activation:
+        """
+        The sockets passed to this process (none if it was not socket-activated).
+        Twisted's L{ListenFDs} takes them only with a name each
+        (C{LISTEN_FDNAMES}, systemd 227 and later); without, they are taken
+        by number, unnamed.
+        """
+        if environ is None:
+            environ = starting_environment()
+        unnamed = _unnamed(environ)
+        passed = ListenFDs.fromEnvironment(dict(environ))
         named = {fd: name for name, fd in passed.inheritedNamedDescriptors().items()}
-        found = (describe(fd, named.get(fd, "")) for fd in passed.inheritedDescriptors())
+        descriptors = passed.inheritedDescriptors() or unnamed
+        found = (describe(fd, named.get(fd, "")) for fd in descriptors)
         return cls([skt for skt in found if skt is not None])
 
     def find(self, protocol: str, host: str, port: int) -> PassedSocket | None:

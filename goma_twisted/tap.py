@@ -21,6 +21,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 
+from .activation import Activation
 from .config import ConfigError, GatewayConfig, load_config
 from .logs import GatheringFileLogObserver, classic_line
 from .metrics import check_endpoint
@@ -212,6 +213,7 @@ def makeService(options: dict[str, Any]) -> IService:
         reload_signal=signal.SIGHUP,
         metrics=options["metrics"],
         relay=options["relay"],
+        activation=Activation.fromEnvironment(),
     )
     service.twistdOptions = getattr(options, "parent", None)
     service.logRotation = LogRotation(_bytes(options["log-size"]), options["log-keep"])
