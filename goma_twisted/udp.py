@@ -3,9 +3,11 @@ The UDP relay: the listening port hands each client address its own
 session, and each session owns a UDP socket connected to the target, so
 the target's replies find their way back to the right client.
 
-The session table is bounded: at the bound a datagram from a new client
-is dropped (the sessions already open are untouched), and the event is
-logged once until the table has room again.
+The session table is bounded. At the bound, the oldest session that never
+got an answer from the target gives way to the new client (see
+L{goma_twisted.udp_table}); if every session has had an answer, the new
+client's datagram is dropped (the sessions already open are untouched),
+and the event is logged once until the table has room again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .logs import EventLogger
 from .policy import Bounds, IPAddress, RefusalLog, parse_ip
 from .resolve import resolve_host
 from .stats import UDPStats
+from .udp_table import UNANSWERED_TIMEOUT as UNANSWERED_TIMEOUT
+from .udp_table import SessionTable, expiry
 
 log = EventLogger(namespace="goma_pt.udp")
 
@@ -46,11 +50,23 @@ _SessionSocket = socket.SocketType
 MAX_QUEUED = 64
 
 IDLE_TIMEOUT = "idle timeout"
+# Idle for UNANSWERED_TIMEOUT (under the idle timeout) without an answer.
+UNANSWERED = "unanswered"
+# Ended, never answered, to make room for a new client in a full table.
+EVICTED = "evicted"
 RESOLVE_FAILED = "resolve failed"
 SOCKET_FAILED = "socket failed"
 SHUTDOWN = "shutdown"
 ANSWERED = "answered"
-END_REASONS = (IDLE_TIMEOUT, ANSWERED, RESOLVE_FAILED, SOCKET_FAILED, SHUTDOWN)
+END_REASONS = (
+    IDLE_TIMEOUT,
+    UNANSWERED,
+    EVICTED,
+    ANSWERED,
+    RESOLVE_FAILED,
+    SOCKET_FAILED,
+    SHUTDOWN,
+)
 
 # Why a datagram was dropped (besides the reasons a session ends with,
 # for the datagrams it still held): the session table was full, the
@@ -131,7 +147,7 @@ class UDPSession:
 
     def start(self) -> None:
         forward = self.forward
-        forward.watch(self, self.started + self.idleTimeout)
+        forward.watch(self, self.started + expiry(self.idleTimeout, False)[0])
         if not forward.targetIsHostname:
             self._connect(forward.targetFamily, forward.targetSockaddr, forward.targetAddressText)
             return
@@ -255,6 +271,8 @@ class UDPSession:
             self.datagramsToClient += 1
             stats.bytes_to_client += size
             stats.datagrams_to_client += 1
+        if not self.answers:
+            forward.answered(self)
         # udpResponses: a query/answer protocol (DNS) needs the session only
         # until its answers are in; its socket is freed at once.
         self.answers += 1
@@ -347,7 +365,6 @@ class UDPForward(DatagramProtocol):
     def __init__(
         self, config: Forward, max_sessions: int, reactor: Any = None, clock: Any = None
     ) -> None:
-        self.max_sessions = max_sessions
         self.reactor = reactor = reactor_or_global(reactor)
         self.clock = clock if clock is not None else reactor
         # A session's socket is its own and closed with the session: goma-pt's
@@ -355,15 +372,16 @@ class UDPForward(DatagramProtocol):
         self._closeSocket: Any = getattr(reactor, "closeSocket", None)
         # And registers it without addReader's look-ups (see addNewReader).
         self._addNewReader: Any = getattr(reactor, "addNewReader", None)
-        self.sessions: dict[tuple[str, int], UDPSession] = {}
+        self.table: SessionTable[tuple[str, int], UDPSession] = SessionTable(max_sessions)
         self.stats = UDPStats(config, END_REASONS, DROP_REASONS, policy.REFUSALS)
         self._full = False
         # Sessions per client address (maxSessionsPerIp); the total is
         # len(self.sessions) against max_sessions.
         self.bounds = Bounds(None, config.max_sessions_per_ip)
         self._configure(config)
-        # Refusals are counted in the stats and logged rate-limited.
+        # Refusals and evictions are counted in the stats and logged rate-limited.
         self.refusalLog = RefusalLog(log.warn, self.clock)
+        self.evictionLog = EvictionLog(log.warn, self.clock)
         self._targetAddresses: dict[tuple[str, int], str] = {}
         # Sessions by the time the idle sweep checks them (see watch).
         self._buckets: dict[float, dict[UDPSession, None]] = {}
@@ -373,6 +391,19 @@ class UDPForward(DatagramProtocol):
         # starting within the same granularity step share it (see watch).
         self._lastAt = -math.inf
         self._lastBucket: dict[UDPSession, None] = {}
+
+    @property
+    def sessions(self) -> dict[tuple[str, int], UDPSession]:
+        """The open sessions by client address."""
+        return self.table.sessions
+
+    @property
+    def max_sessions(self) -> int:
+        return self.table.bound
+
+    @max_sessions.setter
+    def max_sessions(self, bound: int) -> None:
+        self.table.bound = bound
 
     @property
     def refusedCounts(self) -> dict[str, int]:
@@ -412,7 +443,7 @@ class UDPForward(DatagramProtocol):
         self.granularity = min(1.0, config.udp_idle_timeout / 10)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        session = self.sessions.get(addr)
+        session = self.table.sessions.get(addr)
         if session is None:
             session = self._newSession(addr)
             if session is None:
@@ -420,10 +451,18 @@ class UDPForward(DatagramProtocol):
         session.send(data)
 
     def _newSession(self, addr: tuple[str, int]) -> UDPSession | None:
-        """Open a session for a new client, or refuse it (None)."""
-        if len(self.sessions) >= self.max_sessions:
-            self._refuse(addr)
-            return None
+        """
+        Open a session for a new client, or refuse it (None). In a full
+        table the oldest unanswered session gives way, once the new client
+        has passed its checks; with none unanswered, the client is refused.
+        """
+        table = self.table
+        victim = None
+        if table.full:
+            victim = table.victim()
+            if victim is None:
+                self._refuse(addr)
+                return None
         # The client's address as a value is needed only by an access
         # policy or a per-address bound; without either, no parsing.
         client = None
@@ -434,7 +473,11 @@ class UDPForward(DatagramProtocol):
                 self.stats.count_refused(why)
                 self.refusalLog.refused(self.name, format_address(*addr[:2]), why)
                 return None
-        session = self.sessions[addr] = UDPSession(self, addr)
+        if victim is not None:
+            self._evict(victim, addr)
+        session = UDPSession(self, addr)
+        table.add(addr, session)
+        self.stats.sessions_unanswered = table.unanswered
         if self.screened:
             session.clientIP = client
             session.counted = True
@@ -455,6 +498,21 @@ class UDPForward(DatagramProtocol):
             text = self._targetAddresses[key] = format_address(host, port)
         return text
 
+    def _evict(self, victim: UDPSession, addr: tuple[str, int]) -> None:
+        self.evictionLog.refused(
+            self.name,
+            format_address(*victim.client[:2]),
+            EVICTED,
+            newClient=format_address(*addr[:2]),
+            sessions=len(self.table),
+        )
+        victim.close(EVICTED)
+
+    def answered(self, session: UDPSession) -> None:
+        """C{session} has its first answer: it no longer gives way to new clients."""
+        self.table.answered(session)
+        self.stats.sessions_unanswered = self.table.unanswered
+
     def _refuse(self, addr: tuple[str, int]) -> None:
         self.stats.count_refused(policy.AT_BOUND)
         if not self._full:
@@ -469,10 +527,10 @@ class UDPForward(DatagramProtocol):
 
     def sessionEnded(self, session: UDPSession) -> None:
         self.stats.ended(session.reason or "unknown")
-        if self.sessions.get(session.client) is session:
-            del self.sessions[session.client]
-            if session.counted:
-                self.bounds.release(session.clientIP)
+        table = self.table
+        if table.remove(session.client, session) and session.counted:
+            self.bounds.release(session.clientIP)
+        self.stats.sessions_unanswered = table.unanswered
         if self._full and len(self.sessions) < self.max_sessions:
             self._full = False
             log.info(
@@ -550,9 +608,10 @@ class UDPForward(DatagramProtocol):
         for at in sorted(at for at in self._buckets if at <= now):
             for session in self._buckets.pop(at):
                 session.checkAt = None
-                deadline = session.lastActivity + session.idleTimeout
+                timeout, unanswered = expiry(session.idleTimeout, session.answers > 0)
+                deadline = session.lastActivity + timeout
                 if deadline <= now:
-                    session.close(IDLE_TIMEOUT)
+                    session.close(UNANSWERED if unanswered else IDLE_TIMEOUT)
                 else:
                     self.watch(session, deadline)
         # A session moved on may have scheduled a later bucket than one
@@ -561,3 +620,12 @@ class UDPForward(DatagramProtocol):
             first = min(self._buckets)
             if self._sweepAt is None or first < self._sweepAt:
                 self._schedule(first)
+
+
+class EvictionLog(RefusalLog):
+    """Evictions, logged as refusals are: at most one event per interval."""
+
+    FORMAT = (
+        "{forward}: {sessions} sessions open, the bound; ended the unanswered session "
+        "of {client} for a new client ({newClient}){suppressedNote}"
+    )

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 
 from goma_twisted import udp
+from goma_twisted.udp_table import SessionTable, expiry
 
 from .support import (
     FakeResolver,
@@ -571,10 +572,21 @@ def idle_relay(clock: Clock, timeout: float) -> udp.UDPForward:
     return relay
 
 
-def open_session(relay: udp.UDPForward, port: int) -> udp.UDPSession:
-    session = relay.sessions[("127.0.0.1", port)] = udp.UDPSession(relay, ("127.0.0.1", port))
+def open_session(relay: udp.UDPForward, port: int, answered: bool = True) -> udp.UDPSession:
+    """
+    A session opened by hand, with a socket that is never read; answered
+    (as most of these tests want) or not, as if the target had replied.
+    """
+    session = udp.UDPSession(relay, ("127.0.0.1", port))
+    relay.table.add(("127.0.0.1", port), session)
     relay.stats.opened()
-    relay.watch(session, session.started + relay.config.udp_idle_timeout)
+    timeout = relay.config.udp_idle_timeout
+    if answered:
+        session.answers = 1
+        relay.answered(session)
+    else:
+        timeout = min(timeout, udp.UNANSWERED_TIMEOUT)
+    relay.watch(session, session.started + timeout)
     session._queue = None
     session.socket = SilentSocket()  # type: ignore[assignment]
     return session
@@ -793,3 +805,147 @@ def test_a_forward_listening_again_at_once_still_sweeps_its_bucket() -> None:
     clock.advance(11)
     assert session.reason == udp.IDLE_TIMEOUT
     assert clock.getDelayedCalls() == []
+
+
+# A full table: unanswered sessions give way; the table as pure logic.
+
+
+def test_the_oldest_unanswered_session_gives_way() -> None:
+    table: SessionTable[int, str] = SessionTable(3)
+    for key, session in enumerate(["a", "b", "c"]):
+        table.add(key, session)
+    assert table.full and table.unanswered == 3
+    assert table.victim() == "a"
+    table.answered("a")
+    assert table.victim() == "b"
+    assert table.remove(1, "b")
+    assert not table.full
+    assert (table.victim(), table.unanswered) == ("c", 1)
+
+
+def test_answered_sessions_never_give_way() -> None:
+    table: SessionTable[int, str] = SessionTable(2)
+    table.add(1, "a")
+    table.add(2, "b")
+    table.answered("a")
+    table.answered("b")
+    table.answered("b")  # a second answer changes nothing
+    assert table.full
+    assert (table.victim(), table.unanswered) == (None, 0)
+
+
+def test_removing_a_session_not_at_its_key_leaves_the_one_there() -> None:
+    table: SessionTable[int, str] = SessionTable(2)
+    table.add(1, "a")
+    assert not table.remove(1, "stale")
+    assert table.sessions == {1: "a"}
+
+
+@pytest.mark.parametrize(
+    ("idle", "answered", "expected"),
+    [
+        (300.0, False, (udp.UNANSWERED_TIMEOUT, True)),
+        (300.0, True, (300.0, False)),
+        # A timeout shorter than the unanswered one applies as it is.
+        (5.0, False, (5.0, False)),
+        (udp.UNANSWERED_TIMEOUT, False, (udp.UNANSWERED_TIMEOUT, False)),
+    ],
+)
+def test_unanswered_sessions_expire_sooner(idle: float, answered: bool, expected: Any) -> None:
+    assert expiry(idle, answered) == expected
+
+
+def test_the_sweep_ends_unanswered_sessions_at_the_unanswered_timeout() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 300.0)
+    silent = open_session(relay, 1, answered=False)
+    answered = open_session(relay, 2)
+    late = open_session(relay, 3, answered=False)
+    clock.advance(10)
+    late.answers = 1  # its first answer, at 10 s
+    relay.answered(late)
+    late.lastActivity = clock.seconds()
+    assert relay.stats.sessions_unanswered == 1
+    clock.advance(19.5)
+    assert silent.reason is None
+    clock.advance(1.5)  # 31: past 30, within the sweep's granularity
+    assert silent.reason == udp.UNANSWERED
+    assert answered.reason is late.reason is None
+    clock.advance(269)  # 300: idle since 0
+    assert answered.reason == udp.IDLE_TIMEOUT
+    assert late.reason is None
+    clock.advance(11)  # 311: idle since 10
+    assert late.reason == udp.IDLE_TIMEOUT
+    assert relay.stats.sessions_ended[udp.UNANSWERED] == 1
+    assert relay.stats.sessions_ended[udp.IDLE_TIMEOUT] == 2
+    assert relay.stats.sessions_unanswered == 0
+
+
+def test_an_idle_timeout_under_the_unanswered_one_is_an_idle_timeout() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 5.0)
+    silent = open_session(relay, 1, answered=False)
+    clock.advance(5.5)
+    assert silent.reason == udp.IDLE_TIMEOUT
+
+
+class Selective(protocol.DatagramProtocol):
+    """A target that answers b"query" datagrams and drops all others."""
+
+    def __init__(self) -> None:
+        self.dropped = 0
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        if data == b"query":
+            self.transport.write(b"answer", addr)  # type: ignore[union-attr]
+        else:
+            self.dropped += 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_unanswered_sources_gives_way_to_a_real_client(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    target = Selective()
+    target_port = reactor.listenUDP(0, target, interface="127.0.0.1")
+    ports.append(target_port)
+    bound = 20
+    service = start_service(
+        forward(("udp",), ("127.0.0.1", target_port.getHost().port), max_sessions=bound)
+    )
+    services.append(service)
+    listen = bound_port(service, "udp")
+    relay = udp_relay(service)
+    inside = client(reactor, ports)
+    inside.send(b"query", listen)
+    assert await inside.reply(reactor) == b"answer"
+    [kept] = relay.sessions.values()
+    # 49 one-shot sources the target never answers: 19 fill the table,
+    # the next 30 each take the place of the oldest of them.
+    with captured_logs() as logs:
+        flood = [client(reactor, ports) for _ in range(49)]
+        for c in flood:
+            c.send(b"flood", listen)
+        for _ in range(200):
+            if target.dropped == 49:
+                break
+            await deferLater(reactor, 0.01)
+        assert target.dropped == 49
+        assert len(relay.sessions) == bound
+        assert relay.stats.sessions_unanswered == bound - 1
+        # A real client gets its answer at once, in a full table.
+        real = client(reactor, ports)
+        real.send(b"query", listen)
+        assert await real.reply(reactor, timeout=1) == b"answer"
+    assert relay.stats.sessions_ended[udp.EVICTED] == 31
+    assert relay.refusedAtBound == 0
+    assert relay.sessions[("127.0.0.1", inside.transport.getHost().port)] is kept  # type: ignore[union-attr]
+    assert len(relay.sessions) == bound
+    evicted = [e for e in logs.ends() if e["reason"] == udp.EVICTED]
+    assert len(evicted) == 31
+    assert {e["datagramsToClient"] for e in evicted} == {0}
+    # Logged once in the interval; the rest is counted.
+    assert len([e for e in logs.events if e.get("refusal") == udp.EVICTED]) == 1
+    # The oldest flood sources went first: the last 19 are still open.
+    open_ports = {addr[1] for addr in relay.sessions}
+    assert {c.transport.getHost().port for c in flood[-18:]} <= open_ports  # type: ignore[union-attr]
