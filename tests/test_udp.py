@@ -12,8 +12,10 @@ import pytest_twisted
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
 
 from goma_twisted import udp
+from goma_twisted.udp_sweep import IdleSweep
 from goma_twisted.udp_table import SessionTable, expiry
 
 from .support import (
@@ -351,7 +353,7 @@ def test_a_failed_reply_or_send_is_dropped_and_counted(error: OSError) -> None:
     assert relay.stats.dropped[udp.REPLY_FAILED] == 1
     assert session.datagramsToClient == relay.stats.datagrams_to_client == 0
     assert session.answers == 1  # it came, even if it could not be passed on
-    session._queue = None
+    session.state = udp.State.OPEN
     session.socket = FailingSocket(error)  # type: ignore[assignment]
     session.send(b"query")
     assert relay.stats.dropped[udp.SEND_FAILED] == 1
@@ -446,7 +448,7 @@ def test_one_read_event_reads_a_bounded_number_of_datagrams() -> None:
     session = udp.UDPSession(relay, ("127.0.0.1", 5353))
     session.socket = EndlessSocket()  # type: ignore[assignment]
     session.doRead()
-    assert session.socket.reads == udp.READS_PER_EVENT  # type: ignore[union-attr]
+    assert session.socket.reads == udp.READS_PER_EVENT  # type: ignore[attr-defined]
     assert session.datagramsToClient == udp.READS_PER_EVENT
     assert relay.stats.datagrams_to_client == udp.READS_PER_EVENT
 
@@ -528,10 +530,10 @@ async def test_a_read_error_other_than_refused_ends_the_session(
             raise OSError(113, "No route to host")
 
         def fileno(self) -> int:
-            return real.fileno()  # type: ignore[union-attr]
+            return real.fileno()
 
         def close(self) -> None:
-            real.close()  # type: ignore[union-attr]
+            real.close()
 
     real = session.socket
     session.socket = Unreachable()  # type: ignore[assignment]
@@ -587,7 +589,7 @@ def open_session(relay: udp.UDPForward, port: int, answered: bool = True) -> udp
     else:
         timeout = min(timeout, udp.UNANSWERED_TIMEOUT)
     relay.watch(session, session.started + timeout)
-    session._queue = None
+    session.state = udp.State.OPEN
     session.socket = SilentSocket()  # type: ignore[assignment]
     return session
 
@@ -635,10 +637,10 @@ def test_a_session_ended_before_its_sweep_leaves_it() -> None:
         session.close(udp.ANSWERED)
     # No session waits in a bucket (the last one used stays, empty, for the
     # next session, until its sweep).
-    assert not any(relay._buckets.values())
-    assert len(relay._buckets) <= 1
+    assert not any(relay.sweep._buckets.values())
+    assert len(relay.sweep._buckets) <= 1
     clock.advance(30)
-    assert relay._buckets == {}
+    assert relay.sweep._buckets == {}
     assert clock.getDelayedCalls() == []
     assert relay.stats.sessions_ended[udp.ANSWERED] == 5
     assert relay.stats.sessions_ended[udp.IDLE_TIMEOUT] == 0
@@ -720,8 +722,8 @@ def test_a_deadline_that_rounds_below_itself_is_checked_once_after_it() -> None:
     relay = idle_relay(clock, 3.0)
     clock.advance(0.6000000000000001)
     session = open_session(relay, 1)
-    assert relay._sweepAt is not None and relay._sweepAt >= 3.6
-    clock.advance(relay._sweepAt - clock.seconds())
+    assert relay.sweep._sweepAt is not None and relay.sweep._sweepAt >= 3.6
+    clock.advance(relay.sweep._sweepAt - clock.seconds())
     assert session.reason is None or clock.seconds() >= 3.6
     clock.advance(0.3)
     assert session.reason == udp.IDLE_TIMEOUT
@@ -781,12 +783,12 @@ def test_sessions_starting_within_a_step_share_a_bucket_and_all_are_swept() -> N
     clock.advance(0.5)
     second = open_session(relay, 2)
     assert first.checkAt == second.checkAt == 11.0
-    assert list(relay._buckets) == [11.0]
+    assert list(relay.sweep._buckets) == [11.0]
     clock.advance(10.4)  # 11.0: both idle since 0.1 and 0.6
     assert first.reason == second.reason == udp.IDLE_TIMEOUT
     third = open_session(relay, 3)
     assert third.checkAt == 21.0
-    assert relay._buckets == {21.0: {third: None}}
+    assert relay.sweep._buckets == {21.0: {third: None}}
     clock.advance(10)
     assert third.reason == udp.IDLE_TIMEOUT
     assert relay.sessions == {}
@@ -949,3 +951,140 @@ async def test_a_flood_of_unanswered_sources_gives_way_to_a_real_client(
     # The oldest flood sources went first: the last 19 are still open.
     open_ports = {addr[1] for addr in relay.sessions}
     assert {c.transport.getHost().port for c in flood[-18:]} <= open_ports  # type: ignore[union-attr]
+
+
+# The idle sweep as pure logic, on a Clock.
+
+
+class Item:
+    checkAt: float | None = None
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+
+def test_the_sweep_checks_each_item_at_its_deadline_rounded_up() -> None:
+    clock = Clock()
+    checked: list[tuple[Item, float]] = []
+
+    def check(item: Item, now: float) -> float | None:
+        checked.append((item, now))
+        return item.deadline if item.deadline > now else None
+
+    sweep: IdleSweep[Item] = IdleSweep(clock, 1.0, check)
+    early, moved, gone = Item(2.5), Item(1.2), Item(1.5)
+    for item in (early, moved, gone):
+        sweep.watch(item, item.deadline)
+    sweep.unwatch(gone)
+    assert len(clock.getDelayedCalls()) == 1
+    moved.deadline = 4.0  # active meanwhile: its next check is later
+    clock.advance(1.999)
+    assert checked == []
+    clock.advance(0.001)
+    assert checked == [(moved, 2.0)]
+    clock.advance(1)
+    assert checked[1:] == [(early, 3.0)]
+    clock.advance(1)
+    assert checked[2:] == [(moved, 4.0)]
+    assert (gone.checkAt, clock.getDelayedCalls()) == (None, [])
+
+
+def test_a_stopped_sweep_has_no_timer_and_can_start_again() -> None:
+    clock = Clock()
+    sweep: IdleSweep[Item] = IdleSweep(clock, 1.0, lambda item, now: None)
+    sweep.watch(Item(5), 5)
+    sweep.stop()
+    assert clock.getDelayedCalls() == []
+    sweep.watch(Item(6), 6)
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [6.0]
+
+
+# A session's life as one state.
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sessions_state_goes_pending_open_ended(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    _, backend_port = echo(reactor, ports)
+    resolver = FakeResolver(reactor, {"dns.test": ["127.0.0.1"]}, delay=0.1)
+    service = start_service(
+        forward(("udp",), ("dns.test", backend_port)), reactor=ResolvingReactor(reactor, resolver)
+    )
+    services.append(service)
+    listen = bound_port(service, "udp")
+    relay = udp_relay(service)
+    c = client(reactor, ports)
+    c.send(b"waits", listen)
+    await deferLater(reactor, 0.01)
+    [session] = relay.sessions.values()
+    assert session.state is udp.State.PENDING  # the name resolves
+    assert await c.reply(reactor) == b"waits"
+    assert session.state is udp.State.OPEN
+    session.close(udp.SHUTDOWN)
+    assert (session.state, session.reason) == (udp.State.ENDED, udp.SHUTDOWN)
+    session.close(udp.IDLE_TIMEOUT)  # once ended, it stays as it ended
+    assert session.reason == udp.SHUTDOWN
+    assert relay.stats.sessions_ended[udp.SHUTDOWN] == 1
+
+
+def test_a_session_that_cannot_resolve_ends_with_what_it_held() -> None:
+    relay = idle_relay(Clock(), 30.0)
+    session = udp.UDPSession(relay, ("127.0.0.1", 1))
+    relay.table.add(("127.0.0.1", 1), session)
+    relay.stats.opened()
+    for data in (b"a", b"b"):
+        session.send(data)
+    assert session.state is udp.State.PENDING
+    session._resolveFailed(Failure(OSError("no such name")))
+    assert (session.state, session.reason) == (udp.State.ENDED, udp.RESOLVE_FAILED)
+    assert relay.stats.dropped[udp.RESOLVE_FAILED] == 2
+    assert relay.sessions == {}
+
+
+# The reactor seam: Twisted's public addReader/removeReader when the
+# reactor has none of goma-pt's optional hooks.
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_run_on_twisteds_public_reader_calls(
+    reactor: Any, ports: list[Any], services: list[Any], monkeypatch: Any
+) -> None:
+    backend, backend_port = echo(reactor, ports, prefix=b"back:")
+    service = start_service(forward(("udp",), ("127.0.0.1", backend_port)))
+    services.append(service)
+    relay = udp_relay(service)
+    monkeypatch.setattr(relay.readers, "addNewReader", None)
+    monkeypatch.setattr(relay.readers, "closeSocket", None)
+    added: list[Any] = []
+    removed: list[Any] = []
+    add, remove = reactor.addReader, reactor.removeReader
+
+    def adding(reader: Any) -> None:
+        if isinstance(reader, udp.UDPSession):
+            added.append(reader)
+        add(reader)
+
+    def removing(reader: Any) -> None:
+        if isinstance(reader, udp.UDPSession):
+            removed.append(reader)
+        remove(reader)
+
+    monkeypatch.setattr(reactor, "addReader", adding)
+    monkeypatch.setattr(reactor, "removeReader", removing)
+    c = client(reactor, ports)
+    listen = bound_port(service, "udp")
+    c.send(b"there", listen)
+    assert await c.reply(reactor) == b"back:there"
+    c.send(b"again", listen)
+    assert await c.reply(reactor) == b"back:again"
+    assert [data for data, _ in backend.received] == [b"there", b"again"]
+    [session] = relay.sessions.values()
+    assert added == [session]
+    assert session in reactor.getReaders()
+    fd = session.fileno()
+    session.close(udp.SHUTDOWN)
+    assert removed == [session]
+    assert session not in reactor.getReaders()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the socket is closed
