@@ -18,7 +18,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from . import connect, reuseport
@@ -521,7 +521,8 @@ def _rejecting(coroutine: Coroutine[Any, Any, bool]) -> Deferred[bool]:
     """
 
     def rejected(failure: Failure) -> bool:
-        log.failure(REJECTED, failure, error=f"{type(failure.value).__name__}: {failure.value}")
+        error = f"{type(failure.value).__name__}: {failure.value}"
+        log.failure(REJECTED, failure, LogLevel.error, error=error)
         return False
 
     return Deferred.fromCoroutine(coroutine).addErrback(rejected)

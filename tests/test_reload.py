@@ -460,6 +460,7 @@ async def test_a_fault_inside_a_reload_is_a_rejected_reload(
         applied = await service.apply(GatewayConfig("test", new))
     assert applied is False
     [error] = [e for e in logs.events if e["log_level"].name in ("error", "critical")]
+    assert error["log_level"].name == "error"
     assert error["log_format"].startswith("Reload rejected; ")
     assert error["error"] == "RuntimeError: a fault"
     # The listener the reload had started is gone again; the old one serves.
