@@ -24,10 +24,11 @@ AT_BOUND = "at bound"
 AT_BOUND_PER_IP = "at per-ip bound"
 UNTRUSTED = "untrusted source"
 BAD_HEADER = "bad proxy header"
-REFUSALS = (DENIED, AT_BOUND, AT_BOUND_PER_IP, UNTRUSTED, BAD_HEADER)
+NO_DESCRIPTORS = "out of file descriptors"
+REFUSALS = (DENIED, AT_BOUND, AT_BOUND_PER_IP, UNTRUSTED, BAD_HEADER, NO_DESCRIPTORS)
 
 # Pipes the TCP relays may hold at once to splice bulk streams
-# (tcp._SplicePipe), two descriptors each.
+# (accel.io.SplicePipe), two descriptors each.
 SPLICE_PIPES = 16
 # File descriptors kept aside for the process itself (logs, DNS lookups,
 # the listeners' momentary accept, metrics scrapes, a .tac's own

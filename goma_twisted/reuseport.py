@@ -13,11 +13,16 @@ from typing import Any
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.error import CannotListenError
 
-# Twisted's listenTCP backlog.
-BACKLOG = 50
+from .sockopts import SocketOption, apply_options
 
 
-def _bound_socket(kind: int, interface: str, port: int) -> socket.socket:
+def _bound_socket(
+    kind: int,
+    interface: str,
+    port: int,
+    backlog: int = 0,
+    options: list[SocketOption] = [],  # noqa: B006 (never changed)
+) -> socket.socket:
     family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
     skt = socket.socket(family, kind)
     try:
@@ -26,9 +31,8 @@ def _bound_socket(kind: int, interface: str, port: int) -> socket.socket:
         skt.bind((interface, port))
         if kind == socket.SOCK_STREAM:
             # Before listen(), so every accepted socket inherits them.
-            skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            skt.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            skt.listen(BACKLOG)
+            apply_options(skt, options)
+            skt.listen(backlog)
         skt.setblocking(False)
     except OSError as e:
         skt.close()
@@ -37,15 +41,17 @@ def _bound_socket(kind: int, interface: str, port: int) -> socket.socket:
 
 
 def listen_tcp(
-    reactor: Any, port: int, factory: Any, interface: str = "", adopt: Any = None
+    reactor: Any, port: int, factory: Any, backlog: int, interface: str = "", adopt: Any = None
 ) -> Any:
     """
-    Like C{reactor.listenTCP}, on a C{SO_REUSEPORT} socket.
+    Like C{reactor.listenTCP}, on a C{SO_REUSEPORT} socket, with the
+    factory's C{socketOptions} for accepted sockets to inherit.
 
     @param adopt: makes the listening port of the socket's descriptor, like
         (and by default) C{reactor.adoptStreamPort}.
     """
-    skt = _bound_socket(socket.SOCK_STREAM, interface, port)
+    options = getattr(factory, "socketOptions", [])
+    skt = _bound_socket(socket.SOCK_STREAM, interface, port, backlog, options)
     try:
         if adopt is not None:
             return adopt(reactor, skt.fileno(), skt.family, factory)

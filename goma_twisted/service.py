@@ -21,14 +21,16 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from . import connect, reuseport
+from . import reuseport
 from ._reactor import reactor_or_global
 from .config import ConfigError, Forward, GatewayConfig, format_address, load_config
 from .metrics import ForwardCollector, metrics_site
 from .policy import Budget, plan_budget, reserved_fds
+from .relaychoice import RelayChoice, choose_relay
 from .reloading import LatestWins
+from .sockopts import system_backlog
 from .stats import TCPStats, UDPStats
-from .tcp import TCPForwardFactory, splices
+from .tcpfactory import TCPForwardFactory
 from .udp import MAX_DATAGRAM, UDPForward
 
 log = Logger(namespace="goma_pt")
@@ -83,10 +85,14 @@ class _Listener:
 class TCPForwardServer(_Listener, internet.TCPServer):
     protocol = "tcp"
 
-    def __init__(self, forward: Forward, factory: TCPForwardFactory, **kwargs: Any) -> None:
+    def __init__(
+        self, forward: Forward, factory: TCPForwardFactory, relay: RelayChoice, **kwargs: Any
+    ) -> None:
         self.forward = forward
         self.factory = factory
-        super().__init__(forward.port, factory, **kwargs)
+        self.relay = relay
+        backlog = getattr(forward, "backlog", None) or system_backlog()
+        super().__init__(forward.port, factory, backlog=backlog, **kwargs)
 
     def update(self, forward: Forward) -> None:
         """New settings for new connections; live ones keep theirs."""
@@ -97,11 +103,12 @@ class TCPForwardServer(_Listener, internet.TCPServer):
         port, factory = self.args
         reactor = reactor_or_global(self.reactor)
         interface = self.kwargs.get("interface", "")
+        backlog = self.kwargs["backlog"]
         if self.forward.reuse_port:
-            adopt = connect.adopt_tcp_port if connect.lean(reactor) else None
-            return reuseport.listen_tcp(reactor, port, factory, interface, adopt)
-        if connect.lean(reactor):
-            return connect.listen_tcp(reactor, port, factory, interface)
+            adopt = self.relay.adopt
+            return reuseport.listen_tcp(reactor, port, factory, backlog, interface, adopt)
+        if self.relay.listen is not None:
+            return self.relay.listen(reactor, port, factory, backlog, interface)
         return super()._getPort()
 
 
@@ -182,6 +189,10 @@ class PassThroughService(MultiService):
     @param metrics: a server endpoint string (C{tcp:9108:interface=127.0.0.1})
         where to serve C{/metrics}; none if None. The metrics are in
         C{registry} either way, to serve from a site of your own.
+    @param relay: the TCP relay: C{"auto"} (accelerated where it was tested,
+        else plain), C{"plain"}, C{"accelerated"} (L{RelayUnavailableError}
+        where it cannot run), a L{RelayChoice} already made, or None:
+        C{$GOMA_PT_RELAY}, else auto.
     """
 
     metrics: MetricsServer | None = None
@@ -194,8 +205,12 @@ class PassThroughService(MultiService):
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         reload_signal: int | None = None,
         metrics: str | None = None,
+        relay: str | RelayChoice | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(relay, RelayChoice):
+            relay = choose_relay(relay, reactor_or_global(reactor))
+        self.relay = relay
         self.config = config
         self.drain_timeout = drain_timeout
         self.reload_signal = reload_signal
@@ -234,8 +249,9 @@ class PassThroughService(MultiService):
         extra = {} if self._reactor is None else {"reactor": self._reactor}
         built: list[Listener] = []
         if "tcp" in forward.protocols:
-            factory = TCPForwardFactory(forward, self._reactor, self._clock)
-            built.append(TCPForwardServer(forward, factory, interface=interface, **extra))
+            factory = self.relay.factoryClass(forward, self._reactor, self._clock)
+            server = TCPForwardServer(forward, factory, self.relay, interface=interface, **extra)
+            built.append(server)
         if "udp" in forward.protocols:
             relay = UDPForward(forward, forward.max_sessions or 1, self._reactor, self._clock)
             built.append(UDPForwardServer(forward, relay, interface=interface, **extra))
@@ -270,6 +286,7 @@ class PassThroughService(MultiService):
                 ignored=", ".join(self.config.ignored),
                 source=self.config.source,
             )
+        log.info("Relay: {relay}", relay=self.relay.describe(), kind=self.relay.kind.value)
         for listener in self.listeners:
             _announce(listener)
         if self.metrics is not None:
@@ -460,7 +477,7 @@ class PassThroughService(MultiService):
             in_use,
             [lst.forward.max_connections for lst in tcp],
             [lst.forward.max_sessions for lst in udp],
-            reserved_fds(splicing=splices()),
+            reserved_fds(splicing=self.relay.splices),
         )
         for listener, (bound, _) in zip(tcp, budget.tcp):
             listener.factory.bounds.total = bound

@@ -24,6 +24,13 @@ from twisted.python.logfile import LogFile
 from .config import ConfigError, GatewayConfig, load_config
 from .logs import GatheringFileLogObserver, classic_line
 from .metrics import check_endpoint
+from .relaychoice import (
+    RELAY_MODES,
+    RelayKind,
+    RelayUnavailableError,
+    choose_relay,
+    default_mode,
+)
 from .report import forwards_table
 from .service import DEFAULT_DRAIN_TIMEOUT, ListenError, PassThroughService
 
@@ -59,6 +66,12 @@ def _bytes(megabytes: float) -> int:
     return max(count, 1) if megabytes > 0 else 0
 
 
+def _relay_mode(value: str) -> str:
+    if value not in RELAY_MODES:
+        raise ValueError(f"{value!r} is not one of {', '.join(RELAY_MODES)}")
+    return value
+
+
 def _files(value: str) -> int:
     try:
         count = int(value)
@@ -77,7 +90,7 @@ DEFAULT_LOG_KEEP = 10
 
 class Options(usage.Options):
     synopsis = (
-        "--config FILE [--check] [--drain SECONDS] [--metrics ENDPOINT] "
+        "--config FILE [--check] [--drain SECONDS] [--metrics ENDPOINT] [--relay MODE] "
         "[--log-size MB] [--log-keep N]"
     )
     longdesc = (
@@ -107,6 +120,15 @@ class Options(usage.Options):
             None,
             "Serve Prometheus metrics at /metrics on this Twisted server endpoint, "
             "e.g. tcp:9108:interface=127.0.0.1 (off by default).",
+        ],
+        [
+            "relay",
+            None,
+            None,
+            "The TCP relay: auto (accelerated on the Twisted versions it was tested with, "
+            "else plain), plain (Twisted's public API only), or accelerated. "
+            "Default: $GOMA_PT_RELAY, else auto.",
+            _relay_mode,
         ],
         [
             "log-size",
@@ -146,6 +168,13 @@ class Options(usage.Options):
             raise SystemExit(1) from None
 
     def postOptions(self) -> None:
+        if self["relay"] is None:
+            self["relay"] = default_mode()
+        if self["relay"] != "plain":
+            try:
+                self.relayChoice = choose_relay(self["relay"])
+            except RelayUnavailableError as e:
+                raise SystemExit(f"goma-pt: {e}") from None
         if self["metrics"] is not None:
             try:
                 check_endpoint(self["metrics"])
@@ -171,13 +200,18 @@ class Options(usage.Options):
 
 def makeService(options: dict[str, Any]) -> IService:
     _show_without_traceback(ListenError)
-    _install_reactor()
+    choice = getattr(options, "relayChoice", None)
+    if choice is not None and choice.kind is RelayKind.ACCELERATED:
+        from .accel import install_reactor
+
+        install_reactor()
     _tune_jit()
     service = _TwistdService(
         options.config,  # type: ignore[attr-defined]
         drain_timeout=options["drain"],
         reload_signal=signal.SIGHUP,
         metrics=options["metrics"],
+        relay=options["relay"],
     )
     service.twistdOptions = getattr(options, "parent", None)
     service.logRotation = LogRotation(_bytes(options["log-size"]), options["log-keep"])
@@ -325,20 +359,6 @@ def _gathering(observer: FileLogObserver) -> FileLogObserver:
     if out is None or not isinstance(getattr(reactor, "beforeWait", None), list):
         return observer
     return GatheringFileLogObserver(out, classic_line, reactor)
-
-
-def _install_reactor() -> None:
-    """
-    Run on goma-pt's epoll reactor (L{goma_twisted.reactor}), unless twistd
-    already installed one (C{--reactor}) or this system has no epoll.
-    """
-    if "twisted.internet.reactor" in sys.modules:
-        return
-    try:
-        from .reactor import install
-    except ImportError:
-        return
-    install()
 
 
 # PyPy compiles a loop after 1039 runs and a function after 1619 by default.

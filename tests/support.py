@@ -7,6 +7,7 @@ real twistd used by the process tests.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
@@ -482,3 +483,37 @@ async def client_half_closed(
 async def finished(reactor: Any, d: Deferred[Any], timeout: float = 20) -> Any:
     """Await C{d}, failing the test if it has not fired within C{timeout} seconds."""
     return await d.addTimeout(timeout, reactor)
+
+
+class FullBacklog:
+    """
+    A loopback listener whose accept queue is full, so a connection attempt
+    stays in progress, as with a hung or distant backend, until L{release}.
+    """
+
+    def __init__(self, family: int = socket.AF_INET, host: str = "127.0.0.1") -> None:
+        self.listener = socket.socket(family)
+        self.listener.bind((host, 0))
+        self.listener.listen(0)
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.fillers = []
+        for _ in range(4):
+            filler = socket.socket(family)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(self.listener.getsockname()[:2])
+            self.fillers.append(filler)
+
+    def release(self) -> None:
+        """Let the next (retransmitted) connection attempt through."""
+        for filler in self.fillers:
+            filler.close()
+        self.fillers = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.listener.accept()[0].close()
+
+    def close(self) -> None:
+        for s in [*self.fillers, self.listener]:
+            s.close()

@@ -19,6 +19,7 @@ from twisted.internet.task import Clock, deferLater
 from goma_twisted import tcp
 
 from .support import (
+    FullBacklog,
     Recorder,
     accept_raw,
     bound_port,
@@ -38,7 +39,6 @@ from .support import (
     udp_relay,
     until,
 )
-from .test_connect import FullBacklog
 
 
 @pytest_twisted.ensureDeferred

@@ -31,7 +31,7 @@ from twisted.logger import (
 from twisted.python import threadable
 from twisted.python.logfile import LogFile
 
-from goma_twisted import tap, tcp, udp
+from goma_twisted import ending, tap, udp
 from goma_twisted.logs import (
     ENVIRONMENT,
     GatheringFileLogObserver,
@@ -93,13 +93,13 @@ def _failed() -> LogEvent:
 
 
 EVENTS = {
-    "tcp connected": lambda: emitted(tcp._CONNECTED_FORMAT, **END),
-    "tcp ended": lambda: emitted(tcp._ENDED_FORMAT, **END | {"connectTime": None}),
+    "tcp connected": lambda: emitted(ending.TCP_CONNECTED_FORMAT, **END),
+    "tcp ended": lambda: emitted(ending.TCP_ENDED_FORMAT, **END | {"connectTime": None}),
     "tcp failed": lambda: emitted(
-        tcp._FAILED_FORMAT, **END | {"reason": "connect refused", "detail": "no one there"}
+        ending.TCP_FAILED_FORMAT, **END | {"reason": "connect refused", "detail": "no one there"}
     ),
     "tcp failed, braces and non-ASCII in the detail, IPv6 client": lambda: emitted(
-        tcp._FAILED_FORMAT,
+        ending.TCP_FAILED_FORMAT,
         **END
         | {
             "client": "[2001:db8::1]:5353",
@@ -124,7 +124,7 @@ EVENTS = {
     "bytes format": lambda: emitted(b"bytes {n}", n=1),
     "failure": _failed,
     "read back from JSON": lambda: eventFromJSON(
-        eventAsJSON(emitted(tcp._CONNECTED_FORMAT, **END))
+        eventAsJSON(emitted(ending.TCP_CONNECTED_FORMAT, **END))
     ),
 }
 
@@ -141,7 +141,7 @@ def test_classic_line_is_twisteds_line(name: str) -> None:
 
 def test_the_access_lines_read_as_before() -> None:
     stamp = formatTime(1795691109.842595)
-    tcp_end = emitted(tcp._CONNECTED_FORMAT, **END) | {"log_time": 1795691109.842595}
+    tcp_end = emitted(ending.TCP_CONNECTED_FORMAT, **END) | {"log_time": 1795691109.842595}
     assert classic_line(tcp_end) == (
         f"{stamp} [goma_pt.tcp#info] tcp 127.0.0.1:8080 127.0.0.1:38490 -> 127.0.0.1:8000: "
         "target closed; 78 bytes sent, 688 received, 0.014s (connect 0.004s)\n"
@@ -410,7 +410,7 @@ def test_gathered_lines_are_written_at_the_bound_and_to_binary_files(io_thread: 
 
 
 def test_goma_pts_reactor_calls_its_before_wait_hooks_at_each_poll() -> None:
-    from goma_twisted.reactor import EPollReactor
+    from goma_twisted.accel.reactor import EPollReactor
 
     reactor = EPollReactor()
     try:

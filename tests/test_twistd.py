@@ -23,6 +23,7 @@ import pytest
 
 from goma_twisted.tap import Options
 
+from .conftest import PLAIN
 from .support import (
     ROOT,
     free_port,
@@ -232,7 +233,13 @@ def test_foreground_forwards_tcp_and_udp_on_one_port(tmp_path: Path, backend: in
     assert f"Forwarding udp 127.0.0.1:{port} to 127.0.0.1:{backend}" in text
     assert "client closed; 8 bytes sent, 8 received" in text
     assert "shutdown; 1 datagrams (8 bytes) sent, 1 (12 bytes) received" in text
-    assert "reactor class: goma_twisted.reactor.EPollReactor" in text
+    if PLAIN:
+        # Nothing of the accelerations: Twisted's own reactor.
+        assert "Relay: plain: asked for" in text
+        assert "reactor class: twisted.internet.epollreactor.EPollReactor" in text
+    else:
+        assert re.search(r"Relay: accelerated \(Twisted \d+\.\d+\)", text)
+        assert "reactor class: goma_twisted.accel.reactor.EPollReactor" in text
 
 
 def test_a_reactor_chosen_with_twistd_is_kept(tmp_path: Path, backend: int) -> None:

@@ -24,7 +24,7 @@ _SOCKOPTS = {
 
 def apply(spec: str) -> None:
     """Set each knob of C{spec} ("name=value,..."), before the reactor runs."""
-    from goma_twisted import tcp
+    from goma_twisted.accel import io as tcp
 
     options = []
     for item in filter(None, spec.split(",")):
@@ -51,25 +51,25 @@ def apply(spec: str) -> None:
 
 def _pipeSize(tcp: Any, size: int) -> None:
     """Splice pipes of C{size} bytes: a splice into one then moves at most that."""
-    init = tcp._SplicePipe.__init__
+    init = tcp.SplicePipe.__init__
 
     def sized(self: Any) -> None:
         init(self)
         fcntl.fcntl(self.write, _F_SETPIPE_SZ, size)
 
-    tcp._SplicePipe.__init__ = sized
+    tcp.SplicePipe.__init__ = sized
 
 
 def _spliceMore(tcp: Any) -> None:
     """splice(2) with SPLICE_F_MORE as well (more data is coming)."""
     flags = 7  # SPLICE_F_MOVE | SPLICE_F_NONBLOCK | SPLICE_F_MORE
-    raw = tcp._RAW
+    raw = tcp.RAW
     if raw is None:
 
         def splice(src: int, dst: int, count: int) -> int:
             return os.splice(src, dst, count, flags=flags)
 
-        tcp._SPLICE = splice
+        tcp.SPLICE = splice
         return
     call, null, ffi = raw.splice, raw.ffi.NULL, raw.ffi
 
@@ -82,21 +82,23 @@ def _spliceMore(tcp: Any) -> None:
             raise OSError(code, os.strerror(code))
         return moved
 
-    tcp._SPLICE = rawSplice
+    tcp.SPLICE = rawSplice
 
 
 def _sockopts(tcp: Any, options: list[tuple[int, int, int]]) -> None:
     """Set C{options} on both sockets of every pair once it is linked."""
-    link = tcp._RelaySide.link
+    from goma_twisted.accel.relay import FastSide
 
-    def linkWithOptions(self: Any, peer: Any) -> None:
-        link(self, peer)
+    accelerate = FastSide.accelerate
+
+    def linkWithOptions(self: Any) -> None:
+        accelerate(self)
         skt = getattr(self.transport, "socket", None)
         if skt is not None:
             for level, option, value in options:
                 skt.setsockopt(level, option, value)
 
-    tcp._RelaySide.link = linkWithOptions
+    FastSide.accelerate = linkWithOptions  # type: ignore[method-assign]
 
 
 def _rcvlowatBulk(tcp: Any, lowat: int) -> None:
@@ -105,7 +107,9 @@ def _rcvlowatBulk(tcp: Any, lowat: int) -> None:
     forwarder for that socket only once C{lowat} bytes wait. An experiment
     only: a sender that pauses with fewer queued would stall.
     """
-    relayData = tcp._RelaySide.relayData
+    from goma_twisted.accel.relay import FastSide
+
+    relayData = FastSide.relayData
 
     def relayDataLowat(self: Any, data: Any) -> None:
         if len(data) >= tcp.READ_SIZE and not getattr(self, "lowatSet", False):
@@ -113,4 +117,4 @@ def _rcvlowatBulk(tcp: Any, lowat: int) -> None:
             self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
         relayData(self, data)
 
-    tcp._RelaySide.relayData = relayDataLowat
+    FastSide.relayData = relayDataLowat  # type: ignore[method-assign]

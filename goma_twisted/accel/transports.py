@@ -1,34 +1,15 @@
 """
-Setting up a relayed TCP pair with fewer system calls and less Python
-than Twisted's general-purpose path.
+goma-pt's own construction of Twisted's TCP transports for a relay.
 
-Twisted's C{connectTCP} goes through a Connector, a Deferred, a timeout
-call and two C{connect()} calls, and registers its socket for reading and
-writing, then unregisters both and registers it again for reading: five
-C{epoll_ctl} calls, two C{ioctl}s and two C{getsockopt}s per connection.
-Its accepted connections start reading at once, which the relay undoes
-(the client must wait for its target) and redoes once the target is up.
-
-Here, for a target given as an IP address:
-
-  - L{Connecting} makes a non-blocking socket in one call, sets its TCP
-    options, calls C{connect()}, and waits for writability with one
-    C{epoll_ctl}; the outcome is read with a second C{connect()} (as
-    Twisted does, so a spurious wake-up is told from a finished attempt).
-    A target on a loopback address has usually finished its handshake
-    when the first C{connect()} returns, so it is asked at once and most
-    often needs no wait at all. The connected socket is handed, not
-    duplicated, to a L{RelayConnection}: Twisted's own TCP transport.
-  - L{RelayPort} sets the TCP options once on the listening socket (an
-    accepted socket inherits them) and builds L{RelayConnection}s too,
-    which do not read until told, so a client waiting for its target
-    costs no C{epoll_ctl} pair.
-
-Both transports are Twisted's L{tcp.Server}, of one class; only their
-construction is ours. That leans on attributes Twisted does not document, checked once
-here (L{LEAN}): without them, or on a reactor that is not Twisted's POSIX
-one (a test's memory reactor), the relay uses C{connectTCP} and Twisted's
-own port.
+Replaces: C{connectTCP}'s Connector, Deferred, timeout call and its
+register/unregister/register dance (five C{epoll_ctl} calls, two C{ioctl}s
+and two C{getsockopt}s per connection), and C{tcp.Server.__init__}'s
+C{startReading} for an accepted client that must wait for its target
+anyway. L{Connecting} opens a non-blocking socket with the relay's options
+and connects in one call (over loopback it has usually finished at once);
+L{RelayConnection} is Twisted's L{tcp.Server}, built by hand, not reading
+until told. Buys: about a sixth of the CPU per new connection (see
+docs/benchmarks.md). Leans on the private names L{LEAN} checks once.
 """
 
 from __future__ import annotations
@@ -45,10 +26,10 @@ from twisted.internet import abstract, error, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IDelayedCall, IProtocol
 from twisted.internet.posixbase import PosixReactorBase
-from twisted.python import log
 from twisted.python.failure import Failure
 
-from .config import format_address
+from ..config import format_address
+from ..sockopts import SocketOption, apply_options
 
 # What building Twisted's TCP transports by hand relies on.
 LEAN = (
@@ -80,12 +61,6 @@ _CONNECTED = (0, errno.EISCONN)
 def lean(reactor: Any) -> bool:
     """Whether C{reactor} can run this module's transports."""
     return LEAN and _NONBLOCK != 0 and isinstance(reactor, PosixReactorBase)
-
-
-def set_tcp_options(skt: socket.socket) -> None:
-    """The options every relayed socket gets: no Nagle delay, keep-alive probes."""
-    skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    skt.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 class TargetAddress:
@@ -183,6 +158,7 @@ class Connecting:
         timeout: float,
         protocol: IProtocol,
         failed: Callable[[Failure], object],
+        options: list[SocketOption] = [],  # noqa: B006 (never changed)
     ) -> None:
         self.reactor = reactor
         self.clock = clock
@@ -190,6 +166,7 @@ class Connecting:
         self.timeout = timeout
         self.protocol = protocol
         self.failed = failed
+        self.options = options
         # The class's starting state, on the instance (see RelayConnection).
         self._socket = self._timer = None
         self._waiting = self.done = False
@@ -204,7 +181,7 @@ class Connecting:
             return
         self._socket = skt
         try:
-            set_tcp_options(skt)
+            apply_options(skt, self.options)
             result = skt.connect_ex(target.sockaddr)
             if result in _WAITING and target.loopback:
                 # Over loopback the handshake has usually completed
@@ -412,119 +389,3 @@ class RelayConnection(_NewReader, tcp.Server):
         if self._peer is not None:
             return f"<{name} to {self._peer.host}:{self._peer.port}>"
         return f"<{name} #{self.sessionno}>"
-
-
-# The names the two kinds had when they were two classes.
-AcceptedConnection = OutgoingConnection = RelayConnection
-
-
-def accept_from(factory: Any) -> Callable[[str, int], Any] | None:
-    """
-    The factory's C{acceptFrom(host, port)}, its C{buildProtocol} without
-    an address object (goma_twisted.tcp's factory has one), where that is
-    what its C{buildProtocol} does: not when a subclass overrides
-    C{buildProtocol} alone, whose override must then be called.
-    """
-    acceptFrom = getattr(factory, "acceptFrom", None)
-    for klass in type(factory).__mro__:
-        if "buildProtocol" in vars(klass):
-            return acceptFrom if "acceptFrom" in vars(klass) else None
-    return None
-
-
-class RelayPort(tcp.Port):
-    """
-    Twisted's listening port, building L{RelayConnection}s, with the
-    relay's TCP options set on the listening socket for them to inherit.
-    """
-
-    transport = RelayConnection
-    # The listening socket's family, type and protocol, as numbers.
-    _numbers: tuple[int, int, int] | None = None
-    _acceptFrom: Callable[[str, int], Any] | None = None
-
-    def createInternetSocket(self) -> socket.socket:
-        skt: socket.socket = super().createInternetSocket()
-        set_tcp_options(skt)
-        return skt
-
-    def startListening(self) -> None:
-        skt = self._preexistingSocket
-        if skt is not None:
-            # Already listening: reuseport sets them before listen() too.
-            set_tcp_options(skt)
-        super().startListening()
-        if _LEAN_ACCEPT:
-            skt = self.socket
-            self._numbers = (int(skt.family), int(skt.type), skt.proto)
-        self._acceptFrom = accept_from(self.factory)
-
-    def doRead(self) -> None:
-        """
-        Twisted's accept loop for the usual case, with less work per
-        connection: C{socket.accept} turns the family and type into enums
-        for every connection and Twisted's loop goes through a generator
-        and a log-buffering context; here the socket is built from
-        C{_accept}'s descriptor with the listener's numbers (its timeout
-        is the same: the listener's is 0, no default is set). Any error
-        but "no more for now" (C{EMFILE}, C{ECONNABORTED}, ...) hands the
-        rest to Twisted's loop, which knows them.
-        """
-        numbers = self._numbers
-        if numbers is None:
-            super().doRead()
-            return
-        family, kind, proto = numbers
-        accept = self.socket._accept  # type: ignore[union-attr]
-        factory: Any = self.factory
-        acceptFrom = self._acceptFrom
-        limit = self.numberAccepts
-        accepted = 0
-        try:
-            while accepted < limit:
-                try:
-                    fd, addr = accept()
-                except BlockingIOError:
-                    break
-                except OSError:
-                    super().doRead()
-                    return
-                accepted += 1
-                skt = _Socket(family, kind, proto, fd)
-                if len(addr) == 4:
-                    # IPv6: with the zone, as Twisted's loop does.
-                    host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
-                    addr = (host[0], *addr[1:])
-                if acceptFrom is not None:
-                    protocol = acceptFrom(addr[0], addr[1])
-                else:
-                    protocol = factory.buildProtocol(self._buildAddr(addr))
-                if protocol is None:
-                    skt.close()
-                    continue
-                number = self.sessionno
-                self.sessionno = number + 1
-                protocol.makeConnection(
-                    self.transport(skt, protocol, addr, self, number, self.reactor)
-                )
-        except BaseException:
-            log.deferr()
-        # As Twisted scales its loop to the traffic.
-        if accepted == limit:
-            self.numberAccepts = limit + 20
-        else:
-            self.numberAccepts = max(1, accepted)
-
-
-def listen_tcp(reactor: Any, port: int, factory: Any, interface: str = "") -> RelayPort:
-    """Like C{reactor.listenTCP}, with a L{RelayPort}."""
-    listening = RelayPort(port, factory, 50, interface, reactor)
-    listening.startListening()
-    return listening
-
-
-def adopt_tcp_port(reactor: Any, fd: int, family: int, factory: Any) -> RelayPort:
-    """Like C{reactor.adoptStreamPort}, with a L{RelayPort}."""
-    listening = RelayPort._fromListeningDescriptor(reactor, fd, family, factory)
-    listening.startListening()
-    return listening

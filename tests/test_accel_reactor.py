@@ -17,7 +17,7 @@ from twisted.internet.error import ConnectionDone, ConnectionFdescWentAway
 from twisted.internet.main import CONNECTION_DONE
 from twisted.python import log
 
-from goma_twisted.reactor import EPollReactor
+from goma_twisted.accel.reactor import EPollReactor
 
 
 class Reader(FileDescriptor):

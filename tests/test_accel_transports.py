@@ -6,7 +6,6 @@ a relay whose target connects late.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -21,10 +20,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
-from goma_twisted import connect, tcp
+from goma_twisted import policy, tcp, tcpfactory
+from goma_twisted.accel import port as accel_port
+from goma_twisted.accel import transports as connect
+from goma_twisted.accel.relay import FastSide
+from goma_twisted.sockopts import KEEPALIVE_SECONDS, relay_options
 
 from .support import (
     Echo,
+    FullBacklog,
     Recorder,
     accept_raw,
     bound_port,
@@ -58,7 +62,13 @@ class Attempt:
         if loopback is not None:
             target.loopback = loopback  # False: wait for the reactor as for a remote target
         self.connecting = connect.Connecting(
-            reactor, clock or reactor, target, timeout, self.protocol, self._failed
+            reactor,
+            clock or reactor,
+            target,
+            timeout,
+            self.protocol,
+            self._failed,
+            relay_options(KEEPALIVE_SECONDS),
         )
 
     def _failed(self, failure: Failure) -> None:
@@ -78,40 +88,6 @@ def dead_port(reactor: Any) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-class FullBacklog:
-    """
-    A loopback listener whose accept queue is full, so a connection attempt
-    stays in progress, as with a hung or distant backend, until L{release}.
-    """
-
-    def __init__(self, family: int = socket.AF_INET, host: str = "127.0.0.1") -> None:
-        self.listener = socket.socket(family)
-        self.listener.bind((host, 0))
-        self.listener.listen(0)
-        self.listener.setblocking(False)
-        self.port = self.listener.getsockname()[1]
-        self.fillers = []
-        for _ in range(4):
-            filler = socket.socket(family)
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(self.listener.getsockname()[:2])
-            self.fillers.append(filler)
-
-    def release(self) -> None:
-        """Let the next (retransmitted) connection attempt through."""
-        for filler in self.fillers:
-            filler.close()
-        self.fillers = []
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                self.listener.accept()[0].close()
-
-    def close(self) -> None:
-        for s in [*self.fillers, self.listener]:
-            s.close()
 
 
 @pytest.fixture
@@ -138,7 +114,7 @@ async def test_connects_to_an_ip_target(reactor: Any, echo: Any, loopback: bool)
     assert (attempt.connecting in reactor.getWriters()) is not loopback
     assert await finished(reactor, attempt.protocol.lost) == b"hi"
     transport = attempt.protocol.transport
-    assert isinstance(transport, connect.OutgoingConnection)
+    assert isinstance(transport, connect.RelayConnection)
     assert transport.getPeer() == IPv4Address("TCP", "127.0.0.1", echo.getHost().port)
     assert attempt.failure is None
     assert attempt.connecting not in reactor.getWriters()
@@ -150,7 +126,7 @@ async def test_the_transport_owns_the_socket_connected(reactor: Any, echo: Any) 
     attempt.connecting.start()
     await finished(reactor, attempt.protocol.connected_d)
     transport = attempt.protocol.transport
-    assert isinstance(transport, connect.OutgoingConnection)
+    assert isinstance(transport, connect.RelayConnection)
     assert sockopts(transport.socket) == (1, 1)
     assert transport.socket.gettimeout() == 0.0  # non-blocking, without an ioctl
     assert transport.getHost().host == "127.0.0.1"
@@ -298,7 +274,7 @@ async def test_a_relay_whose_target_connects_late(reactor: Any, full_backlog: Fu
             await deferLater(reactor, 0.2)
             assert relay.target is None
             # Waiting, the client is not read (its bytes wait in the kernel).
-            assert relay.client.transport not in reactor.getReaders()
+            assert relay.client.transport not in reactor.getReaders()  # type: ignore[union-attr]
             full_backlog.release()
             conn = await accept_raw(reactor, full_backlog.listener)
             with conn:
@@ -357,10 +333,10 @@ async def test_accepted_sockets_inherit_the_tcp_options(
         while client.received != b"x":
             await deferLater(reactor, 0.01)
         [relay] = factory.relays
-        assert isinstance(relay.client.transport, connect.AcceptedConnection)
-        assert sockopts(relay.client.transport.socket) == (1, 1)
+        assert isinstance(relay.client.transport, connect.RelayConnection)  # type: ignore[union-attr]
+        assert sockopts(relay.client.transport.socket) == (1, 1)  # type: ignore[union-attr]
         assert relay.target is not None
-        assert isinstance(relay.target.transport, connect.OutgoingConnection)
+        assert isinstance(relay.target.transport, connect.RelayConnection)
         client.transport.loseConnection()  # type: ignore[union-attr]
         await finished(reactor, client.lost)
     finally:
@@ -381,18 +357,18 @@ async def test_both_ends_of_a_relay_share_their_classes(reactor: Any, echo: Any)
             await deferLater(reactor, 0.01)
         [relay] = factory.relays
         assert relay.target is not None
-        ours: Any = relay.client.transport
+        ours: Any = relay.client.transport  # type: ignore[union-attr]
         theirs: Any = relay.target.transport
         assert type(ours) is type(theirs) is connect.RelayConnection
-        assert type(relay.client) is type(relay.target) is tcp.RelaySide
+        assert type(relay.client) is type(relay.target) is FastSide
         assert relay.client.fromClient and not relay.target.fromClient
         mine: Any = client.transport.getHost()  # type: ignore[union-attr]
         assert (ours.getPeer().host, ours.getPeer().port) == (mine.host, mine.port)
         assert ours.getHost() == IPv4Address("TCP", "127.0.0.1", bound_port(service))
         assert theirs.getPeer() == IPv4Address("TCP", "127.0.0.1", echo.getHost().port)
         assert theirs.getHost().port == theirs.socket.getsockname()[1]
-        assert ours.logPrefix() == f"RelaySide,{ours.sessionno},127.0.0.1"
-        assert theirs.logPrefix() == "RelaySide,client"
+        assert ours.logPrefix() == f"FastSide,{ours.sessionno},127.0.0.1"
+        assert theirs.logPrefix() == "FastSide,client"
         assert not hasattr(relay, "__dict__")
         if connect._OWN_STATE:
             # RelayConnection.__init__'s in-line copy sets on the instance
@@ -442,7 +418,7 @@ class FailingOnce:
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_relay_port_accepts_all_waiting_connections(reactor: Any, host: str) -> None:
     factory = Accepting()
-    port = connect.listen_tcp(reactor, 0, factory, host)
+    port = accel_port.listen_tcp(reactor, 0, factory, 511, host)
     clients = [socket.socket(port.socket.family) for _ in range(3)]
     try:
         for client in clients:
@@ -451,7 +427,7 @@ def test_relay_port_accepts_all_waiting_connections(reactor: Any, host: str) -> 
         assert len(factory.served) == 3
         for (addr, transport), client in zip(factory.served, clients):
             assert (addr.host, addr.port) == client.getsockname()[:2]
-            assert isinstance(transport, connect.AcceptedConnection)
+            assert isinstance(transport, connect.RelayConnection)
             assert transport.getPeer() == addr
             assert transport.socket.gettimeout() == 0.0
             assert transport.socket.family == port.socket.family
@@ -483,7 +459,7 @@ class AcceptingFrom(Accepting):
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_relay_port_hands_the_host_and_port_to_accept_from(reactor: Any, host: str) -> None:
     factory = AcceptingFrom()
-    port = connect.listen_tcp(reactor, 0, factory, host)
+    port = accel_port.listen_tcp(reactor, 0, factory, 511, host)
     clients = [socket.socket(port.socket.family) for _ in range(4)]
     try:
         for client in clients:
@@ -500,7 +476,7 @@ def test_relay_port_hands_the_host_and_port_to_accept_from(reactor: Any, host: s
                 client.settimeout(5)
                 assert client.recv(10) == b""
             else:
-                assert isinstance(transport, connect.AcceptedConnection)
+                assert isinstance(transport, connect.RelayConnection)
                 assert (transport.getPeer().host, transport.getPeer().port) == address
                 transport.socket.close()
     finally:
@@ -522,7 +498,7 @@ class BuildingItsOwn(AcceptingFrom):
 def test_relay_port_calls_a_subclass_own_build_protocol(reactor: Any) -> None:
     factory = BuildingItsOwn()
     factory.built = []
-    port = connect.listen_tcp(reactor, 0, factory, "127.0.0.1")
+    port = accel_port.listen_tcp(reactor, 0, factory, 511, "127.0.0.1")
     client = socket.socket()
     try:
         client.connect(("127.0.0.1", port.getHost().port))
@@ -537,37 +513,79 @@ def test_relay_port_calls_a_subclass_own_build_protocol(reactor: Any) -> None:
 
 
 def test_accept_from_only_where_build_protocol_is_the_one_calling_it() -> None:
-    class OwnAcceptFrom(tcp.TCPForwardFactory):
+    class OwnAcceptFrom(tcpfactory.TCPForwardFactory):
         def acceptFrom(self, host: str, port: int) -> Any:
             return None
 
-    class OwnBuildProtocol(tcp.TCPForwardFactory):
+    class OwnBuildProtocol(tcpfactory.TCPForwardFactory):
         def buildProtocol(self, addr: Any) -> Any:
             return None
 
     def ask(klass: Any) -> Any:
         factory = klass.__new__(klass)
-        acceptFrom = connect.accept_from(factory)
+        acceptFrom = accel_port.accept_from(factory)
         return None if acceptFrom is None else acceptFrom.__func__  # type: ignore[attr-defined]
 
-    assert ask(tcp.TCPForwardFactory) is tcp.TCPForwardFactory.acceptFrom
+    assert ask(tcpfactory.TCPForwardFactory) is tcpfactory.TCPForwardFactory.acceptFrom
     assert ask(OwnAcceptFrom) is OwnAcceptFrom.acceptFrom
     assert ask(OwnBuildProtocol) is None
     assert ask(Accepting) is None
     assert ask(AcceptingFrom) is AcceptingFrom.acceptFrom
 
 
-@pytest.mark.parametrize("number", [errno.EMFILE, errno.ECONNABORTED])
-def test_relay_port_leaves_accept_errors_to_twisted(reactor: Any, number: int) -> None:
+def test_relay_port_goes_on_past_an_aborted_connection(reactor: Any) -> None:
     factory = Accepting()
-    port = connect.listen_tcp(reactor, 0, factory, "127.0.0.1")
+    port = accel_port.listen_tcp(reactor, 0, factory, 511, "127.0.0.1")
+    client = socket.socket()
+    try:
+        client.connect(("127.0.0.1", port.getHost().port))
+        listening = port.socket
+        port.socket = FailingOnce(listening, errno.ECONNABORTED)
+        port.doRead()
+        [(addr, transport)] = factory.served
+        assert addr.port == client.getsockname()[1]
+        transport.socket.close()
+    finally:
+        client.close()
+        port.socket = listening
+        port.stopListening()
+
+
+class Refusing(Accepting):
+    """Records the refusals the port reports too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusals: list[tuple[str, str, str]] = []
+
+    def refused(self, client: str, refusal: str, detail: str = "") -> None:
+        self.refusals.append((client, refusal, detail))
+
+
+@pytest.mark.parametrize("number", [errno.EMFILE, errno.ENFILE])
+def test_out_of_descriptors_the_relay_port_pauses_accepting(reactor: Any, number: int) -> None:
+    # As nginx: a listener that stays readable while accept() cannot take a
+    # descriptor would spin (and log) without end; it pauses instead.
+    factory = Refusing()
+    port = accel_port.listen_tcp(reactor, 0, factory, 511, "127.0.0.1")
     client = socket.socket()
     try:
         client.connect(("127.0.0.1", port.getHost().port))
         listening = port.socket
         port.socket = FailingOnce(listening, number)
         port.doRead()
-        # Twisted's loop took over and accepted the waiting client.
+        assert factory.served == []
+        assert port not in reactor.getReaders()
+        [(_, refusal, detail)] = factory.refusals
+        assert refusal == policy.NO_DESCRIPTORS
+        assert errno.errorcode[number] in detail
+        port.doRead()  # a second failure while paused is not logged again
+        assert len(factory.refusals) == 1
+        assert port._paused is not None and port._paused.active()
+        port._paused.cancel()
+        port._resume()
+        assert port in reactor.getReaders()
+        port.doRead()
         [(addr, transport)] = factory.served
         assert addr.port == client.getsockname()[1]
         transport.socket.close()

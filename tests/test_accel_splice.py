@@ -1,5 +1,5 @@
 """
-The splice(2) path of the TCP relay (tcp._SplicePipe, relaySplice) over
+The splice(2) path of the TCP relay (io.SplicePipe, relaySplice) over
 real loopback sockets: bytes exact, backpressure, ends, descriptors.
 """
 
@@ -15,9 +15,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import protocol
+from twisted.internet.main import CONNECTION_LOST
 from twisted.internet.task import Clock, deferLater
 
 from goma_twisted import tcp
+from goma_twisted.accel import io
+from goma_twisted.accel import relay as accel_relay
 
 from .support import (
     Echo,
@@ -42,7 +45,7 @@ from .test_tcp import FIFTY_MB, Hasher, Sink, Source
 # Without splice(2) (not Linux) these are skipped on a dev machine; under CI
 # (Linux, where goma-pt must find it) they run and fail.
 pytestmark = pytest.mark.skipif(
-    tcp._SPLICE is None and not os.environ.get("CI"), reason="no splice(2) here"
+    io.SPLICE is None and not os.environ.get("CI"), reason="no splice(2) here"
 )
 
 SIXTY_FOUR_MB = 64 * 1024 * 1024
@@ -60,7 +63,7 @@ def services(reactor: Any) -> Any:
 def spliced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Splice from the first read on; the byte counts each splice call moved."""
     moved: list[int] = []
-    real = tcp._SPLICE
+    real = io.SPLICE
     assert real is not None
 
     def counting(src: int, dst: int, count: int) -> int:
@@ -68,8 +71,8 @@ def spliced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         moved.append(n)
         return n
 
-    monkeypatch.setattr(tcp, "_SPLICE", counting)
-    monkeypatch.setattr(tcp, "SPLICE_AFTER", 0)
+    monkeypatch.setattr(io, "SPLICE", counting)
+    monkeypatch.setattr(io, "SPLICE_AFTER", 0)
     return moved
 
 
@@ -91,7 +94,7 @@ async def test_64_mb_both_ways_switching_mid_stream(
     reactor: Any, services: list[Any], spliced: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Each side switches after its first read, whatever it held.
-    monkeypatch.setattr(tcp, "SPLICE_AFTER", 1)
+    monkeypatch.setattr(io, "SPLICE_AFTER", 1)
     echo = listen_tcp(reactor, protocol.Factory.forProtocol(Echo))
     service = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
     services.append(service)
@@ -158,10 +161,10 @@ async def test_a_slow_reader_pauses_the_spliced_sender(
     sent = FIFTY_MB - sources[0].remaining
     await deferLater(reactor, 0.3)
     # The target's side stopped reading: the target stopped being able to send.
-    assert FIFTY_MB - sources[0].remaining - sent < 4 * tcp.READ_SIZE
+    assert FIFTY_MB - sources[0].remaining - sent < 4 * io.READ_SIZE
     toClient: Any = relay.client.transport
     held = toClient._tempDataLen + len(toClient.dataBuffer) + relay.target.pipe.held
-    assert held <= 2 * tcp.READ_SIZE
+    assert held <= 2 * io.READ_SIZE
     assert relay.target.transport not in reactor.getReaders()
     client.transport.resumeProducing()  # type: ignore[union-attr]
     await finished(reactor, client.lost, 60)
@@ -244,7 +247,7 @@ async def test_no_descriptor_leaks_after_spliced_pairs_end_every_way(
         clock.advance(6)
         await until(reactor, lambda: not relays(timing))
         idle.close()
-    assert tcp._SplicePipe.live == 0
+    assert io.SplicePipe.live == 0
     # Closes still under way (a reactor turn or two) are waited for.
     await until(reactor, lambda: open_fds() == before, 5)
     for service in (closing, timing, resetting):
@@ -269,7 +272,7 @@ async def test_without_a_pipe_the_side_goes_on_copying(
     def no_pipe() -> Any:
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
-    monkeypatch.setattr(tcp, "_SplicePipe", no_pipe)
+    monkeypatch.setattr(accel_relay, "SplicePipe", no_pipe)
     target = listen_tcp(reactor, protocol.Factory.forProtocol(Sink))
     service = start_service(forward(target=("127.0.0.1", target.getHost().port)))
     services.append(service)
@@ -288,7 +291,7 @@ async def test_without_a_pipe_the_side_goes_on_copying(
 async def test_past_the_pipe_bound_sides_copy(
     reactor: Any, services: list[Any], spliced: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tcp._SplicePipe, "MAX_PIPES", 3)
+    monkeypatch.setattr(io.SplicePipe, "MAX_PIPES", 3)
     echo = listen_tcp(reactor, protocol.Factory.forProtocol(Echo))
     service = start_service(forward(target=("127.0.0.1", echo.getHost().port)))
     services.append(service)
@@ -296,7 +299,7 @@ async def test_past_the_pipe_bound_sides_copy(
     clients = [raw_client(bound_port(service)) for _ in range(3)]
     await until(reactor, lambda: len(relays(service)) == 3)
     await deferLater(reactor, 0.05)
-    assert tcp._SplicePipe.live == 3
+    assert io.SplicePipe.live == 3
     sides = [side for r in relays(service) for side in (r.client, r.target)]
     assert sum(side.pipe is not None for side in sides) == 3
     for client in clients:
@@ -307,7 +310,7 @@ async def test_past_the_pipe_bound_sides_copy(
         client.close()
     await until(reactor, lambda: not relays(service))
     echo.stopListening()
-    assert tcp._SplicePipe.live == 0
+    assert io.SplicePipe.live == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -461,7 +464,7 @@ async def test_a_spliced_read_with_the_peer_gone_is_counted_and_dropped(
     [end] = logs.ends()
     assert end["reason"] == tcp.TARGET_RESET
     assert end["bytesToTarget"] == len(payload)
-    assert tcp._SplicePipe.live == 0
+    assert io.SplicePipe.live == 0
     assert spliced == [len(payload)]
     client.close()
     listener.close()
@@ -472,13 +475,13 @@ async def test_bytes_queued_in_twisted_go_out_ahead_of_the_spliced_read(
     reactor: Any, services: list[Any], spliced: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     readOut: list[int] = []
-    real = tcp._readPipe
+    real = io.SplicePipe.readOut
 
     def counting(pipe: Any, count: int) -> bytes:
         readOut.append(count)
         return real(pipe, count)
 
-    monkeypatch.setattr(tcp, "_readPipe", counting)
+    monkeypatch.setattr(io.SplicePipe, "readOut", counting)
     listener = raw_listener()
     service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
     services.append(service)
@@ -511,7 +514,7 @@ async def test_a_pipe_left_at_its_default_size_still_relays_exactly(
     real = fcntl.fcntl
 
     def refusing(fd: int, cmd: int, arg: Any = 0) -> Any:
-        if cmd == tcp._F_SETPIPE_SZ:
+        if cmd == io._F_SETPIPE_SZ:
             raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
         return real(fd, cmd, arg)
 
@@ -525,15 +528,15 @@ async def test_a_pipe_left_at_its_default_size_still_relays_exactly(
     await until(reactor, lambda: relays(service))
     [relay] = relays(service)
     await until(reactor, lambda: relay.client.pipe is not None)
-    pipeSize = real(relay.client.pipe.write, tcp._F_SETPIPE_SZ + 1)  # F_GETPIPE_SZ
+    pipeSize = real(relay.client.pipe.write, io._F_SETPIPE_SZ + 1)  # F_GETPIPE_SZ
     await finished(reactor, pump.lost, 30)
     echo.stopListening()
-    assert pipeSize < tcp.READ_SIZE
+    assert pipeSize < io.READ_SIZE
     assert pump.backCount == size
     assert pump.back.hexdigest() == pump.digest.hexdigest()
     assert sum(spliced) >= size
     assert max(spliced) <= pipeSize
-    await until(reactor, lambda: tcp._SplicePipe.live == 0)
+    await until(reactor, lambda: io.SplicePipe.live == 0)
 
 
 @pytest_twisted.ensureDeferred
@@ -561,7 +564,7 @@ async def test_a_peer_reset_met_draining_the_pipe_ends_the_pair_as_a_reset(
     with captured_logs() as logs:
         reset(client)  # the relay has not seen it yet: its client socket looks writable
         assert fromTarget.doRead() is None
-        assert drained == [tcp.CONNECTION_LOST]
+        assert drained == [CONNECTION_LOST]
         assert relay.client.sendFailed and side.pipe.held == 0
         fromTarget.startReading()
         await until(reactor, lambda: not relays(service))
@@ -569,7 +572,7 @@ async def test_a_peer_reset_met_draining_the_pipe_ends_the_pair_as_a_reset(
     [end] = logs.ends()
     assert end["reason"] == tcp.CLIENT_RESET
     assert end["bytesToClient"] == 60_000
-    assert tcp._SplicePipe.live == 0
+    assert io.SplicePipe.live == 0
     conn.close()
     await until(reactor, lambda: open_fds() == before, 5)
     listener.close()
@@ -600,7 +603,7 @@ async def test_a_close_while_the_pipe_holds_bytes_sends_them_before_the_fin(
     [end] = logs.ends()
     assert end["reason"] == tcp.IDLE_TIMEOUT
     assert end["bytesToClient"] == counted
-    assert tcp._SplicePipe.live == 0
+    assert io.SplicePipe.live == 0
     client.close()
     conn.close()
     listener.close()
@@ -610,10 +613,9 @@ async def test_a_close_while_the_pipe_holds_bytes_sends_them_before_the_fin(
 async def test_a_stop_while_both_pipes_hold_bytes_drains_each_before_its_fin(
     reactor: Any, services: list[Any], spliced: list[int]
 ) -> None:
-    # Neither end reads: each side's pipe holds bytes for the other, and a
-    # stop's loseConnection() waits on both. The client then reads first:
-    # its side's drainPipe empties the pipe and hands the close over to
-    # Twisted's doWrite, while the target's side still waits.
+    # Neither end reads: each side's pipe holds bytes for the other. A stop
+    # hands each side back to Twisted's reading, its pipe's bytes to the
+    # peer's Twisted buffer: each end gets every byte read, then a FIN.
     listener = raw_listener()
     service = start_service(
         forward(target=("127.0.0.1", listener.getsockname()[1])), clock=Clock()
@@ -624,16 +626,6 @@ async def test_a_stop_while_both_pipes_hold_bytes_drains_each_before_its_fin(
     await _hold(reactor, client, relay.client, up)
     toClient, toTarget = relay.bytesToClient, relay.bytesToTarget
     assert relay.target.pipe.held and relay.client.pipe.held
-    side, fromRelay = relay.target, relay.client.transport
-    assert fromRelay.doWrite == side.drainPipe
-    drained: list[Any] = []
-    drain = side.drainPipe
-
-    def recording() -> Any:
-        drained.append(drain())
-        return drained[-1]
-
-    side.drainPipe = fromRelay.doWrite = recording
     with captured_logs() as logs:
         stopped = service.stopService()
         await deferLater(reactor, 0.05)
@@ -644,9 +636,6 @@ async def test_a_stop_while_both_pipes_hold_bytes_drains_each_before_its_fin(
         client.close()  # the client's FIN ends the lingering
         assert len(received) == toClient
         assert received == down[:toClient]
-        # The drain that emptied the pipe finished the close at once.
-        assert drained[-1] is tcp.CONNECTION_DONE
-        assert drained.count(tcp.CONNECTION_DONE) == 1
         assert relays(service)  # the target's side still owes it its bytes
         atTarget = await read_to_eof(reactor, conn, 20)
         conn.close()
@@ -655,7 +644,7 @@ async def test_a_stop_while_both_pipes_hold_bytes_drains_each_before_its_fin(
     assert atTarget == up[:toTarget]
     [end] = logs.ends()
     assert (end["bytesToClient"], end["bytesToTarget"]) == (toClient, toTarget)
-    assert tcp._SplicePipe.live == 0
+    assert io.SplicePipe.live == 0
     client.close()
     conn.close()
     listener.close()
@@ -682,7 +671,7 @@ async def test_a_reset_met_by_drain_pipe_as_do_write_closes_the_pair(
     with captured_logs() as logs:
         reset(client)
         why = toClient.doWrite()
-        assert why is tcp.CONNECTION_LOST
+        assert why is CONNECTION_LOST
         assert side.pipe.held  # left for closePipe: the peer is gone
         reactor._disconnectSelectable(toClient, why, False)
         await until(reactor, lambda: not relays(service))
@@ -690,7 +679,7 @@ async def test_a_reset_met_by_drain_pipe_as_do_write_closes_the_pair(
     [end] = logs.ends()
     # The client's half-close named the end first.
     assert end["reason"] == tcp.CLIENT_CLOSED
-    assert tcp._SplicePipe.live == 0
+    assert io.SplicePipe.live == 0
     conn.close()
     await until(reactor, lambda: open_fds() == before, 5)
     listener.close()
