@@ -4,7 +4,8 @@ session, and each session owns a UDP socket connected to the target, so
 the target's replies find their way back to the right client.
 
 This module is the listening side (L{UDPForward}); the parts live apart:
-L{goma_twisted.udp_session} (a session and the reasons it ends with),
+L{goma_twisted.udp_session} (a session and its state; the reasons it
+ends with are L{goma_twisted.ending}'s, with TCP's),
 L{goma_twisted.udp_table} (the bounded table, pure),
 L{goma_twisted.udp_sweep} (idle expiry, pure) and
 L{goma_twisted.udp_readers} (the reactor calls a session's socket needs).
@@ -26,29 +27,31 @@ from twisted.internet.protocol import DatagramProtocol
 from . import policy
 from ._reactor import reactor_or_global
 from .config import Forward, format_address
+from .ending import (
+    ANSWERED,
+    EVICTED,
+    IDLE_TIMEOUT,
+    RESOLVE_FAILED,
+    SHUTDOWN,
+    SOCKET_FAILED,
+    UNANSWERED,
+)
+from .ending import udp_log as log
 from .policy import Bounds, RefusalLog, parse_ip
 from .stats import UDPStats
 from .udp_readers import Readers
 from .udp_session import (
-    ANSWERED,
     DROP_REASONS,
     END_REASONS,
-    EVICTED,
-    IDLE_TIMEOUT,
     MAX_DATAGRAM,
     MAX_QUEUED,
     QUEUE_FULL,
     READS_PER_EVENT,
     REPLY_FAILED,
-    RESOLVE_FAILED,
     SEND_FAILED,
     SESSION_END_FORMAT,
-    SHUTDOWN,
-    SOCKET_FAILED,
-    UNANSWERED,
     State,
     UDPSession,
-    log,
 )
 from .udp_sweep import IdleSweep
 from .udp_table import UNANSWERED_TIMEOUT, SessionTable, expiry

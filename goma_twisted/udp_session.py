@@ -1,7 +1,6 @@
 """
 A UDP session: one client address's conversation with the target, over a
-socket of its own connected to the target; its life as one state, and
-the reasons it ends with.
+socket of its own connected to the target, and its life as one state.
 """
 
 from __future__ import annotations
@@ -15,16 +14,22 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .config import format_address
-from .logs import EventLogger
+from .ending import (
+    ANSWERED,
+    RESOLVE_FAILED,
+    SHUTDOWN,
+    SOCKET_FAILED,
+    UDP_END_REASONS,
+    UDP_ENDED_FORMAT,
+    client_text,
+    log_udp_end,
+)
 from .policy import IPAddress
 from .resolve import resolve_host
 from .udp_table import expiry
 
 if TYPE_CHECKING:
     from .udp import UDPForward
-
-log = EventLogger(namespace="goma_pt.udp")
 
 # The largest UDP payload over IPv4; Twisted's default read size is 8 KiB.
 MAX_DATAGRAM = 65535
@@ -41,24 +46,8 @@ _SessionSocket = socket.SocketType
 # Datagrams kept for a session while its target hostname resolves.
 MAX_QUEUED = 64
 
-IDLE_TIMEOUT = "idle timeout"
-# Idle for UNANSWERED_TIMEOUT (under the idle timeout) without an answer.
-UNANSWERED = "unanswered"
-# Ended, never answered, to make room for a new client in a full table.
-EVICTED = "evicted"
-RESOLVE_FAILED = "resolve failed"
-SOCKET_FAILED = "socket failed"
-SHUTDOWN = "shutdown"
-ANSWERED = "answered"
-END_REASONS = (
-    IDLE_TIMEOUT,
-    UNANSWERED,
-    EVICTED,
-    ANSWERED,
-    RESOLVE_FAILED,
-    SOCKET_FAILED,
-    SHUTDOWN,
-)
+# Why a session ends: defined with the TCP reasons, in ending.
+END_REASONS = UDP_END_REASONS
 
 # Why a datagram was dropped (besides the reasons a session ends with,
 # for the datagrams it still held): the session table was full, the
@@ -83,12 +72,8 @@ class State(enum.Enum):
 # The states by plain names, for the per-datagram checks.
 PENDING, OPEN, ENDED = State.PENDING, State.OPEN, State.ENDED
 
-# The event each session ends with.
-SESSION_END_FORMAT = (
-    "{forward} {client} -> {target}: {reason}; {datagramsToTarget} datagrams "
-    "({bytesToTarget} bytes) sent, {datagramsToClient} ({bytesToClient} bytes) "
-    "received, {duration:.3f}s"
-)
+# The event each session ends with (ending.log_udp_end).
+SESSION_END_FORMAT = UDP_ENDED_FORMAT
 
 
 @implementer(IReadDescriptor)
@@ -346,12 +331,10 @@ class UDPSession:
             del self.socket
         forward.sessionEnded(self)
         host, port = self.client[:2]
-        log.infoEvent(
-            SESSION_END_FORMAT,
+        log_udp_end(
             {
                 "forward": forward.name,
-                # format_address's work is for IPv6 (and IPv4-mapped) hosts.
-                "client": format_address(host, port) if ":" in host else f"{host}:{port}",
+                "client": client_text(host, port),
                 "target": self.target,
                 "targetAddress": self.targetAddress,
                 "bytesToTarget": self.bytesToTarget,
