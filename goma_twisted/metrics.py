@@ -1,7 +1,8 @@
 """
 Prometheus metrics: a collector that reads the forwards' plain counters
 (L{goma_twisted.stats}) when scraped, and a C{twisted.web} resource that
-serves a registry in the Prometheus text format.
+serves a registry in the Prometheus text format; next to it, the health
+pages C{/healthz} and C{/readyz} for load balancers and Kubernetes probes.
 
 The resource renders in the reactor's thread, not in a thread pool as
 C{prometheus_client.twisted.MetricsResource} does: the counters are
@@ -100,6 +101,7 @@ def _both(tcp: list[TCPStats], udp: list[UDPStats]) -> Iterator[Metric]:
 def _tcp(sources: list[TCPStats]) -> Iterator[Metric]:
     accepted = _counter("goma_pt_tcp_connections_accepted", "TCP connections accepted.")
     active = _gauge("goma_pt_tcp_connections_active", "TCP connections open now.")
+    bound = _gauge("goma_pt_tcp_connections_max", "The bound on open TCP connections.")
     closed = _counter(
         "goma_pt_tcp_connections_closed",
         "TCP connections ended, by the reason their log line gives.",
@@ -124,13 +126,14 @@ def _tcp(sources: list[TCPStats]) -> Iterator[Metric]:
         labels = forward_labels(s)
         accepted.add_metric(labels, s.accepted)
         active.add_metric(labels, s.active)
+        bound.add_metric(labels, s.max_connections)
         _by_reason(closed, labels, s.closed)
         _by_reason(failures, labels, s.connect_failures)
         _by_reason(refused, labels, s.refused)
         histogram = s.connect_time
         buckets = [(floatToGoString(le), n) for le, n in histogram.cumulative()]
         connect.add_metric(labels, buckets, histogram.sum)
-    yield from (accepted, active, closed, failures, refused, connect)
+    yield from (accepted, active, bound, closed, failures, refused, connect)
 
 
 def _udp(sources: list[UDPStats]) -> Iterator[Metric]:
@@ -233,15 +236,62 @@ def metrics_resource(registry: CollectorRegistry) -> IResource:
     return EncodingResourceWrapper(MetricsPage(registry), [GzipEncoderFactory()])
 
 
+Readiness = Callable[[], tuple[bool, str]]
+"""Whether to send this process new traffic, and a short reason."""
+
+
+class _PlainPage(Resource):
+    """A short plain-text answer that no cache keeps."""
+
+    isLeaf = True
+
+    def answer(self, request: Request, code: int, text: str) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader("content-type", "text/plain; charset=utf-8")
+        request.setHeader("cache-control", "no-store")
+        return f"{text}\n".encode()
+
+
+class HealthPage(_PlainPage):
+    """
+    C{/healthz}: 200 whenever it answers, as answering takes a running
+    reactor. It stays 200 while the service drains: the process is
+    healthy, only not to be sent new traffic (that is C{/readyz}).
+    """
+
+    def render_GET(self, request: Request) -> bytes:
+        return self.answer(request, 200, "ok")
+
+
+class ReadinessPage(_PlainPage):
+    """C{/readyz}: 200 when C{readiness} says ready, else 503; the body says why."""
+
+    def __init__(self, readiness: Readiness) -> None:
+        super().__init__()
+        self.readiness = readiness
+
+    def render_GET(self, request: Request) -> bytes:
+        ready, why = self.readiness()
+        return self.answer(request, 200 if ready else 503, why)
+
+
 class _Root(Resource):
     def getChild(self, path: bytes, request: Any) -> IResource:
         return notFound()
 
 
-def metrics_site(registry: CollectorRegistry) -> Site:
-    """A web site serving C{registry} at C{/metrics} (and nothing else)."""
+def metrics_site(registry: CollectorRegistry, readiness: Readiness | None = None) -> Site:
+    """
+    A web site serving C{registry} at C{/metrics}, C{/healthz}, and, given
+    C{readiness} (e.g. L{PassThroughService.readiness
+    <goma_twisted.service.PassThroughService.readiness>}), C{/readyz};
+    nothing else.
+    """
     root = _Root()
     root.putChild(b"metrics", metrics_resource(registry))
+    root.putChild(b"healthz", HealthPage())
+    if readiness is not None:
+        root.putChild(b"readyz", ReadinessPage(readiness))
     return MetricsSite(root)
 
 

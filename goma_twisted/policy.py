@@ -280,8 +280,15 @@ class RefusalLog:
 
     FORMAT = "{forward}: refused {client}: {refusal}{detailNote}{suppressedNote}"
 
-    def __init__(self, emit: Callable[..., Any], clock: Any, interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        emit: Callable[..., Any],
+        clock: Any,
+        interval: float = 10.0,
+        format: str = FORMAT,
+    ) -> None:
         self.emit = emit
+        self.format = format
         self.clock = clock
         self.interval = interval
         self._last: dict[tuple[str, str], float] = {}
@@ -307,7 +314,7 @@ class RefusalLog:
         if suppressed and last is not None:
             note = f" ({suppressed} more not logged in the last {now - last:.0f}s)"
         self.emit(
-            self.FORMAT,
+            self.format,
             forward=forward,
             client=client,
             refusal=refusal,

@@ -10,12 +10,13 @@ import resource
 import signal
 import socket
 from collections.abc import Coroutine, Iterator
+from enum import Enum
 from typing import Any, Union
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from twisted.application import internet
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger, LogLevel
@@ -23,8 +24,9 @@ from twisted.python.failure import Failure
 
 from . import reuseport
 from ._reactor import reactor_or_global
+from .activation import Activation, PassedSocket
 from .config import ConfigError, Forward, GatewayConfig, format_address, load_config
-from .metrics import ForwardCollector, metrics_site
+from .metrics import ForwardCollector, Readiness, metrics_site
 from .policy import Budget, plan_budget, reserved_fds
 from .relaychoice import RelayChoice, choose_relay
 from .reloading import LatestWins
@@ -59,6 +61,9 @@ class _Listener:
     forward: Forward
     protocol: str
     _port: Any
+
+    # The socket systemd passed for this listener, if any (socket activation).
+    passed: PassedSocket | None = None
 
     @property
     def key(self) -> ListenKey:
@@ -104,6 +109,11 @@ class TCPForwardServer(_Listener, internet.TCPServer):
         reactor = reactor_or_global(self.reactor)
         interface = self.kwargs.get("interface", "")
         backlog = self.kwargs["backlog"]
+        if self.passed is not None:
+            fd, family = self.passed.fd, self.passed.family
+            if self.relay.adopt is not None:
+                return self.relay.adopt(reactor, fd, family, factory)
+            return reactor.adoptStreamPort(fd, family, factory)
         if self.forward.reuse_port:
             adopt = self.relay.adopt
             return reuseport.listen_tcp(reactor, port, factory, backlog, interface, adopt)
@@ -126,9 +136,13 @@ class UDPForwardServer(_Listener, internet.UDPServer):
         self.relay.reconfigure(forward)
 
     def _getPort(self) -> Any:
+        port, relay = self.args
+        if self.passed is not None:
+            size = self.kwargs.get("maxPacketSize", MAX_DATAGRAM)
+            reactor = reactor_or_global(self.reactor)
+            return reactor.adoptDatagramPort(self.passed.fd, self.passed.family, relay, size)
         if not self.forward.reuse_port:
             return super()._getPort()
-        port, relay = self.args
         return reuseport.listen_udp(
             reactor_or_global(self.reactor),
             port,
@@ -144,12 +158,22 @@ DEFAULT_DRAIN_TIMEOUT = 5.0
 
 
 class MetricsServer(internet.StreamServerEndpointService):
-    """Serves C{/metrics}; a port it cannot listen on is a L{ListenError}."""
+    """
+    Serves C{/metrics}, C{/healthz} and C{/readyz}; a port it cannot listen
+    on is a L{ListenError}.
+    """
 
     port: Any = None
 
-    def __init__(self, description: str, registry: CollectorRegistry, reactor: Any) -> None:
-        super().__init__(serverFromString(reactor, description), metrics_site(registry))
+    def __init__(
+        self,
+        description: str,
+        registry: CollectorRegistry,
+        reactor: Any,
+        readiness: Readiness | None = None,
+    ) -> None:
+        site = metrics_site(registry, readiness)
+        super().__init__(serverFromString(reactor, description), site)
         self.description = description
         self.setName("metrics")
 
@@ -172,6 +196,14 @@ class MetricsServer(internet.StreamServerEndpointService):
         return self.port.getHost()
 
 
+class Phase(Enum):
+    """Where a L{PassThroughService} is in its life; C{/readyz} reports it."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    STOPPING = "stopping"
+
+
 class PassThroughService(MultiService):
     """
     Forwards every port of a L{GatewayConfig}.
@@ -187,15 +219,20 @@ class PassThroughService(MultiService):
     @param reload_signal: a signal (e.g. C{signal.SIGHUP}) on which to
         re-read the config file while running; none if None.
     @param metrics: a server endpoint string (C{tcp:9108:interface=127.0.0.1})
-        where to serve C{/metrics}; none if None. The metrics are in
-        C{registry} either way, to serve from a site of your own.
+        where to serve C{/metrics}, C{/healthz} and C{/readyz}; none if
+        None. The metrics are in C{registry} and the readiness is
+        L{readiness} either way, to serve from a site of your own.
     @param relay: the TCP relay: C{"auto"} (accelerated where it was tested,
         else plain), C{"plain"}, C{"accelerated"} (L{RelayUnavailableError}
         where it cannot run), a L{RelayChoice} already made, or None:
         C{$GOMA_PT_RELAY}, else auto.
+    @param activation: the listening sockets systemd passed (socket
+        activation: L{Activation.fromEnvironment}); a listener takes the one
+        of its protocol, port and address instead of binding its own.
     """
 
     metrics: MetricsServer | None = None
+    phase = Phase.STARTING
 
     def __init__(
         self,
@@ -206,8 +243,10 @@ class PassThroughService(MultiService):
         reload_signal: int | None = None,
         metrics: str | None = None,
         relay: str | RelayChoice | None = None,
+        activation: Activation | None = None,
     ) -> None:
         super().__init__()
+        self.activation = activation if activation is not None else Activation([])
         if not isinstance(relay, RelayChoice):
             relay = choose_relay(relay, reactor_or_global(reactor))
         self.relay = relay
@@ -228,13 +267,17 @@ class PassThroughService(MultiService):
                 self._adopt(listener)
         if metrics is not None:
             # Last, so a forward that cannot listen stops the start first.
-            self.metrics = MetricsServer(metrics, self.registry, reactor_or_global(reactor))
+            self.metrics = MetricsServer(
+                metrics, self.registry, reactor_or_global(reactor), self.readiness
+            )
             self.metrics.setServiceParent(self)
 
     def stats(self) -> Iterator[TCPStats | UDPStats]:
         """The counters of every forward now listening, for the metrics."""
         for listener in self.listeners:
             if isinstance(listener, TCPForwardServer):
+                total = listener.factory.bounds.total
+                listener.factory.stats.max_connections = total or 0
                 yield listener.factory.stats
             else:
                 listener.relay.stats.max_sessions = listener.relay.max_sessions
@@ -255,6 +298,10 @@ class PassThroughService(MultiService):
         if "udp" in forward.protocols:
             relay = UDPForward(forward, forward.max_sessions or 1, self._reactor, self._clock)
             built.append(UDPForwardServer(forward, relay, interface=interface, **extra))
+        for listener in built:
+            listener.passed = self.activation.find(
+                listener.protocol, forward.address, forward.port
+            )
         return built
 
     def _adopt(self, listener: Listener) -> None:
@@ -287,6 +334,9 @@ class PassThroughService(MultiService):
                 source=self.config.source,
             )
         log.info("Relay: {relay}", relay=self.relay.describe(), kind=self.relay.kind.value)
+        wanted = [(lst.protocol, lst.forward.address, lst.forward.port) for lst in self.listeners]
+        for passed in self.activation.unmatched(wanted):
+            log.warn("systemd passed a socket no forward listens on: {socket}", socket=str(passed))
         for listener in self.listeners:
             _announce(listener)
         if self.metrics is not None:
@@ -296,16 +346,36 @@ class PassThroughService(MultiService):
             else:
                 where = f"{self.metrics.description}, path /metrics"
             log.info("Serving metrics at {where}", where=where)
+        self.phase = Phase.SERVING
         log.info("goma-pt ready: {count} listeners", count=len(self._listeners))
         if self.reload_signal is not None:
             self._installReloadSignal(self.reload_signal)
 
+    def readiness(self) -> tuple[bool, str]:
+        """
+        Whether this process should get new traffic (C{/readyz}), and why
+        not: it is ready while serving with every listener bound; it is
+        not while starting, nor from the stop on, while it drains.
+        """
+        if self.phase is Phase.STOPPING:
+            tcp = [lst for lst in self.listeners if isinstance(lst, TCPForwardServer)]
+            live = sum(len(lst.factory.relays) for lst in tcp)
+            return False, f"draining, {live} connection{'' if live == 1 else 's'} open"
+        unbound = [_where(lst) for lst in self.listeners if lst._port is None]
+        if unbound:
+            return False, "not listening: " + ", ".join(unbound)
+        if self.phase is Phase.STARTING:
+            return False, "starting"
+        return True, "ready"
+
     def stopService(self) -> Deferred[Any]:
         """
         Close the listeners at once, let live TCP connections finish up to
-        the drain deadline, then close what is left.
+        the drain deadline, then close what is left. The metrics server
+        stops last, so that C{/readyz} answers "draining" meanwhile.
         """
-        stopped = super().stopService()
+        self.phase = Phase.STOPPING
+        stopped = self._stopAllBut(self.metrics)
         factories = [lst.factory for lst in self.listeners if isinstance(lst, TCPForwardServer)]
         live = sum(len(factory.relays) for factory in factories)
         if live:
@@ -317,7 +387,18 @@ class PassThroughService(MultiService):
                 timeout=self.drain_timeout,
             )
         drains = [self._drain(factory) for factory in factories]
-        return gatherResults([stopped, *drains, *self._draining])
+        return gatherResults([stopped, *drains, *self._draining]).addBoth(self._stopMetrics)
+
+    def _stopAllBut(self, kept: Service | None) -> Deferred[Any]:
+        """L{MultiService.stopService}, leaving C{kept} running."""
+        Service.stopService(self)
+        children = [child for child in reversed(list(self)) if child is not kept]
+        return DeferredList([maybeDeferred(child.stopService) for child in children])
+
+    def _stopMetrics(self, result: Any) -> Any:
+        if self.metrics is None:
+            return result
+        return maybeDeferred(self.metrics.stopService).addBoth(lambda _: result)
 
     def _drain(self, factory: TCPForwardFactory) -> Deferred[None]:
         drained = factory.drain(self.drain_timeout)
@@ -526,6 +607,13 @@ def _keys(forward: Forward) -> list[ListenKey]:
     ]
 
 
+def _where(listener: Listener) -> str:
+    """A listener as C{/readyz} names it: C{tcp 53}, C{udp 127.0.0.1:5353}."""
+    forward = listener.forward
+    where = format_address(forward.address, forward.port) if forward.address else forward.port
+    return f"{listener.protocol} {where}"
+
+
 def _stop(listener: Listener) -> Deferred[Any]:
     return maybeDeferred(listener.stopService)
 
@@ -556,11 +644,12 @@ def _passthrough(call: Any, argument: Any) -> Any:
 def _announce(listener: Listener) -> None:
     host = listener.getHost()
     log.info(
-        "Forwarding {protocol} {listen} to {target}",
+        "Forwarding {protocol} {listen} to {target}{passed}",
         protocol=listener.protocol,
         listen=format_address(host.host, host.port),
         target=str(listener.forward.target),
         forward=listener.forward.name,
+        passed="" if listener.passed is None else " (a socket passed by systemd)",
     )
 
 

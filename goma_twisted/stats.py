@@ -86,6 +86,7 @@ class TCPStats:
         "connect_failures",
         "connect_time",
         "forward",
+        "max_connections",
         "refused",
     )
 
@@ -97,6 +98,8 @@ class TCPStats:
         refusals: Iterable[str] = (),
     ) -> None:
         self.forward = forward
+        # The bound on open connections (set by the service).
+        self.max_connections = 0
         self.accepted = 0
         self.active = 0
         self.bytes_to_target = 0

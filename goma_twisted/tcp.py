@@ -4,181 +4,42 @@ L{twisted.protocols.portforward}, on Twisted's public API, which also pass
 a half-close through, time out connects and idle pairs, close gently, and
 say why each connection ended.
 
-A L{RelaySide} is each end: the accepted client connection and the one
-opened to the forward's target. The client's end is paused until the
-target is connected, so what it sends early waits in the kernel; then
-each transport is registered as the producer of the other, so a slow
-reader on one side pauses reading on the other. A L{Relay} holds the
-pair's life as one L{RelayState}, and each side's two halves as one
+A L{RelaySide} (L{goma_twisted.tcpside}) is each end: the accepted client
+connection and the one opened to the forward's target. The client's end is
+paused until the target is connected, so what it sends early waits in the
+kernel; then each transport is registered as the producer of the other,
+so a slow reader on one side pauses reading on the other. A L{Relay} holds
+the pair's life as one L{RelayState}, and each side's two halves as one
 L{Flow}. L{goma_twisted.accel} makes the same relay faster by subclassing
 L{Relay} and L{RelaySide}; nothing here depends on it.
 """
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any, Union
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IConnector,
-    IConsumer,
     IDelayedCall,
-    IHalfCloseableProtocol,
-    IPushProducer,
     ISystemHandle,
-    ITCPTransport,
 )
-from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from . import ending, proxyprotocol
 from .config import format_address
 from .ending import (
     CLIENT_CLOSED,
-    CLIENT_RESET,
-    CONNECT_FAILED,
     CONNECT_FAILURES,
-    CONNECT_REFUSED,
     CONNECT_TIMEOUT,
     IDLE_TIMEOUT,
-    RESOLVE_FAILED,
-    SHUTDOWN,
     TARGET_CLOSED,
-    TARGET_RESET,
     connect_failure_reason,
 )
-from .ending import TCP_END_REASONS as END_REASONS
 from .sockopts import apply_options, keepalive_timing, unread
 from .tcpheader import HeaderReading
-
-__all__ = [
-    "CLIENT_CLOSED", "CLIENT_RESET", "CONNECT_FAILED", "CONNECT_FAILURES", "CONNECT_REFUSED",
-    "CONNECT_TIMEOUT", "END_REASONS", "IDLE_TIMEOUT", "RESOLVE_FAILED", "SHUTDOWN",
-    "TARGET_CLOSED", "TARGET_RESET", "Flow", "Relay", "RelaySide", "RelayState",
-    "connect_failure_reason",
-]  # fmt: skip
-
-# After a timeout or a stop, how long a side may take to flush what it
-# holds before its connection is cut.
-CLOSE_GRACE = 2.0
-# A side closed for a timeout or a stop reads and drops what its peer
-# still sends after our FIN (as nginx's lingering_close) until the peer's
-# own FIN, this long without a byte, or CLOSE_GRACE: closed at once with
-# unread bytes, Linux would answer with a reset that can cost the peer the
-# last bytes we flushed.
-LINGER_QUIET = 0.5
-
-
-class RelayState(Enum):
-    """Where a relayed connection is in its life."""
-
-    HEADER = "reading the load balancer's PROXY header"
-    CONNECTING = "connecting to the target, the client paused"
-    RELAYING = "relaying both ways"
-    CLOSING = "closing its sides"
-    ENDED = "ended and reported"
-
-
-class Flow(Enum):
-    """What has ended of one side's reading (its peer's FIN) and writing (ours)."""
-
-    OPEN = "open"
-    READ_DONE = "read done"
-    WRITE_DONE = "write done"
-    DONE = "done both ways"
-
-    def readEnded(self) -> Flow:
-        return Flow.READ_DONE if self is Flow.OPEN else Flow.DONE
-
-    def writeEnded(self) -> Flow:
-        return Flow.WRITE_DONE if self is Flow.OPEN else Flow.DONE
-
-
-class _TCPTransport(ITCPTransport, IPushProducer, IConsumer):
-    """What a relay needs of a TCP transport: it is a producer and a consumer too."""
-
-
-@implementer(IHalfCloseableProtocol)
-class RelaySide(Protocol):
-    """Either end of a relayed pair: the accepted client (C{fromClient}) or the target."""
-
-    transport: _TCPTransport
-
-    def __init__(self, relay: Relay, fromClient: bool) -> None:
-        self.relay = relay
-        self.fromClient = fromClient
-        self.peer: RelaySide | None = None
-        self.flow = Flow.OPEN
-        # While lingering (RelayState.CLOSING): closes this side once quiet.
-        self.quiet: IDelayedCall | None = None
-
-    def connectionMade(self) -> None:
-        self.relay.sideMade(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        state = self.relay.state
-        if state is RelayState.RELAYING:
-            self.relayData(data)
-        elif state is RelayState.HEADER:
-            self.relay.header.feed(data)  # type: ignore[union-attr]
-        elif self.quiet is not None and self.quiet.active():
-            self.quiet.reset(LINGER_QUIET)  # lingering: dropped
-
-    def relayData(self, data: bytes) -> None:
-        """Count what this side read, mark the pair active, pass it to the peer."""
-        peer = self.counted(len(data))
-        if peer is not None:
-            peer.transport.write(data)
-
-    def counted(self, count: int) -> RelaySide | None:
-        """Count C{count} bytes read by this side, mark the relay active; the peer."""
-        relay = self.relay
-        if self.fromClient:
-            relay.bytesToTarget += count
-            relay.stats.bytes_to_target += count
-        else:
-            relay.bytesToClient += count
-            relay.stats.bytes_to_client += count
-        if relay.idleTimer is not None:
-            relay.lastActivity = relay.clock.seconds()
-        return self.peer
-
-    def finishWriting(self) -> None:
-        """Half-close this side once what is queued for it is sent (its peer is done)."""
-        self.transport.unregisterProducer()
-        self.transport.loseWriteConnection()
-
-    def closeBoth(self) -> None:
-        """Close this side, done both ways."""
-        self.transport.loseConnection()
-
-    def readConnectionLost(self) -> None:
-        self.relay.readEnded(self)
-
-    def writeConnectionLost(self) -> None:
-        self.relay.writeEnded(self)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.relay.sideLost(self, reason)
-
-
-class TargetFactory(ClientFactory):
-    """Builds the target's end of one relay and reports a failed connect."""
-
-    noisy = False
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-
-    def buildProtocol(self, addr: Any) -> RelaySide:
-        return self.relay.sideClass(self.relay, False)
-
-    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        self.relay.targetFailed(reason)
-
+from .tcpside import CLOSE_GRACE, LINGER_QUIET, Flow, RelaySide, RelayState, TargetFactory
 
 Connecting = Union[IConnector, Deferred[Any], Any]
 
@@ -354,6 +215,8 @@ class Relay:
         self.connecting = None
         self.reason = self.reason or connect_failure_reason(failure)
         self.failureDetail = failure.getErrorMessage()
+        if self.reason in CONNECT_FAILURES:
+            self.factory.targetFailed(self.reason, self.failureDetail)
         if self.client is not None and self.state is not RelayState.ENDED:
             self.state = RelayState.CLOSING
             self.client.transport.loseConnection()
@@ -499,6 +362,18 @@ class Relay:
             self.logEnd()
         if self._done is not None:
             self._done.callback(None)
+        self.release()
+
+    def release(self) -> None:
+        """
+        Break an ended relay's reference cycles (each side and its relay, a
+        PROXY header's reading and its relay), so that reference counting
+        frees it at once rather than the cyclic collector.
+        """
+        self.header = None
+        for side in (self.client, self.target):
+            if side is not None:
+                del side.relay
 
     def logEnd(self) -> None:
         forwardName, targetText = self.labels

@@ -21,6 +21,11 @@ from .sockopts import KEEPALIVE_SECONDS, SocketOption, relay_options
 from .stats import TCPStats
 from .tcp import Relay, RelaySide
 
+TARGET_FAILED_FORMAT = (
+    "{forward}: cannot reach {target}: {refusal}{detailNote}; its clients are closed"
+    "{suppressedNote}"
+)
+
 
 def matches_trusted(client: IPAddress | None, forward: Forward) -> bool:
     """Whether a connection comes from a load balancer trusted to send PROXY headers."""
@@ -54,8 +59,10 @@ class TCPForwardFactory(Factory):
         # descriptor budget) and maxConnectionsPerIp.
         self.bounds = Bounds(forward.max_connections, forward.max_connections_per_ip)
         self.stats = TCPStats(forward, TCP_END_REASONS, CONNECT_FAILURES, policy.REFUSALS)
-        # Refusals are counted in the stats and logged rate-limited.
+        # Refusals are counted in the stats and logged rate-limited; so are
+        # failures to reach the target, which its clients see as a close.
         self.refusalLog = RefusalLog(tcp_log.warn, self.clock)
+        self.targetLog = RefusalLog(tcp_log.warn, self.clock, format=TARGET_FAILED_FORMAT)
         self.reconfigure(forward)
 
     def reconfigure(self, forward: Forward) -> None:
@@ -126,6 +133,11 @@ class TCPForwardFactory(Factory):
     def refused(self, client: str, refusal: str, detail: str = "") -> None:
         self.stats.count_refused(refusal)
         self.refusalLog.refused(self.forward.name, client, refusal, detail)
+
+    def targetFailed(self, reason: str, detail: str) -> None:
+        """A relay could not reach the forward's target."""
+        target = str(self.forward.target)
+        self.targetLog.refused(self.forward.name, target, reason, detail, target=target)
 
     def relayEnded(self, relay: Relay) -> None:
         if relay in self.relays:

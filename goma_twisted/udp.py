@@ -56,12 +56,19 @@ from .udp_session import (
 from .udp_sweep import IdleSweep
 from .udp_table import UNANSWERED_TIMEOUT, SessionTable, expiry
 
+# An eviction's warning, logged as refusals are: at most one per interval.
+EVICTION_FORMAT = (
+    "{forward}: {sessions} sessions open, the bound; ended the unanswered session "
+    "of {client} for a new client ({newClient}){suppressedNote}"
+)
+
 # The names importers of the UDP relay use, wherever they are defined.
 __all__ = [
     "ANSWERED",
     "DROP_REASONS",
     "END_REASONS",
     "EVICTED",
+    "EVICTION_FORMAT",
     "IDLE_TIMEOUT",
     "MAX_DATAGRAM",
     "MAX_QUEUED",
@@ -75,7 +82,6 @@ __all__ = [
     "SOCKET_FAILED",
     "UNANSWERED",
     "UNANSWERED_TIMEOUT",
-    "EvictionLog",
     "State",
     "UDPForward",
     "UDPSession",
@@ -111,7 +117,7 @@ class UDPForward(DatagramProtocol):
         self._configure(config)
         # Refusals and evictions are counted in the stats and logged rate-limited.
         self.refusalLog = RefusalLog(log.warn, self.clock)
-        self.evictionLog = EvictionLog(log.warn, self.clock)
+        self.evictionLog = RefusalLog(log.warn, self.clock, format=EVICTION_FORMAT)
         self._targetAddresses: dict[tuple[str, int], str] = {}
 
     @property
@@ -291,12 +297,3 @@ class UDPForward(DatagramProtocol):
             session.close(UNANSWERED if unanswered else IDLE_TIMEOUT)
             return None
         return deadline
-
-
-class EvictionLog(RefusalLog):
-    """Evictions, logged as refusals are: at most one event per interval."""
-
-    FORMAT = (
-        "{forward}: {sessions} sessions open, the bound; ended the unanswered session "
-        "of {client} for a new client ({newClient}){suppressedNote}"
-    )

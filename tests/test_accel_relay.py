@@ -6,9 +6,12 @@ behaviour they must keep is tested on both relays in test_tcp.py and the rest.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
+import platform
 import socket
+import weakref
 from typing import Any
 
 import pytest
@@ -19,7 +22,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from goma_twisted import tcp
+from goma_twisted import ending, tcp
 from goma_twisted.accel import io
 from goma_twisted.accel.relay import FastSide
 
@@ -27,11 +30,17 @@ from .support import (
     Recorder,
     bound_port,
     captured_logs,
+    client_half_closed,
     connect,
+    factory_of,
     finished,
     forward,
     listen_tcp,
+    raw_listener,
+    read_to_eof,
+    reset,
     start_service,
+    until,
 )
 from .test_tcp import Sink
 
@@ -240,11 +249,11 @@ async def test_client_fin_then_target_close_end_in_relay_read(
             await deferLater(reactor, 0.01)
     assert ends_of_stream == [("client", True), ("target", True)]
     [end] = logs.ends()
-    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert end["reason"] == ending.CLIENT_CLOSED
     assert (end["bytesToTarget"], end["bytesToClient"]) == (4, 4)
     assert end["targetAddress"] == f"127.0.0.1:{echo.getHost().port}"
     stats = factory.stats
-    assert (stats.active, stats.closed[tcp.CLIENT_CLOSED]) == (0, 1)
+    assert (stats.active, stats.closed[ending.CLIENT_CLOSED]) == (0, 1)
     assert factory.bounds.open == 0 and factory.bounds.by_ip == {}
 
 
@@ -282,7 +291,7 @@ async def test_target_close_then_client_close_end_in_relay_read(
     assert ends_of_stream == [("target", True), ("client", True)]
     _assert_closed(relays[0], reactor)
     [end] = logs.ends()
-    assert end["reason"] == tcp.TARGET_CLOSED
+    assert end["reason"] == ending.TARGET_CLOSED
     assert (end["bytesToTarget"], end["bytesToClient"]) == (0, 3)
 
 
@@ -352,5 +361,57 @@ async def test_a_fin_behind_queued_bytes_waits_for_them(
     # The client's end was left to Twisted, the target's close was not.
     assert ends_of_stream == [("client", False), ("target", True)]
     [end] = logs.ends()
-    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert end["reason"] == ending.CLIENT_CLOSED
     assert (end["bytesToTarget"], end["bytesToClient"]) == (3, len(received))
+
+
+@pytest.mark.skipif(
+    platform.python_implementation() != "CPython", reason="frees by reference counting"
+)
+@pytest.mark.parametrize("way", ["lean", "reset"])
+@pytest_twisted.ensureDeferred
+async def test_an_ended_relay_is_freed_without_the_garbage_collector(
+    reactor: Any, way: str
+) -> None:
+    # Reference counting frees the relay, its sides and their transports as
+    # soon as it ends, both by its own end of stream and by Twisted's way.
+    listener = raw_listener()
+    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
+    factory = factory_of(service)
+    gc.collect()
+    gc.disable()
+    try:
+        with captured_logs() as logs:
+            client, conn = await client_half_closed(reactor, service, listener, b"ask")
+            [relay] = factory.relays
+            assert relay.target is not None
+            refs = [
+                weakref.ref(thing)
+                for thing in (
+                    relay,
+                    relay.client,
+                    relay.target,
+                    relay.client.transport,
+                    relay.target.transport,
+                )
+            ]
+            del relay
+            if way == "lean":
+                conn.sendall(b"answer")
+                conn.shutdown(socket.SHUT_WR)
+                assert await read_to_eof(reactor, client) == b"answer"
+            else:
+                reset(conn)
+            await until(reactor, lambda: not factory.relays)
+            # What the reactor's own turn still holds (the event being handled).
+            await deferLater(reactor, 0)
+            assert [ref() for ref in refs] == [None] * len(refs)
+        [end] = logs.ends()
+        # The client's half-close came first and names the end either way.
+        assert (end["reason"], end["bytesToTarget"]) == (ending.CLIENT_CLOSED, 3)
+        client.close()
+        conn.close()
+    finally:
+        gc.enable()
+        await service.stopService()
+        listener.close()

@@ -18,7 +18,7 @@ from twisted.internet import protocol
 from twisted.internet.main import CONNECTION_LOST
 from twisted.internet.task import Clock, deferLater
 
-from goma_twisted import tcp
+from goma_twisted import ending
 from goma_twisted.accel import io
 from goma_twisted.accel import relay as accel_relay
 
@@ -112,7 +112,7 @@ async def test_64_mb_both_ways_switching_mid_stream(
     assert sum(spliced) >= SIXTY_FOUR_MB  # most of it went through the pipes
     [end] = logs.ends()
     assert (end["bytesToTarget"], end["bytesToClient"]) == (SIXTY_FOUR_MB, SIXTY_FOUR_MB)
-    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert end["reason"] == ending.CLIENT_CLOSED
 
 
 @pytest_twisted.ensureDeferred
@@ -195,7 +195,7 @@ async def test_a_target_reset_mid_splice_ends_as_target_reset(
         await until(reactor, lambda: not relays(service))
     listener.close()
     [end] = logs.ends()
-    assert end["reason"] == tcp.TARGET_RESET
+    assert end["reason"] == ending.TARGET_RESET
     assert spliced
 
 
@@ -462,7 +462,7 @@ async def test_a_spliced_read_with_the_peer_gone_is_counted_and_dropped(
         await deferLater(reactor, 0.05)
     assert seen == [(None, None, 0), "pipe empty"]
     [end] = logs.ends()
-    assert end["reason"] == tcp.TARGET_RESET
+    assert end["reason"] == ending.TARGET_RESET
     assert end["bytesToTarget"] == len(payload)
     assert io.SplicePipe.live == 0
     assert spliced == [len(payload)]
@@ -570,7 +570,7 @@ async def test_a_peer_reset_met_draining_the_pipe_ends_the_pair_as_a_reset(
         await until(reactor, lambda: not relays(service))
         await deferLater(reactor, 0.05)
     [end] = logs.ends()
-    assert end["reason"] == tcp.CLIENT_RESET
+    assert end["reason"] == ending.CLIENT_RESET
     assert end["bytesToClient"] == 60_000
     assert io.SplicePipe.live == 0
     conn.close()
@@ -601,7 +601,7 @@ async def test_a_close_while_the_pipe_holds_bytes_sends_them_before_the_fin(
     assert len(received) == counted
     assert received == payload[:counted]
     [end] = logs.ends()
-    assert end["reason"] == tcp.IDLE_TIMEOUT
+    assert end["reason"] == ending.IDLE_TIMEOUT
     assert end["bytesToClient"] == counted
     assert io.SplicePipe.live == 0
     client.close()
@@ -678,7 +678,7 @@ async def test_a_reset_met_by_drain_pipe_as_do_write_closes_the_pair(
         await deferLater(reactor, 0.05)
     [end] = logs.ends()
     # The client's half-close named the end first.
-    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert end["reason"] == ending.CLIENT_CLOSED
     assert io.SplicePipe.live == 0
     conn.close()
     await until(reactor, lambda: open_fds() == before, 5)
@@ -738,7 +738,7 @@ async def test_urgent_data_on_a_spliced_direction_stops_nothing(
             await until(reactor, lambda: not relays(service))
             [end] = logs.ends()
             assert end["bytesToTarget"] == len(before + after)
-            assert end["reason"] == tcp.CLIENT_CLOSED
+            assert end["reason"] == ending.CLIENT_CLOSED
     if not fin:
         client.close()
         conn.close()

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
-from goma_twisted import policy, tcp, tcpfactory
+from goma_twisted import ending, policy, tcpfactory
 from goma_twisted.accel import port as accel_port
 from goma_twisted.accel import transports as connect
 from goma_twisted.accel.relay import FastSide
@@ -160,7 +160,7 @@ async def test_refused_as_twisted_reports_it(reactor: Any, dead_port: int, loopb
     assert failure.check(error.ConnectionRefusedError)
     expected = error.getConnectError((errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED)))
     assert failure.getErrorMessage() == str(expected)
-    assert tcp.connect_failure_reason(failure) == tcp.CONNECT_REFUSED
+    assert ending.connect_failure_reason(failure) == ending.CONNECT_REFUSED
     assert attempt.connecting not in reactor.getWriters()
     assert not attempt.protocol.connected_d.called
 
@@ -179,7 +179,7 @@ async def test_times_out_on_its_clock(reactor: Any, full_backlog: FullBacklog) -
     assert attempt.failure is not None
     assert attempt.failure.check(error.TimeoutError)
     assert attempt.failure.getErrorMessage() == str(error.TimeoutError())
-    assert tcp.connect_failure_reason(attempt.failure) == tcp.CONNECT_TIMEOUT
+    assert ending.connect_failure_reason(attempt.failure) == ending.CONNECT_TIMEOUT
     assert attempt.connecting not in reactor.getWriters()
     assert clock.getDelayedCalls() == []
 
@@ -237,7 +237,7 @@ async def test_a_reactor_that_cannot_watch_fails_the_attempt(
         assert attempt.failure is not None
         assert attempt.failure.check(error.ConnectError)
         assert os.strerror(errno.ENOSPC) in attempt.failure.getErrorMessage()
-        assert tcp.connect_failure_reason(attempt.failure) == tcp.CONNECT_FAILED
+        assert ending.connect_failure_reason(attempt.failure) == ending.CONNECT_FAILED
         assert attempt.connecting.fileno() == -1
         assert attempt.protocol.transport is None
     assert clock.getDelayedCalls() == []
@@ -252,7 +252,7 @@ async def test_lost_while_waiting(reactor: Any, full_backlog: FullBacklog) -> No
     reactor.removeWriter(attempt.connecting)
     attempt.connecting.connectionLost(Failure(error.ConnectionLost()))
     assert attempt.failure is not None
-    assert tcp.connect_failure_reason(attempt.failure) == tcp.CONNECT_FAILED
+    assert ending.connect_failure_reason(attempt.failure) == ending.CONNECT_FAILED
     assert clock.getDelayedCalls() == []
 
 
@@ -286,7 +286,7 @@ async def test_a_relay_whose_target_connects_late(reactor: Any, full_backlog: Fu
         await service.stopService()
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
     [end] = logs.ends()
-    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert end["reason"] == ending.CLIENT_CLOSED
     assert end["connectTime"] > 0.2
     assert (end["bytesToTarget"], end["bytesToClient"]) == (len(payload), 6)
 
@@ -313,7 +313,7 @@ async def test_a_relay_times_out_connecting_on_its_clock(
     finally:
         await service.stopService()
     [end] = logs.ends()
-    assert end["reason"] == tcp.CONNECT_TIMEOUT
+    assert end["reason"] == ending.CONNECT_TIMEOUT
     assert end["detail"] == str(error.TimeoutError())
     assert clock.getDelayedCalls() == []
 

@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import protocol
 from twisted.internet.task import Clock, deferLater
 
-from goma_twisted import tcp
+from goma_twisted import ending
 
 from .support import (
     FullBacklog,
@@ -61,7 +61,7 @@ async def test_a_client_reset_while_its_target_connects(reactor: Any) -> None:
         await service.stopService()
         backlog.close()
     [end] = logs.ends()
-    assert end["reason"] == tcp.CLIENT_RESET
+    assert end["reason"] == ending.CLIENT_RESET
 
 
 @pytest_twisted.ensureDeferred
@@ -83,7 +83,7 @@ async def test_a_target_that_resets_at_once(reactor: Any) -> None:
         await service.stopService()
         await target.stopListening()
     [end] = logs.ends()
-    assert end["reason"] == tcp.TARGET_RESET
+    assert end["reason"] == ending.TARGET_RESET
 
 
 @pytest_twisted.ensureDeferred
@@ -105,7 +105,7 @@ async def test_half_closes_in_turn_with_data_after_the_first(reactor: Any) -> No
         await service.stopService()
         listener.close()
     [end] = logs.ends()
-    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert end["reason"] == ending.CLIENT_CLOSED
     assert (end["bytesToTarget"], end["bytesToClient"]) == (7, 18)
 
 
@@ -150,7 +150,7 @@ async def test_20_mb_then_half_close_at_once(reactor: Any) -> None:
         await target.stopListening()
     assert counters[0].hash.digest() == hashlib.sha256(payload).digest()
     [end] = logs.ends()
-    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert end["reason"] == ending.CLIENT_CLOSED
     assert end["bytesToTarget"] == len(payload)
 
 
@@ -173,7 +173,7 @@ async def test_stop_with_connects_pending_and_clients_held(reactor: Any) -> None
         for c in clients:
             c.close()
         backlog.close()
-    assert [e["reason"] for e in logs.ends()] == [tcp.SHUTDOWN] * 3
+    assert [e["reason"] for e in logs.ends()] == [ending.SHUTDOWN] * 3
     await deferLater(reactor, 0.05)
     assert open_fds() == before
 
@@ -201,7 +201,7 @@ async def test_drain_deadline_with_connects_pending(reactor: Any) -> None:
     finally:
         backlog.close()
     [end] = logs.ends()
-    assert end["reason"] == tcp.SHUTDOWN
+    assert end["reason"] == ending.SHUTDOWN
     assert clock.getDelayedCalls() == []
 
 
@@ -212,7 +212,7 @@ async def test_a_hostname_target_still_works(reactor: Any) -> None:
     target = listen_tcp(reactor, protocol.Factory.forProtocol(Echo))
     service = start_service(forward(target=("localhost", target.getHost().port)))
     try:
-        assert factory_of(service).targetAddress is None
+        assert getattr(factory_of(service), "targetAddress", None) is None
         client = raw_client(bound_port(service))
         client.sendall(b"by name")
         client.shutdown(socket.SHUT_WR)
@@ -416,7 +416,7 @@ async def test_a_client_reset_met_first_by_a_send_is_still_a_reset(reactor: Any)
         await service.stopService()
         listener.close()
     [end] = logs.ends()
-    assert end["reason"] == tcp.CLIENT_RESET
+    assert end["reason"] == ending.CLIENT_RESET
 
 
 async def _read_some(reactor: Any, conn: socket.socket, within: float = 8) -> bytes:

@@ -7,17 +7,14 @@ stops and resets meeting a half-closed pair; counts and descriptors after.
 from __future__ import annotations
 
 import contextlib
-import gc
 import ipaddress
 import os
-import platform
 import signal
 import socket
 import struct
 import subprocess
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock, deferLater
 
-from goma_twisted import policy, tcp
+from goma_twisted import ending, policy
 from goma_twisted.config import GatewayConfig
 
 from .support import (
@@ -120,7 +117,7 @@ async def test_a_half_closed_pair_at_a_stop(reactor: Any) -> None:
         conn.close()
     listener.close()
     [end] = logs.ends()
-    assert end["reason"] == tcp.TARGET_CLOSED
+    assert end["reason"] == ending.TARGET_CLOSED
     assert (end["bytesToTarget"], end["bytesToClient"]) == (4, 5)
     assert stats_of(service).active == 0
     assert open_sockets() <= before  # an earlier test's may close meanwhile
@@ -151,7 +148,7 @@ async def test_a_reset_after_a_fin_with_the_target_still_answering(reactor: Any)
         await service.stopService()
         listener.close()
     [end] = logs.ends()
-    assert end["reason"] in (tcp.CLIENT_CLOSED, tcp.CLIENT_RESET)
+    assert end["reason"] in (ending.CLIENT_CLOSED, ending.CLIENT_RESET)
     assert stats_of(service).active == 0
     assert open_sockets() <= before  # an earlier test's may close meanwhile
 
@@ -229,7 +226,7 @@ async def test_proxy_protocol_header_data_and_fin_in_one_segment_both_ways(
     ends = logs.ends()
     assert len(ends) == 10
     assert {(e["client"], e["reason"], e["bytesToTarget"], e["bytesToClient"]) for e in ends} == {
-        ("192.0.2.7:4000", tcp.CLIENT_CLOSED, 3, 6)
+        ("192.0.2.7:4000", ending.CLIENT_CLOSED, 3, 6)
     }
     assert stats_of(service).active == 0
     assert open_sockets() <= before  # an earlier test's may close meanwhile
@@ -349,7 +346,7 @@ async def test_a_drain_ends_as_a_half_closed_pair_finishes_on_its_own(reactor: A
     listener.close()
     [end] = logs.ends()
     assert (end["reason"], end["bytesToTarget"], end["bytesToClient"]) == (
-        tcp.CLIENT_CLOSED,
+        ending.CLIENT_CLOSED,
         3,
         6,
     )
@@ -424,7 +421,7 @@ async def test_a_reload_removing_the_forward_of_a_half_closed_pair(reactor: Any)
     listener.close()
     [end] = logs.ends()
     assert (end["reason"], end["bytesToTarget"], end["bytesToClient"]) == (
-        tcp.CLIENT_CLOSED,
+        ending.CLIENT_CLOSED,
         3,
         4,
     )
@@ -474,57 +471,5 @@ async def test_lean_ends_give_back_their_max_connections_slots(reactor: Any) -> 
         for skt in [*held, *conns, third]:
             skt.close()
     finally:
-        await service.stopService()
-        listener.close()
-
-
-@pytest.mark.skipif(
-    platform.python_implementation() != "CPython", reason="frees by reference counting"
-)
-@pytest.mark.parametrize("ending", ["lean", "reset"])
-@pytest_twisted.ensureDeferred
-async def test_an_ended_relay_is_freed_without_the_garbage_collector(
-    reactor: Any, ending: str
-) -> None:
-    # Reference counting frees the relay, its sides and their transports as
-    # soon as it ends, both by its own end of stream and by Twisted's way.
-    listener = raw_listener()
-    service = start_service(forward(target=("127.0.0.1", listener.getsockname()[1])))
-    factory = factory_of(service)
-    gc.collect()
-    gc.disable()
-    try:
-        with captured_logs() as logs:
-            client, conn = await client_half_closed(reactor, service, listener, b"ask")
-            [relay] = factory.relays
-            assert relay.target is not None
-            refs = [
-                weakref.ref(thing)
-                for thing in (
-                    relay,
-                    relay.client,
-                    relay.target,
-                    relay.client.transport,
-                    relay.target.transport,
-                )
-            ]
-            del relay
-            if ending == "lean":
-                conn.sendall(b"answer")
-                conn.shutdown(socket.SHUT_WR)
-                assert await read_to_eof(reactor, client) == b"answer"
-            else:
-                reset(conn)
-            await until(reactor, lambda: not factory.relays)
-            # What the reactor's own turn still holds (the event being handled).
-            await deferLater(reactor, 0)
-            assert [ref() for ref in refs] == [None] * len(refs)
-        [end] = logs.ends()
-        # The client's half-close came first and names the end either way.
-        assert (end["reason"], end["bytesToTarget"]) == (tcp.CLIENT_CLOSED, 3)
-        client.close()
-        conn.close()
-    finally:
-        gc.enable()
         await service.stopService()
         listener.close()

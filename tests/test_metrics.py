@@ -7,7 +7,9 @@ scrapes the endpoint and the counters must match exactly.
 from __future__ import annotations
 
 import gzip
+import signal
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,9 +35,12 @@ from .support import (
     connect,
     forward,
     free_port,
+    goma_pt_running,
     listen_tcp,
     start_service,
     udp_relay,
+    wait_for,
+    write_config,
 )
 from .test_udp import Selective, UDPClient
 
@@ -177,6 +182,8 @@ async def test_scraped_counters_match_the_traffic_exactly(
     value = Values(body.decode())
     assert value("goma_pt_tcp_connections_accepted_total", **tcp_ok) == 5
     assert value("goma_pt_tcp_connections_active", **tcp_ok) == 0
+    assert value("goma_pt_tcp_connections_max", **tcp_ok) == factories[0].bounds.total
+    assert value("goma_pt_tcp_connections_max", **tcp_ok) > 0
     assert value("goma_pt_bytes_total", **tcp_ok, direction="to_target") == sum(sizes)
     assert value("goma_pt_bytes_total", **tcp_ok, direction="to_client") == sum(sizes)
     assert value("goma_pt_tcp_connections_closed_total", **tcp_ok, reason="client closed") == 5
@@ -420,3 +427,212 @@ async def test_udp_evictions_and_unanswered_sessions_are_counted(
     assert value("goma_pt_udp_sessions_unanswered") == 2
     assert value("goma_pt_udp_sessions_active") == 3
     assert value("goma_pt_udp_sessions_refused_total", reason="at bound") == 0
+
+
+# /healthz and /readyz: the same server, real HTTP requests.
+
+
+def _plain(headers: Headers) -> None:
+    """The health pages' headers: plain text that no cache keeps."""
+    assert headers.getRawHeaders(b"content-type") == [b"text/plain; charset=utf-8"]
+    assert headers.getRawHeaders(b"cache-control") == [b"no-store"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_and_readyz_answer_200_while_serving(
+    reactor: Any, cleanup: list[Any]
+) -> None:
+    service = start_service(
+        forward(target=("127.0.0.1", 9)),
+        forward(("tcp", "udp"), ("127.0.0.1", 9), port=free_port()),
+        metrics=METRICS,
+    )
+    cleanup.append(service)
+    assert service.readiness() == (True, "ready")
+    code, headers, body = await scrape(reactor, service, "/healthz")
+    assert (code, body) == (200, b"ok\n")
+    _plain(headers)
+    code, headers, body = await scrape(reactor, service, "/readyz")
+    assert (code, body) == (200, b"ready\n")
+    _plain(headers)
+    code, _, _ = await scrape(reactor, service, "/readyz/more")
+    assert code == 200  # a leaf: Kubernetes and load balancers send the path as given
+    code, _, _ = await scrape(reactor, service, "/ready")
+    assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyz_is_503_while_a_listener_is_not_bound(
+    reactor: Any, cleanup: list[Any]
+) -> None:
+    tcp_port, both_port = free_port(), free_port()
+    service = PassThroughService(
+        GatewayConfig(
+            "test",
+            (
+                forward(target=("127.0.0.1", 9), port=tcp_port),
+                forward(("tcp", "udp"), ("127.0.0.1", 9), port=both_port),
+            ),
+        ),
+        drain_timeout=0,
+        metrics=METRICS,
+    )
+    # Before the start: the metrics server alone is up, no forward is.
+    assert service.metrics is not None
+    service.metrics.startService()
+    cleanup.append(service)
+    code, headers, body = await scrape(reactor, service, "/readyz")
+    assert code == 503
+    _plain(headers)
+    unbound = f"tcp 127.0.0.1:{tcp_port}, tcp 127.0.0.1:{both_port}, udp 127.0.0.1:{both_port}"
+    assert body == f"not listening: {unbound}\n".encode()
+    code, _, body = await scrape(reactor, service, "/healthz")
+    assert (code, body) == (200, b"ok\n")
+    # The forwards start too (the metrics server already listens).
+    service.startService()
+    code, _, body = await scrape(reactor, service, "/readyz")
+    assert (code, body) == (200, b"ready\n")
+    # One listener of a running service stops listening.
+    [udp] = [lst for lst in service.listeners if lst.protocol == "udp"]
+    await udp.stopService()
+    code, _, body = await scrape(reactor, service, "/readyz")
+    assert (code, body) == (503, f"not listening: udp 127.0.0.1:{both_port}\n".encode())
+
+
+def test_readiness_is_starting_until_the_start_completes() -> None:
+    # Every listener bound by privilegedStartService (as twistd does before
+    # --uid), startService not run yet: not ready.
+    service = PassThroughService(
+        GatewayConfig("test", (forward(target=("127.0.0.1", 9)),)), drain_timeout=0
+    )
+    service.privilegedStartService()
+    try:
+        assert service.readiness() == (False, "starting")
+        service.startService()
+        assert service.readiness() == (True, "ready")
+    finally:
+        service.stopService()
+    assert service.readiness() == (False, "draining, 0 connections open")
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyz_is_503_during_the_drain_and_the_server_stops_last(
+    reactor: Any, cleanup: list[Any]
+) -> None:
+    # A live connection through a service that drains for up to 30 s on
+    # its own clock: between stopService and the deadline, the forward's
+    # port is closed, /readyz answers 503 and /metrics still serves.
+    clock = Clock()
+    echo = listen_tcp(reactor, protocol.Factory.forProtocol(Echo))
+    cleanup.append(echo)
+    service = PassThroughService(
+        GatewayConfig("test", (forward(target=("127.0.0.1", echo.getHost().port)),)),
+        reactor=reactor,
+        clock=clock,
+        drain_timeout=30,
+        metrics=METRICS,
+    )
+    service.startService()
+    forward_port = bound_port(service)
+    metrics_port = service.metrics.getHost().port  # type: ignore[union-attr]
+    factory = service.listeners[0].factory  # type: ignore[union-attr]
+    client = Recorder(send=b"hello")
+    connect(reactor, forward_port, client)
+    await until(reactor, lambda: client.received == b"hello", "the echo")
+
+    stopped = service.stopService()
+    code, headers, body = await scrape(reactor, service, "/readyz")
+    assert (code, body) == (503, b"draining, 1 connection open\n")
+    _plain(headers)
+    code, _, body = await scrape(reactor, service, "/healthz")
+    assert (code, body) == (200, b"ok\n")
+    code, _, body = await scrape(reactor, service, "/metrics")
+    assert code == 200
+    labels = {
+        "protocol": "tcp",
+        "address": "127.0.0.1",
+        "port": "0",
+        "target": f"127.0.0.1:{echo.getHost().port}",
+    }
+    assert Values(body.decode())("goma_pt_tcp_connections_active", **labels) == 1
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", forward_port), timeout=5).close()
+    assert not stopped.called
+    assert len(factory.relays) == 1
+
+    # The deadline closes the connection; then, last, the metrics server.
+    clock.advance(30)
+    await client.lost.addTimeout(TIMEOUT, reactor)
+    await stopped.addTimeout(TIMEOUT, reactor)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", metrics_port), timeout=5).close()
+
+
+def test_sigterm_turns_readyz_503_while_twistd_drains(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    def get(path: str) -> tuple[int, bytes]:
+        url = f"http://127.0.0.1:{metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    port, metrics_port = free_port(), free_port()
+    with socket.socket() as target:
+        target.bind(("127.0.0.1", 0))
+        target.listen()
+        target.settimeout(10)
+        target_port = target.getsockname()[1]
+        config = write_config(
+            tmp_path / "goma.yml",
+            [{"protocol": "tcp", "port": port, "address": "127.0.0.1",
+              "target": f"127.0.0.1:{target_port}"}],
+        )  # fmt: skip
+        log = tmp_path / "goma.log"
+        metrics_option = f"--metrics=tcp:{metrics_port}:interface=127.0.0.1"
+        with goma_pt_running(config, log, "--drain=60", metrics_option) as proc:
+            assert get("/readyz") == (200, b"ready\n")
+            live = socket.create_connection(("127.0.0.1", port), timeout=10)
+            upstream, _ = target.accept()
+            live.sendall(b"hello")
+            assert upstream.recv(5) == b"hello"
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: get("/readyz")[0] == 503, timeout=10, what="/readyz to turn 503")
+            assert get("/readyz") == (503, b"draining, 1 connection open\n")
+            assert get("/healthz") == (200, b"ok\n")
+            assert proc.poll() is None
+            # The connection still relays while the process drains.
+            upstream.sendall(b"still here")
+            live.settimeout(10)
+            assert live.recv(10) == b"still here"
+            live.close()
+            upstream.close()
+            proc.wait(30)  # exits once the connection is gone
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", metrics_port), timeout=5).close()
+    assert "Stopping: 1 connection may finish within 60s" in log.read_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_site_without_readiness_serves_healthz_but_no_readyz(
+    reactor: Any, cleanup: list[Any]
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    site = reactor.listenTCP(0, metrics.metrics_site(CollectorRegistry()), interface="127.0.0.1")
+    cleanup.append(site)
+    base = f"http://127.0.0.1:{site.getHost().port}"
+
+    async def request(method: bytes, path: str) -> tuple[int, bytes]:
+        url = f"{base}{path}".encode()
+        response = await Agent(reactor).request(method, url).addTimeout(TIMEOUT, reactor)
+        return response.code, await readBody(response)
+
+    assert await request(b"GET", "/healthz") == (200, b"ok\n")
+    # Load balancers that check with HEAD get the code without the body.
+    assert await request(b"HEAD", "/healthz") == (200, b"")
+    code, _ = await request(b"GET", "/readyz")
+    assert code == 404

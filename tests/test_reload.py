@@ -22,7 +22,7 @@ from twisted.internet import protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock, deferLater
 
-from goma_twisted import load_config, tcp
+from goma_twisted import ending, load_config
 from goma_twisted.config import GatewayConfig
 from goma_twisted.reloading import LatestWins, State
 from goma_twisted.service import PassThroughService
@@ -272,7 +272,7 @@ async def test_stop_waits_for_live_connections_up_to_the_deadline(
         await stopped.addTimeout(5, reactor)
     assert await lingering.lost == b"A:1A:2"
     reasons = sorted(e["reason"] for e in logs.ends())
-    assert reasons == [tcp.CLIENT_CLOSED, tcp.SHUTDOWN]
+    assert reasons == [ending.CLIENT_CLOSED, ending.SHUTDOWN]
     assert clock.getDelayedCalls() == []
 
 

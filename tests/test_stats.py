@@ -8,7 +8,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from goma_twisted import policy, tcp, udp
+from goma_twisted import ending, policy, udp
 from goma_twisted.metrics import ForwardCollector
 from goma_twisted.stats import Histogram, TCPStats, UDPStats
 
@@ -26,22 +26,22 @@ def test_histogram_buckets_hold_values_up_to_their_bound() -> None:
 
 
 def test_tcp_stats_count_opens_ends_and_reasons() -> None:
-    stats = TCPStats(forward(), tcp.END_REASONS, tcp.CONNECT_FAILURES)
+    stats = TCPStats(forward(), ending.TCP_END_REASONS, ending.CONNECT_FAILURES)
     for _ in range(4):
         stats.opened()
-    stats.ended(tcp.CLIENT_CLOSED)
-    stats.ended(tcp.CONNECT_REFUSED, connect_failed=True)
+    stats.ended(ending.CLIENT_CLOSED)
+    stats.ended(ending.CONNECT_REFUSED, connect_failed=True)
     stats.count_refused("denied")
     stats.count_refused("denied")
     stats.count_refused("limit")
     assert (stats.accepted, stats.active) == (4, 2)
-    assert stats.closed[tcp.CLIENT_CLOSED] == 1
-    assert stats.closed[tcp.IDLE_TIMEOUT] == 0
+    assert stats.closed[ending.CLIENT_CLOSED] == 1
+    assert stats.closed[ending.IDLE_TIMEOUT] == 0
     assert stats.connect_failures == {
-        tcp.CONNECT_REFUSED: 1,
-        tcp.CONNECT_TIMEOUT: 0,
-        tcp.RESOLVE_FAILED: 0,
-        tcp.CONNECT_FAILED: 0,
+        ending.CONNECT_REFUSED: 1,
+        ending.CONNECT_TIMEOUT: 0,
+        ending.RESOLVE_FAILED: 0,
+        ending.CONNECT_FAILED: 0,
     }
     assert stats.refused == {"denied": 2, "limit": 1}
 
@@ -76,7 +76,7 @@ UDP_LABELS = TCP_LABELS | {"protocol": "udp", "address": "*", "port": "53", "tar
 
 
 def test_collector_reads_the_counters_at_each_scrape() -> None:
-    tcp_stats = TCPStats(forward(port=8080, target=("10.0.0.1", 80)), tcp.END_REASONS)
+    tcp_stats = TCPStats(forward(port=8080, target=("10.0.0.1", 80)), ending.TCP_END_REASONS)
     udp_stats = UDPStats(forward(("udp",), ("dns", 53), port=53, address=""))
     registry = _registry(tcp_stats, udp_stats)
     value = registry.get_sample_value
@@ -88,7 +88,7 @@ def test_collector_reads_the_counters_at_each_scrape() -> None:
     tcp_stats.bytes_to_client += 70
     tcp_stats.connected(0.003)
     tcp_stats.connected(0.2)
-    tcp_stats.ended(tcp.RESOLVE_FAILED, connect_failed=True)
+    tcp_stats.ended(ending.RESOLVE_FAILED, connect_failed=True)
     tcp_stats.count_refused("denied")
     udp_stats.max_sessions = 100
     udp_stats.opened()
@@ -132,7 +132,7 @@ def test_collector_reads_the_counters_at_each_scrape() -> None:
 
 
 def test_the_exposition_parses_and_has_help_and_types() -> None:
-    tcp_stats = TCPStats(forward(port=8080, target=("10.0.0.1", 80)), tcp.END_REASONS)
+    tcp_stats = TCPStats(forward(port=8080, target=("10.0.0.1", 80)), ending.TCP_END_REASONS)
     tcp_stats.opened()
     text = generate_latest(_registry(tcp_stats)).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}

@@ -18,9 +18,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel
 from zope.interface import implementer
 
-from goma_twisted import tcp, tcpfactory
+from goma_twisted import ending, tcp, tcpfactory
 
 from .support import (
     Echo,
@@ -49,7 +50,7 @@ async def test_roundtrip_and_end_event(
         assert await finished(reactor, client.lost) == b"hello goma"
         await deferLater(reactor, 0.05)
     [end] = logs.ends()
-    assert end["reason"] == tcp.CLIENT_CLOSED
+    assert end["reason"] == ending.CLIENT_CLOSED
     assert end["bytesToTarget"] == 10
     assert end["bytesToClient"] == 10
     assert end["targetAddress"] == f"127.0.0.1:{echo.getHost().port}"
@@ -305,7 +306,7 @@ async def test_target_half_close_lets_the_client_keep_sending(
     assert received == b"greeting"
     assert client.readClosed
     [end] = logs.ends()
-    assert end["reason"] == tcp.TARGET_CLOSED
+    assert end["reason"] == ending.TARGET_CLOSED
     assert (end["bytesToTarget"], end["bytesToClient"]) == (20, 8)
 
 
@@ -318,14 +319,19 @@ async def test_refused_target_closes_the_client_promptly(
     await closed.stopListening()
     service = start_service(forward(target=("127.0.0.1", dead_port)))
     services.append(service)
-    client = Recorder(send=b"anyone there?")
+    clients = [Recorder(send=b"anyone there?") for _ in range(3)]
     with captured_logs() as logs:
-        connect(reactor, bound_port(service), client)
-        assert await finished(reactor, client.lost, 5) == b""
+        for client in clients:
+            connect(reactor, bound_port(service), client)
+            assert await finished(reactor, client.lost, 5) == b""
         await deferLater(reactor, 0.05)
-    [end] = logs.ends()
-    assert end["reason"] == tcp.CONNECT_REFUSED
-    assert "refused" in end["detail"].lower()
+    ends = logs.ends()
+    assert [end["reason"] for end in ends] == [ending.CONNECT_REFUSED] * 3
+    assert "refused" in ends[0]["detail"].lower()
+    # The operator hears of it once, as a warning naming the target (the
+    # next ones within 10 s are counted, not logged).
+    [warning] = [e for e in logs.events if e.get("log_level") == LogLevel.warn]
+    assert (warning["target"], warning["refusal"]) == (f"127.0.0.1:{dead_port}", "connect refused")
 
 
 @pytest_twisted.ensureDeferred
@@ -343,7 +349,7 @@ async def test_unresolvable_target_closes_the_client_promptly(
         assert await finished(reactor, client.lost, 5) == b""
         await deferLater(reactor, 0.05)
     [end] = logs.ends()
-    assert end["reason"] == tcp.RESOLVE_FAILED
+    assert end["reason"] == ending.RESOLVE_FAILED
     assert end["target"] == "no-such-host.test:22"
 
 
@@ -380,7 +386,7 @@ async def test_connect_timeout(reactor: Any, services: list[Any], full_backlog: 
         waited = reactor.seconds() - started
         await deferLater(reactor, 0.05)
     [end] = logs.ends()
-    assert end["reason"] == tcp.CONNECT_TIMEOUT
+    assert end["reason"] == ending.CONNECT_TIMEOUT
     assert 0.4 <= waited < 5
 
 
@@ -410,7 +416,7 @@ async def test_idle_timeout_counts_from_the_last_byte(
         assert await finished(reactor, client.lost, 5) == b"pingpong"
         await deferLater(reactor, 0.05)
     [end] = logs.ends()
-    assert end["reason"] == tcp.IDLE_TIMEOUT
+    assert end["reason"] == ending.IDLE_TIMEOUT
     assert end["duration"] == 50
     assert clock.getDelayedCalls() == []
 
@@ -434,7 +440,7 @@ async def test_stop_closes_live_connections_and_leaves_no_timers(reactor: Any, e
         await finished(reactor, service.stopService())
         for client in clients:
             await finished(reactor, client.lost, 5)
-    assert [e["reason"] for e in logs.ends()] == [tcp.SHUTDOWN] * 3
+    assert [e["reason"] for e in logs.ends()] == [ending.SHUTDOWN] * 3
     assert clock.getDelayedCalls() == []
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -459,18 +465,18 @@ async def test_ipv6_listen_and_target(reactor: Any, services: list[Any]) -> None
 @pytest.mark.parametrize(
     ("exception", "reason"),
     [
-        ("ConnectionRefusedError", tcp.CONNECT_REFUSED),
-        ("TimeoutError", tcp.CONNECT_TIMEOUT),
-        ("TCPTimedOutError", tcp.CONNECT_TIMEOUT),
-        ("DNSLookupError", tcp.RESOLVE_FAILED),
-        ("NoRouteError", tcp.CONNECT_FAILED),
+        ("ConnectionRefusedError", ending.CONNECT_REFUSED),
+        ("TimeoutError", ending.CONNECT_TIMEOUT),
+        ("TCPTimedOutError", ending.CONNECT_TIMEOUT),
+        ("DNSLookupError", ending.RESOLVE_FAILED),
+        ("NoRouteError", ending.CONNECT_FAILED),
     ],
 )
 def test_connect_failure_reasons(exception: str, reason: str) -> None:
     from twisted.internet import error
     from twisted.python.failure import Failure
 
-    assert tcp.connect_failure_reason(Failure(getattr(error, exception)())) == reason
+    assert ending.connect_failure_reason(Failure(getattr(error, exception)())) == reason
 
 
 @pytest_twisted.ensureDeferred
@@ -520,7 +526,7 @@ async def test_a_client_reset_is_reported_with_exact_counts(
         client.transport.abortConnection()  # type: ignore[union-attr]
         await finished(reactor, relay.done)
     [end] = logs.ends()
-    assert end["reason"] == tcp.CLIENT_RESET
+    assert end["reason"] == ending.CLIENT_RESET
     assert (end["bytesToTarget"], end["bytesToClient"]) == (5, 5)
 
 

@@ -20,7 +20,7 @@ from twisted.internet import tcp
 import twisted
 
 # The Twisted releases (major.minor) CI runs the accelerated relay on.
-TESTED_TWISTED = ("24.7", "25.5", "26.10")
+TESTED_TWISTED = ("24.7", "26.4", "26.10")
 
 
 def twisted_release(version: str = twisted.__version__) -> str:

@@ -1,31 +1,20 @@
 """
 Twisted's epoll reactor, without a logging context set around each event.
 
-For every I/O event, L{twisted.internet.epollreactor.EPollReactor.doPoll}
-calls the handler through L{twisted.python.log.callWithLogger}: a
-C{logPrefix()} call, a copy of the logging context and its restoration,
-so that a legacy C{log.msg} made inside the handler is labelled with the
-connection's prefix. A relay makes no such call and its events are tiny,
-so that wrapper is a large share of its time per event. This reactor polls
-the same way and calls the same handler directly; an exception escaping a
-handler is still logged, with the connection's prefix, and the loop goes
-on, as with Twisted's.
+Replaces: L{twisted.internet.epollreactor.EPollReactor.doPoll}, which calls
+every handler through L{twisted.python.log.callWithLogger} (a C{logPrefix()}
+call and a copy of the logging context per event), and its
+C{_doReadOrWrite} for a read event alone; C{addNewReader} and C{closeSocket}
+register and close a relay's descriptors without C{addReader}'s look-ups and
+an C{epoll_ctl}. Buys: a large share of the relay's time per event (see
+docs/benchmarks.md). Leans on C{_poller}, C{_selectables}, C{_reads},
+C{_writes}, C{_doReadOrWrite}, C{_disconnectSelectable}, checked once.
 
-An event that is only "readable" (most of a relay's), or readable with a
-hang-up (a relay's last end of stream), is dispatched here as
-L{twisted.internet.posixbase._PollLikeMixin._doReadOrWrite} would,
-without that call: the same checks, C{doRead}, and disconnection on what
-it returns or raises. Any other event goes through C{_doReadOrWrite}.
-
-The difference: a legacy C{twisted.python.log} message emitted during an
-I/O event (Twisted's own "Unhandled Error" reports among them) has the
-system C{-} rather than the connection's prefix. Events from
+The difference: a legacy C{twisted.python.log} message emitted during an I/O
+event has the system C{-} rather than the connection's prefix; events from
 L{twisted.logger.Logger}, which goma-pt uses, do not depend on that context.
-
-The goma-pt twistd plugin installs it unless a reactor was chosen with
-C{twistd --reactor} (where epoll exists: this module imports only on
-Linux); a C{.tac} file can call L{install} before anything imports the
-global reactor.
+twistd goma-pt installs it with the accelerated relay, unless a reactor was
+chosen with C{twistd --reactor}.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
 from .. import tcp as plain
@@ -291,7 +292,7 @@ class FastSide(plain.RelaySide):
         else:
             transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = plain.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.pipe is not None:
             self.closePipe()
         super().connectionLost(reason)
@@ -366,18 +367,13 @@ class FastRelay(plain.Relay):
         side.decelerate()  # type: ignore[attr-defined]
         super().closeSide(side)
 
-    def finish(self) -> None:
-        super().finish()
-        # Break the cycles (each side and its relay, each transport and its
-        # side's bound doRead) so that reference counting frees them at
-        # once, not the cyclic collector.
+    def release(self) -> None:
+        # Each transport holds its side's bound doRead too.
         for side in (self.client, self.target):
-            if side is not None:
-                fast: Any = side
-                if fast.sendsNow:
-                    with contextlib.suppress(AttributeError):
-                        del side.transport.doRead  # type: ignore[attr-defined]
-                del fast.relay
+            if side is not None and side.sendsNow:  # type: ignore[attr-defined]
+                with contextlib.suppress(AttributeError):
+                    del side.transport.doRead  # type: ignore[attr-defined]
+        super().release()
 
 
 class FastFactory(TCPForwardFactory):

@@ -77,7 +77,7 @@ def _spliceMore(tcp: Any) -> None:
         moved: int = call(src, null, dst, null, count, flags)
         if moved < 0:
             code = ffi.errno
-            if code in tcp._AGAIN:
+            if code in tcp.AGAIN:
                 raise BlockingIOError(code, os.strerror(code))
             raise OSError(code, os.strerror(code))
         return moved
