@@ -280,8 +280,7 @@ class PassThroughService(MultiService):
                 listener.factory.stats.max_connections = total or 0
                 yield listener.factory.stats
             else:
-                listener.relay.stats.max_sessions = listener.relay.max_sessions
-                yield listener.relay.stats
+                yield listener.relay.refreshStats()
 
     @property
     def listeners(self) -> list[Listener]:

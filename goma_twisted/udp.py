@@ -133,6 +133,13 @@ class UDPForward(DatagramProtocol):
     def max_sessions(self, bound: int) -> None:
         self.table.bound = bound
 
+    def refreshStats(self) -> UDPStats:
+        """The stats, with what the table knows brought up to date (for a scrape)."""
+        stats = self.stats
+        stats.max_sessions = self.table.bound
+        stats.sessions_unanswered = self.table.unanswered
+        return stats
+
     @property
     def refusedCounts(self) -> dict[str, int]:
         """Datagrams refused a session so far, by reason (those that happened)."""
@@ -166,6 +173,8 @@ class UDPForward(DatagramProtocol):
         self.targetSockaddr = (target.host, target.port)
         self.targetAddressText = format_address(target.host, target.port)
         self.idleTimeout = config.udp_idle_timeout
+        # A new session's timeout until its first answer (udp_table.expiry).
+        self.firstTimeout = expiry(config.udp_idle_timeout, False)[0]
         self.udpResponses = config.udp_responses
         # Seconds between sweeps: 1 s, or a tenth of a timeout under 10 s.
         self.sweep.granularity = min(1.0, config.udp_idle_timeout / 10)
@@ -186,7 +195,7 @@ class UDPForward(DatagramProtocol):
         """
         table = self.table
         victim = None
-        if table.full:
+        if len(table.sessions) >= table.bound:
             victim = table.victim()
             if victim is None:
                 self._refuse(addr)
@@ -205,7 +214,6 @@ class UDPForward(DatagramProtocol):
             self._evict(victim, addr)
         session = UDPSession(self, addr)
         table.add(addr, session)
-        self.stats.sessions_unanswered = table.unanswered
         if self.screened:
             session.clientIP = client
             session.counted = True
@@ -236,11 +244,6 @@ class UDPForward(DatagramProtocol):
         )
         victim.close(EVICTED)
 
-    def answered(self, session: UDPSession) -> None:
-        """C{session} has its first answer: it no longer gives way to new clients."""
-        self.table.answered(session)
-        self.stats.sessions_unanswered = self.table.unanswered
-
     def _refuse(self, addr: tuple[str, int]) -> None:
         self.stats.count_refused(policy.AT_BOUND)
         if not self._full:
@@ -258,7 +261,6 @@ class UDPForward(DatagramProtocol):
         table = self.table
         if table.remove(session.client, session) and session.counted:
             self.bounds.release(session.clientIP)
-        self.stats.sessions_unanswered = table.unanswered
         if self._full and len(self.sessions) < self.max_sessions:
             self._full = False
             log.info(

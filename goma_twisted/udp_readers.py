@@ -13,6 +13,7 @@ Twisted's public C{addReader} and C{removeReader}, which do the same.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReadDescriptor
@@ -21,32 +22,33 @@ from twisted.internet.interfaces import IReadDescriptor
 class Readers:
     """
     Registers and unregisters session sockets with C{reactor}, through its
-    optional fast methods where it has them.
+    optional fast methods where it has both: L{add}C{(reader, fd)} and
+    L{close}C{(reader, socket)}.
     """
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
-        # The optional hooks, or None: then the public calls are used.
-        self.addNewReader: Any = getattr(reactor, "addNewReader", None)
-        self.closeSocket: Any = getattr(reactor, "closeSocket", None)
+        # The reactor's hooks where it has them (called directly: a session
+        # makes both calls once), else the public calls below.
+        addNewReader: Any = getattr(reactor, "addNewReader", None)
+        closeSocket: Any = getattr(reactor, "closeSocket", None)
+        self.accelerated = addNewReader is not None and closeSocket is not None
+        self.add: Callable[[IReadDescriptor, int], None] = (
+            addNewReader if self.accelerated else self._add
+        )
+        self.close: Callable[[IReadDescriptor, socket.SocketType], None] = (
+            closeSocket if self.accelerated else self._close
+        )
 
-    def add(self, reader: IReadDescriptor, fd: int) -> None:
+    def _add(self, reader: IReadDescriptor, fd: int) -> None:
         """Start reading C{reader}, whose socket C{fd} was just opened."""
-        addNewReader = self.addNewReader
-        if addNewReader is not None:
-            addNewReader(reader, fd)
-        else:
-            self.reactor.addReader(reader)
+        self.reactor.addReader(reader)
 
     def resume(self, reader: IReadDescriptor) -> None:
         """Read C{reader} again after the reactor gave up on it."""
         self.reactor.addReader(reader)
 
-    def close(self, reader: IReadDescriptor, skt: socket.SocketType) -> None:
+    def _close(self, reader: IReadDescriptor, skt: socket.SocketType) -> None:
         """Stop reading C{reader} and close its socket C{skt}."""
-        closeSocket = self.closeSocket
-        if closeSocket is not None:
-            closeSocket(reader, skt)
-        else:
-            self.reactor.removeReader(reader)
-            skt.close()
+        self.reactor.removeReader(reader)
+        skt.close()

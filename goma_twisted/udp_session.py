@@ -26,7 +26,6 @@ from .ending import (
 )
 from .policy import IPAddress
 from .resolve import resolve_host
-from .udp_table import expiry
 
 if TYPE_CHECKING:
     from .udp import UDPForward
@@ -144,7 +143,8 @@ class UDPSession:
 
     def start(self) -> None:
         forward = self.forward
-        forward.watch(self, self.started + expiry(self.idleTimeout, False)[0])
+        # First checked at the timeout it has while unanswered.
+        forward.sweep.watch(self, self.started + forward.firstTimeout)
         if not forward.targetIsHostname:
             self._connect(forward.targetFamily, forward.targetSockaddr, forward.targetAddressText)
             return
@@ -275,7 +275,7 @@ class UDPSession:
             stats.bytes_to_client += size
             stats.datagrams_to_client += 1
         if not self.answers:
-            forward.answered(self)
+            forward.table.answered(self)
         # udpResponses: a query/answer protocol (DNS) needs the session only
         # until its answers are in; its socket is freed at once.
         self.answers += 1
@@ -324,7 +324,7 @@ class UDPSession:
             self._queue = None
         forward = self.forward
         if self.checkAt is not None:
-            forward.unwatch(self)
+            forward.sweep.unwatch(self)
         if state is OPEN:
             forward.readers.close(self, self.socket)
             self._fd = -1

@@ -15,6 +15,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
 from goma_twisted import udp
+from goma_twisted.udp_readers import Readers
 from goma_twisted.udp_sweep import IdleSweep
 from goma_twisted.udp_table import SessionTable, expiry
 
@@ -585,7 +586,7 @@ def open_session(relay: udp.UDPForward, port: int, answered: bool = True) -> udp
     timeout = relay.config.udp_idle_timeout
     if answered:
         session.answers = 1
-        relay.answered(session)
+        relay.table.answered(session)
     else:
         timeout = min(timeout, udp.UNANSWERED_TIMEOUT)
     relay.watch(session, session.started + timeout)
@@ -865,9 +866,9 @@ def test_the_sweep_ends_unanswered_sessions_at_the_unanswered_timeout() -> None:
     late = open_session(relay, 3, answered=False)
     clock.advance(10)
     late.answers = 1  # its first answer, at 10 s
-    relay.answered(late)
+    relay.table.answered(late)
     late.lastActivity = clock.seconds()
-    assert relay.stats.sessions_unanswered == 1
+    assert relay.table.unanswered == 1
     clock.advance(19.5)
     assert silent.reason is None
     clock.advance(1.5)  # 31: past 30, within the sweep's granularity
@@ -880,7 +881,7 @@ def test_the_sweep_ends_unanswered_sessions_at_the_unanswered_timeout() -> None:
     assert late.reason == udp.IDLE_TIMEOUT
     assert relay.stats.sessions_ended[udp.UNANSWERED] == 1
     assert relay.stats.sessions_ended[udp.IDLE_TIMEOUT] == 2
-    assert relay.stats.sessions_unanswered == 0
+    assert relay.table.unanswered == 0
 
 
 def test_an_idle_timeout_under_the_unanswered_one_is_an_idle_timeout() -> None:
@@ -934,7 +935,7 @@ async def test_a_flood_of_unanswered_sources_gives_way_to_a_real_client(
             await deferLater(reactor, 0.01)
         assert target.dropped == 49
         assert len(relay.sessions) == bound
-        assert relay.stats.sessions_unanswered == bound - 1
+        assert relay.table.unanswered == bound - 1
         # A real client gets its answer at once, in a full table.
         real = client(reactor, ports)
         real.send(b"query", listen)
@@ -1046,6 +1047,37 @@ def test_a_session_that_cannot_resolve_ends_with_what_it_held() -> None:
 # reactor has none of goma-pt's optional hooks.
 
 
+class PublicOnly:
+    """A reactor with Twisted's public reader calls only, recording sessions'."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.added: list[Any] = []
+        self.removed: list[Any] = []
+
+    def addReader(self, reader: Any) -> None:
+        self.added.append(reader)
+        self.reactor.addReader(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        self.removed.append(reader)
+        self.reactor.removeReader(reader)
+
+
+def test_the_reactors_hooks_are_used_only_where_it_has_both() -> None:
+    class Hooks(NoReactor):
+        def addNewReader(self, reader: Any, fd: int) -> None:
+            pass
+
+        def closeSocket(self, reader: Any, skt: Any) -> None:
+            pass
+
+    hooks = Hooks()
+    assert Readers(hooks).accelerated
+    assert Readers(hooks).add == hooks.addNewReader
+    assert not Readers(NoReactor()).accelerated
+
+
 @pytest_twisted.ensureDeferred
 async def test_sessions_run_on_twisteds_public_reader_calls(
     reactor: Any, ports: list[Any], services: list[Any], monkeypatch: Any
@@ -1054,24 +1086,10 @@ async def test_sessions_run_on_twisteds_public_reader_calls(
     service = start_service(forward(("udp",), ("127.0.0.1", backend_port)))
     services.append(service)
     relay = udp_relay(service)
-    monkeypatch.setattr(relay.readers, "addNewReader", None)
-    monkeypatch.setattr(relay.readers, "closeSocket", None)
-    added: list[Any] = []
-    removed: list[Any] = []
-    add, remove = reactor.addReader, reactor.removeReader
-
-    def adding(reader: Any) -> None:
-        if isinstance(reader, udp.UDPSession):
-            added.append(reader)
-        add(reader)
-
-    def removing(reader: Any) -> None:
-        if isinstance(reader, udp.UDPSession):
-            removed.append(reader)
-        remove(reader)
-
-    monkeypatch.setattr(reactor, "addReader", adding)
-    monkeypatch.setattr(reactor, "removeReader", removing)
+    # Whatever reactor runs the tests, the sessions see one without hooks.
+    public = PublicOnly(reactor)
+    monkeypatch.setattr(relay, "readers", Readers(public))
+    assert not relay.readers.accelerated
     c = client(reactor, ports)
     listen = bound_port(service, "udp")
     c.send(b"there", listen)
@@ -1080,11 +1098,11 @@ async def test_sessions_run_on_twisteds_public_reader_calls(
     assert await c.reply(reactor) == b"back:again"
     assert [data for data, _ in backend.received] == [b"there", b"again"]
     [session] = relay.sessions.values()
-    assert added == [session]
+    assert public.added == [session]
     assert session in reactor.getReaders()
     fd = session.fileno()
     session.close(udp.SHUTDOWN)
-    assert removed == [session]
+    assert public.removed == [session]
     assert session not in reactor.getReaders()
     with pytest.raises(OSError):
         os.fstat(fd)  # the socket is closed
