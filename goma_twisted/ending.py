@@ -33,11 +33,17 @@ TCP_END_REASONS = (
 CONNECT_FAILURES = (CONNECT_REFUSED, CONNECT_TIMEOUT, RESOLVE_FAILED, CONNECT_FAILED)
 
 # Why a UDP session ended (besides IDLE_TIMEOUT, RESOLVE_FAILED, SHUTDOWN):
-# its answers came (udpResponses), or its socket failed.
+# its answers came (udpResponses), or its socket failed; never answered,
+# it was idle for the shorter unanswered timeout, or gave way to a new
+# client in a full session table.
 ANSWERED = "answered"
 SOCKET_FAILED = "socket failed"
+UNANSWERED = "unanswered"
+EVICTED = "evicted"
 
-UDP_END_REASONS = (IDLE_TIMEOUT, ANSWERED, RESOLVE_FAILED, SOCKET_FAILED, SHUTDOWN)
+UDP_END_REASONS = (
+    IDLE_TIMEOUT, UNANSWERED, EVICTED, ANSWERED, RESOLVE_FAILED, SOCKET_FAILED, SHUTDOWN,
+)  # fmt: skip
 
 
 def connect_failure_reason(failure: Failure) -> str:

@@ -139,10 +139,16 @@ def _tcp(sources: list[TCPStats]) -> Iterator[Metric]:
 def _udp(sources: list[UDPStats]) -> Iterator[Metric]:
     active = _gauge("goma_pt_udp_sessions_active", "UDP sessions open now.")
     bound = _gauge("goma_pt_udp_sessions_max", "The bound on open UDP sessions.")
+    unanswered = _gauge(
+        "goma_pt_udp_sessions_unanswered",
+        "UDP sessions open now that have had no answer from the target; "
+        "in a full table they give way to new clients.",
+    )
     created = _counter("goma_pt_udp_sessions_created", "UDP sessions started.")
     ended = _counter(
         "goma_pt_udp_sessions_ended",
-        "UDP sessions ended, by reason (idle timeout is an expiry).",
+        "UDP sessions ended, by reason (idle timeout and unanswered are expiries; "
+        "evicted: gave way to a new client in a full table).",
         ("reason",),
     )
     refused = _counter(
@@ -169,6 +175,7 @@ def _udp(sources: list[UDPStats]) -> Iterator[Metric]:
         labels = forward_labels(s)
         active.add_metric(labels, s.sessions_active)
         bound.add_metric(labels, s.max_sessions)
+        unanswered.add_metric(labels, s.sessions_unanswered)
         created.add_metric(labels, s.sessions_created)
         _by_reason(ended, labels, s.sessions_ended)
         _by_reason(refused, labels, s.sessions_refused)
@@ -176,7 +183,17 @@ def _udp(sources: list[UDPStats]) -> Iterator[Metric]:
         datagrams.add_metric([*labels, "to_client"], s.datagrams_to_client)
         _by_reason(dropped, labels, s.dropped)
         unreachable.add_metric(labels, s.unreachable)
-    yield from (active, bound, created, ended, refused, datagrams, dropped, unreachable)
+    yield from (
+        active,
+        bound,
+        unanswered,
+        created,
+        ended,
+        refused,
+        datagrams,
+        dropped,
+        unreachable,
+    )
 
 
 class MetricsPage(Resource):

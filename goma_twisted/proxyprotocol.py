@@ -35,6 +35,11 @@ V1_MAX = 107
 # well under a hundred (AWS, GCP and Azure's TLVs included). Bounded here
 # so a trusted peer's bug cannot make each connection hold 64 KiB.
 V2_MAX = 4096
+# The address block's length for each version 2 family and protocol byte
+# (TCP or UDP over IPv4, IPv6, UNIX); TLVs follow it up to the declared end.
+_V2_ADDRESS_LENGTH = {0x11: 12, 0x12: 12, 0x21: 36, 0x22: 36, 0x31: 216, 0x32: 216}
+# A TLV: one byte of type, two of length, then the value.
+_TLV_HEAD = 3
 
 _V1_LINE = re.compile(
     rb"PROXY (?:UNKNOWN(?: [\x20-\x7e]*)?"
@@ -177,11 +182,36 @@ class HeaderReader:
             raise ProxyHeaderError(f"version 2 header of {size} bytes; at most {V2_MAX} accepted")
         if len(buffer) < size:
             return None
+        _check_tlvs(buffer[:size])
         try:
             info = V2Parser.parse(buffer[:size])
         except (InvalidProxyHeader, ValueError, KeyError, struct.error) as e:
             raise ProxyHeaderError("malformed version 2 header") from e
         return _addresses(2, info.source, info.destination), buffer[size:]
+
+
+def _check_tlvs(header: bytes) -> None:
+    """
+    Refuse a version 2 header whose TLVs run past its declared length.
+
+    The TLVs follow the address block of a PROXY command over IPv4, IPv6
+    or UNIX; each must end within the header. A LOCAL command or an
+    unspecified family carries nothing the specification lets us read, so
+    its block is discarded unread, as the specification says.
+    """
+    if header[12] & 0x0F != 0x01:
+        return
+    start = _V2_ADDRESS_LENGTH.get(header[13])
+    if start is None:
+        return
+    offset, end = 16 + start, len(header)
+    while offset < end:
+        if offset + _TLV_HEAD > end:
+            raise ProxyHeaderError("version 2 header ends inside a TLV")
+        (length,) = struct.unpack_from("!H", header, offset + 1)
+        offset += _TLV_HEAD + length
+        if offset > end:
+            raise ProxyHeaderError("version 2 TLV runs past the header's declared length")
 
 
 def _addresses(version: int, source: object, destination: object) -> ProxiedAddresses:

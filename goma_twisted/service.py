@@ -9,17 +9,18 @@ import os
 import resource
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from enum import Enum
 from typing import Any, Union
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from twisted.application import internet
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from . import reuseport
 from ._reactor import reactor_or_global
@@ -28,12 +29,15 @@ from .config import ConfigError, Forward, GatewayConfig, format_address, load_co
 from .metrics import ForwardCollector, Readiness, metrics_site
 from .policy import Budget, plan_budget, reserved_fds
 from .relaychoice import RelayChoice, choose_relay
+from .reloading import LatestWins
 from .sockopts import system_backlog
 from .stats import TCPStats, UDPStats
 from .tcpfactory import TCPForwardFactory
 from .udp import MAX_DATAGRAM, UDPForward
 
 log = Logger(namespace="goma_pt")
+
+REJECTED = "Reload rejected; the running forwards stay as they were: {error}"
 
 
 class ListenError(Exception):
@@ -253,6 +257,7 @@ class PassThroughService(MultiService):
         self._clock = clock
         self._listeners: dict[ListenKey, Listener] = {}
         self._draining: set[Deferred[None]] = set()
+        self._reloads: LatestWins[bool] = LatestWins()
         self.registry = CollectorRegistry()
         self.registry.register(ForwardCollector(self.stats))
         ProcessCollector(registry=self.registry)
@@ -275,8 +280,7 @@ class PassThroughService(MultiService):
                 listener.factory.stats.max_connections = total or 0
                 yield listener.factory.stats
             else:
-                listener.relay.stats.max_sessions = listener.relay.max_sessions
-                yield listener.relay.stats
+                yield listener.relay.refreshStats()
 
     @property
     def listeners(self) -> list[Listener]:
@@ -407,21 +411,15 @@ class PassThroughService(MultiService):
         """
         Re-read the config file (the one loaded first, unless C{path} is
         given) and apply it; see L{apply}. A file that does not load is
-        logged and changes nothing.
+        logged and changes nothing. Reloads run one at a time: one asked
+        for while another runs (a burst of SIGHUPs) reads the file once
+        that one is done, so the file's latest content wins.
 
         @return: a Deferred that fires with True once applied, else False.
         """
-        source = path or self.config.source
-        try:
-            config = load_config(source)
-        except ConfigError as e:
-            log.error(
-                "Reload rejected; the running forwards stay as they were: {error}", error=str(e)
-            )
-            return succeed(False)
-        return Deferred.fromCoroutine(self.apply(config))
+        return self._reloads.run(lambda: _rejecting(self._reload(path)))
 
-    async def apply(self, config: GatewayConfig) -> bool:
+    def apply(self, config: GatewayConfig) -> Deferred[bool]:
         """
         Make the running forwards those of C{config}. Unchanged forwards
         keep their listeners, connections and sessions. A forward whose
@@ -432,7 +430,25 @@ class PassThroughService(MultiService):
         removed one could only try once that one had stopped, so the UDP
         sessions of the removed forward have ended by then (its TCP
         connections are kept).
+
+        Runs after any reload or apply under way; of several asked for
+        meanwhile, only the last runs, and each caller gets its result.
+
+        @return: a Deferred that fires with True once applied, else False
+            (the reason is logged as a rejected reload).
         """
+        return self._reloads.run(lambda: _rejecting(self._apply(config)))
+
+    async def _reload(self, path: str | None) -> bool:
+        source = path or self.config.source
+        try:
+            config = load_config(source)
+        except ConfigError as e:
+            log.error(REJECTED, error=str(e))
+            return False
+        return await self._apply(config)
+
+    async def _apply(self, config: GatewayConfig) -> bool:
         wanted = {
             listener_key: forward for forward in config.forwards for listener_key in _keys(forward)
         }
@@ -448,14 +464,14 @@ class PassThroughService(MultiService):
             self._startListeners(now, wanted, started)
             await gatherResults([_stop(listener) for listener in removed])
             self._startListeners(later, wanted, started)
-        except ListenError as e:
+        except Exception as e:
             for listener in started:
                 self.removeService(listener)
             for listener in removed:
                 listener.startService()
-            log.error(
-                "Reload rejected; the running forwards stay as they were: {error}", error=str(e)
-            )
+            if not isinstance(e, ListenError):
+                raise
+            log.error(REJECTED, error=str(e))
             return False
         self._commit(config, wanted, removed, started)
         return True
@@ -599,6 +615,21 @@ def _where(listener: Listener) -> str:
 
 def _stop(listener: Listener) -> Deferred[Any]:
     return maybeDeferred(listener.stopService)
+
+
+def _rejecting(coroutine: Coroutine[Any, Any, bool]) -> Deferred[bool]:
+    """
+    Run a reload; whatever it raises is a rejected reload (False), logged
+    with its traceback since it is a fault of goma-pt's, never an
+    unhandled error.
+    """
+
+    def rejected(failure: Failure) -> bool:
+        error = f"{type(failure.value).__name__}: {failure.value}"
+        log.failure(REJECTED, failure, LogLevel.error, error=error)
+        return False
+
+    return Deferred.fromCoroutine(coroutine).addErrback(rejected)
 
 
 def _passthrough(call: Any, argument: Any) -> Any:

@@ -133,7 +133,10 @@ class UDPStats:
     C{sessions_refused} counts, by reason, datagrams from a client without
     a session that got none (at the session bound, by a policy): each is
     dropped, and a client that keeps trying counts again. C{dropped}
-    counts other datagrams lost on the way, by reason. C{unreachable}
+    counts other datagrams lost on the way, by reason. C{sessions_unanswered}
+    is how many open sessions have had no answer yet (those give way to a
+    new client when the table is full; each such end is counted in
+    C{sessions_ended} as C{evicted}). C{unreachable}
     counts the ICMP "port unreachable" errors the target's host sent back
     (the kernel rate-limits those, so it is a lower bound).
     """
@@ -152,6 +155,7 @@ class UDPStats:
         "sessions_created",
         "sessions_ended",
         "sessions_refused",
+        "sessions_unanswered",
         "unreachable",
     )
 
@@ -166,6 +170,7 @@ class UDPStats:
         self.max_sessions = 0
         self.sessions_created = 0
         self.sessions_active = 0
+        self.sessions_unanswered = 0
         self.sessions_ended = _by_reason(reasons)
         self.sessions_refused = _by_reason(refusals)
         self.datagrams_to_target = 0

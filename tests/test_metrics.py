@@ -42,7 +42,7 @@ from .support import (
     wait_for,
     write_config,
 )
-from .test_udp import UDPClient
+from .test_udp import Selective, UDPClient
 
 TIMEOUT = 20
 
@@ -391,6 +391,42 @@ def test_an_endpoint_port_out_of_range_is_refused_before_start(description: str)
 @pytest.mark.parametrize("description", ["tcp:0", "tcp:65535:interface=127.0.0.1", "unix:/tmp/m"])
 def test_an_endpoint_in_range_passes(description: str) -> None:
     metrics.check_endpoint(description)
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_evictions_and_unanswered_sessions_are_counted(
+    reactor: Any, cleanup: list[Any]
+) -> None:
+    target = Selective()
+    target_port = reactor.listenUDP(0, target, interface="127.0.0.1")
+    cleanup.append(target_port)
+    service = start_service(
+        forward(("udp",), ("127.0.0.1", target_port.getHost().port), max_sessions=3)
+    )
+    cleanup.append(service)
+    listen = bound_port(service, "udp")
+    answered = UDPClient()
+    flood = [UDPClient() for _ in range(4)]
+    for c in (answered, *flood):
+        cleanup.append(reactor.listenUDP(0, c, interface="127.0.0.1"))
+    answered.send(b"query", listen)
+    await answered.reply(reactor)
+    for c in flood:
+        c.send(b"flood", listen)
+    await until(reactor, lambda: target.dropped == 4, "the flood at the target")
+
+    relay = udp_relay(service)
+    labels = {"protocol": "udp", "address": "127.0.0.1"}
+    labels |= {"port": str(relay.config.port), "target": str(relay.config.target)}
+
+    def value(name: str, **more: str) -> float | None:
+        return service.registry.get_sample_value(name, labels | more)
+
+    # Two flood sessions filled the table; the other two took their places.
+    assert value("goma_pt_udp_sessions_ended_total", reason="evicted") == 2
+    assert value("goma_pt_udp_sessions_unanswered") == 2
+    assert value("goma_pt_udp_sessions_active") == 3
+    assert value("goma_pt_udp_sessions_refused_total", reason="at bound") == 0
 
 
 # /healthz and /readyz: the same server, real HTTP requests.

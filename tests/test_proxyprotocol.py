@@ -272,3 +272,136 @@ def test_incomplete_headers_wait_for_more() -> None:
     assert reader.feed(b"\n") == (ProxiedAddresses(1, ("192.0.2.1", 1), ("192.0.2.2", 2)), b"")
     with pytest.raises(ProxyHeaderError):
         reader.feed(b"more")
+
+
+# Version 2 headers with TLVs, built field by field: each test varies one.
+IPV4_ADDRESSES = bytes([192, 0, 2, 1, 192, 0, 2, 2]) + struct.pack("!HH", 1, 2)
+IPV6_ADDRESSES = (
+    ipaddress.ip_address("2001:db8::1").packed
+    + ipaddress.ip_address("::1").packed
+    + struct.pack("!HH", 1, 2)
+)
+UNIQUE_ID = b"\x05\x00\x03abc"  # PP2_TYPE_UNIQUE_ID, 3 bytes
+
+
+def tlv(kind: int = 0x05, value: bytes = b"abc", length: int | None = None) -> bytes:
+    """One TLV; C{length} overrides the length field (for overruns)."""
+    return struct.pack("!BH", kind, len(value) if length is None else length) + value
+
+
+def v2_header(
+    command: int = 0x21,
+    family: int = 0x11,
+    addresses: bytes = IPV4_ADDRESSES,
+    tlvs: bytes = UNIQUE_ID,
+    length: int | None = None,
+) -> bytes:
+    """A version 2 header; C{length} overrides the declared length."""
+    body = addresses + tlvs
+    declared = len(body) if length is None else length
+    return SIGNATURE + struct.pack("!BBH", command, family, declared) + body
+
+
+def test_v2_helper_builds_a_header_the_reader_accepts() -> None:
+    assert HeaderReader().feed(v2_header() + b"data") == (
+        ProxiedAddresses(2, ("192.0.2.1", 1), ("192.0.2.2", 2)),
+        b"data",
+    )
+
+
+@pytest.mark.parametrize(
+    "tlvs",
+    [
+        b"",
+        UNIQUE_ID,
+        UNIQUE_ID + tlv(0x04, b""),  # PP2_TYPE_NOOP, empty
+        tlv(0x20, b"\x01" + b"\x00" * 4 + tlv(0x21, b"TLSv1.3")),  # PP2_TYPE_SSL, nested
+    ],
+)
+def test_v2_tlvs_that_end_within_the_header_are_accepted(tlvs: bytes) -> None:
+    result = HeaderReader().feed(v2_header(tlvs=tlvs) + b"data")
+    assert result is not None
+    assert result[1] == b"data"
+
+
+@pytest.mark.parametrize(
+    ("header", "why"),
+    [
+        # The TLV says 4 bytes of value; the header ends after 3.
+        (v2_header(tlvs=tlv(length=4)), "runs past the header's declared length"),
+        (v2_header(tlvs=tlv(length=0xFFFF)), "runs past the header's declared length"),
+        # The second TLV overruns, the first is sound.
+        (v2_header(tlvs=UNIQUE_ID + tlv(length=9)), "runs past the header's declared length"),
+        # Two bytes left after the addresses: not even a TLV's head.
+        (v2_header(tlvs=b"\x05\x00"), "ends inside a TLV"),
+        (v2_header(tlvs=b"\x05"), "ends inside a TLV"),
+        # The declared length cuts a sound TLV short.
+        (v2_header(length=12 + 4), "runs past the header's declared length"),
+        (v2_header(family=0x21, addresses=IPV6_ADDRESSES, tlvs=tlv(length=4)), "runs past"),
+        (v2_header(family=0x12, tlvs=tlv(length=4)), "runs past"),  # UDP over IPv4
+        (
+            v2_header(family=0x31, addresses=b"/a".ljust(216, b"\0"), tlvs=tlv(length=4)),
+            "runs past",
+        ),
+    ],
+)
+def test_v2_tlvs_that_overrun_are_refused(header: bytes, why: str) -> None:
+    with pytest.raises(ProxyHeaderError, match=why):
+        HeaderReader().feed(header + b"data")
+
+
+def test_v2_local_command_discards_its_block_unread() -> None:
+    # LOCAL: the specification has the receiver discard the block whole.
+    result = HeaderReader().feed(v2_header(command=0x20, tlvs=tlv(length=4)) + b"data")
+    assert result is not None
+    assert (result[0].source, result[1]) == (None, b"data")
+
+
+tlv_lists = st.lists(
+    st.tuples(st.integers(0, 255), st.binary(max_size=40)).map(lambda t: tlv(*t)),
+    min_size=1,
+    max_size=5,
+)
+address_blocks = st.sampled_from([(0x11, IPV4_ADDRESSES), (0x21, IPV6_ADDRESSES)])
+
+
+@settings(max_examples=300)
+@given(address_blocks, tlv_lists, st.data())
+def test_v2_any_header_whose_tlvs_overrun_is_refused(
+    block: Any, tlvs: list[bytes], data: Any
+) -> None:
+    family, addresses = block
+    joined = b"".join(tlvs)
+    # Declare a length that ends strictly inside one of the TLVs.
+    bounds, offset = [], 0
+    for one in tlvs:
+        bounds.append((offset, offset + len(one)))
+        offset += len(one)
+    start, stop = data.draw(st.sampled_from(bounds))
+    cut = data.draw(st.integers(start + 1, stop - 1))
+    header = v2_header(family=family, addresses=addresses, tlvs=joined[:cut])
+    with pytest.raises(ProxyHeaderError):
+        read_all(header + joined[cut:], [])
+
+
+@settings(max_examples=300)
+@given(address_blocks, st.binary(max_size=60), st.binary(max_size=10))
+def test_v2_arbitrary_tlv_bytes_are_accepted_only_when_they_fit(
+    block: Any, tlvs: bytes, tail: bytes
+) -> None:
+    family, addresses = block
+    fits, offset = True, 0
+    while offset < len(tlvs):
+        if offset + 3 > len(tlvs):
+            fits = False
+            break
+        offset += 3 + struct.unpack_from("!H", tlvs, offset + 1)[0]
+        fits = offset <= len(tlvs)
+    try:
+        result = HeaderReader().feed(
+            v2_header(family=family, addresses=addresses, tlvs=tlvs) + tail
+        )
+    except ProxyHeaderError:
+        assert not fits
+    else:
+        assert fits and result is not None and result[1] == tail

@@ -12,8 +12,12 @@ import pytest_twisted
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
 
 from goma_twisted import udp
+from goma_twisted.udp_readers import Readers
+from goma_twisted.udp_sweep import IdleSweep
+from goma_twisted.udp_table import SessionTable, expiry
 
 from .support import (
     FakeResolver,
@@ -350,7 +354,7 @@ def test_a_failed_reply_or_send_is_dropped_and_counted(error: OSError) -> None:
     assert relay.stats.dropped[udp.REPLY_FAILED] == 1
     assert session.datagramsToClient == relay.stats.datagrams_to_client == 0
     assert session.answers == 1  # it came, even if it could not be passed on
-    session._queue = None
+    session.state = udp.State.OPEN
     session.socket = FailingSocket(error)  # type: ignore[assignment]
     session.send(b"query")
     assert relay.stats.dropped[udp.SEND_FAILED] == 1
@@ -445,7 +449,7 @@ def test_one_read_event_reads_a_bounded_number_of_datagrams() -> None:
     session = udp.UDPSession(relay, ("127.0.0.1", 5353))
     session.socket = EndlessSocket()  # type: ignore[assignment]
     session.doRead()
-    assert session.socket.reads == udp.READS_PER_EVENT  # type: ignore[union-attr]
+    assert session.socket.reads == udp.READS_PER_EVENT  # type: ignore[attr-defined]
     assert session.datagramsToClient == udp.READS_PER_EVENT
     assert relay.stats.datagrams_to_client == udp.READS_PER_EVENT
 
@@ -527,10 +531,10 @@ async def test_a_read_error_other_than_refused_ends_the_session(
             raise OSError(113, "No route to host")
 
         def fileno(self) -> int:
-            return real.fileno()  # type: ignore[union-attr]
+            return real.fileno()
 
         def close(self) -> None:
-            real.close()  # type: ignore[union-attr]
+            real.close()
 
     real = session.socket
     session.socket = Unreachable()  # type: ignore[assignment]
@@ -571,11 +575,22 @@ def idle_relay(clock: Clock, timeout: float) -> udp.UDPForward:
     return relay
 
 
-def open_session(relay: udp.UDPForward, port: int) -> udp.UDPSession:
-    session = relay.sessions[("127.0.0.1", port)] = udp.UDPSession(relay, ("127.0.0.1", port))
+def open_session(relay: udp.UDPForward, port: int, answered: bool = True) -> udp.UDPSession:
+    """
+    A session opened by hand, with a socket that is never read; answered
+    (as most of these tests want) or not, as if the target had replied.
+    """
+    session = udp.UDPSession(relay, ("127.0.0.1", port))
+    relay.table.add(("127.0.0.1", port), session)
     relay.stats.opened()
-    relay.watch(session, session.started + relay.config.udp_idle_timeout)
-    session._queue = None
+    timeout = relay.config.udp_idle_timeout
+    if answered:
+        session.answers = 1
+        relay.table.answered(session)
+    else:
+        timeout = min(timeout, udp.UNANSWERED_TIMEOUT)
+    relay.watch(session, session.started + timeout)
+    session.state = udp.State.OPEN
     session.socket = SilentSocket()  # type: ignore[assignment]
     return session
 
@@ -623,10 +638,10 @@ def test_a_session_ended_before_its_sweep_leaves_it() -> None:
         session.close(udp.ANSWERED)
     # No session waits in a bucket (the last one used stays, empty, for the
     # next session, until its sweep).
-    assert not any(relay._buckets.values())
-    assert len(relay._buckets) <= 1
+    assert not any(relay.sweep._buckets.values())
+    assert len(relay.sweep._buckets) <= 1
     clock.advance(30)
-    assert relay._buckets == {}
+    assert relay.sweep._buckets == {}
     assert clock.getDelayedCalls() == []
     assert relay.stats.sessions_ended[udp.ANSWERED] == 5
     assert relay.stats.sessions_ended[udp.IDLE_TIMEOUT] == 0
@@ -708,8 +723,8 @@ def test_a_deadline_that_rounds_below_itself_is_checked_once_after_it() -> None:
     relay = idle_relay(clock, 3.0)
     clock.advance(0.6000000000000001)
     session = open_session(relay, 1)
-    assert relay._sweepAt is not None and relay._sweepAt >= 3.6
-    clock.advance(relay._sweepAt - clock.seconds())
+    assert relay.sweep._sweepAt is not None and relay.sweep._sweepAt >= 3.6
+    clock.advance(relay.sweep._sweepAt - clock.seconds())
     assert session.reason is None or clock.seconds() >= 3.6
     clock.advance(0.3)
     assert session.reason == udp.IDLE_TIMEOUT
@@ -769,12 +784,12 @@ def test_sessions_starting_within_a_step_share_a_bucket_and_all_are_swept() -> N
     clock.advance(0.5)
     second = open_session(relay, 2)
     assert first.checkAt == second.checkAt == 11.0
-    assert list(relay._buckets) == [11.0]
+    assert list(relay.sweep._buckets) == [11.0]
     clock.advance(10.4)  # 11.0: both idle since 0.1 and 0.6
     assert first.reason == second.reason == udp.IDLE_TIMEOUT
     third = open_session(relay, 3)
     assert third.checkAt == 21.0
-    assert relay._buckets == {21.0: {third: None}}
+    assert relay.sweep._buckets == {21.0: {third: None}}
     clock.advance(10)
     assert third.reason == udp.IDLE_TIMEOUT
     assert relay.sessions == {}
@@ -793,3 +808,301 @@ def test_a_forward_listening_again_at_once_still_sweeps_its_bucket() -> None:
     clock.advance(11)
     assert session.reason == udp.IDLE_TIMEOUT
     assert clock.getDelayedCalls() == []
+
+
+# A full table: unanswered sessions give way; the table as pure logic.
+
+
+def test_the_oldest_unanswered_session_gives_way() -> None:
+    table: SessionTable[int, str] = SessionTable(3)
+    for key, session in enumerate(["a", "b", "c"]):
+        table.add(key, session)
+    assert table.full and table.unanswered == 3
+    assert table.victim() == "a"
+    table.answered("a")
+    assert table.victim() == "b"
+    assert table.remove(1, "b")
+    assert not table.full
+    assert (table.victim(), table.unanswered) == ("c", 1)
+
+
+def test_answered_sessions_never_give_way() -> None:
+    table: SessionTable[int, str] = SessionTable(2)
+    table.add(1, "a")
+    table.add(2, "b")
+    table.answered("a")
+    table.answered("b")
+    table.answered("b")  # a second answer changes nothing
+    assert table.full
+    assert (table.victim(), table.unanswered) == (None, 0)
+
+
+def test_removing_a_session_not_at_its_key_leaves_the_one_there() -> None:
+    table: SessionTable[int, str] = SessionTable(2)
+    table.add(1, "a")
+    assert not table.remove(1, "stale")
+    assert table.sessions == {1: "a"}
+
+
+@pytest.mark.parametrize(
+    ("idle", "answered", "expected"),
+    [
+        (300.0, False, (udp.UNANSWERED_TIMEOUT, True)),
+        (300.0, True, (300.0, False)),
+        # A timeout shorter than the unanswered one applies as it is.
+        (5.0, False, (5.0, False)),
+        (udp.UNANSWERED_TIMEOUT, False, (udp.UNANSWERED_TIMEOUT, False)),
+    ],
+)
+def test_unanswered_sessions_expire_sooner(idle: float, answered: bool, expected: Any) -> None:
+    assert expiry(idle, answered) == expected
+
+
+def test_the_sweep_ends_unanswered_sessions_at_the_unanswered_timeout() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 300.0)
+    silent = open_session(relay, 1, answered=False)
+    answered = open_session(relay, 2)
+    late = open_session(relay, 3, answered=False)
+    clock.advance(10)
+    late.answers = 1  # its first answer, at 10 s
+    relay.table.answered(late)
+    late.lastActivity = clock.seconds()
+    assert relay.table.unanswered == 1
+    clock.advance(19.5)
+    assert silent.reason is None
+    clock.advance(1.5)  # 31: past 30, within the sweep's granularity
+    assert silent.reason == udp.UNANSWERED
+    assert answered.reason is late.reason is None
+    clock.advance(269)  # 300: idle since 0
+    assert answered.reason == udp.IDLE_TIMEOUT
+    assert late.reason is None
+    clock.advance(11)  # 311: idle since 10
+    assert late.reason == udp.IDLE_TIMEOUT
+    assert relay.stats.sessions_ended[udp.UNANSWERED] == 1
+    assert relay.stats.sessions_ended[udp.IDLE_TIMEOUT] == 2
+    assert relay.table.unanswered == 0
+
+
+def test_an_idle_timeout_under_the_unanswered_one_is_an_idle_timeout() -> None:
+    clock = Clock()
+    relay = idle_relay(clock, 5.0)
+    silent = open_session(relay, 1, answered=False)
+    clock.advance(5.5)
+    assert silent.reason == udp.IDLE_TIMEOUT
+
+
+class Selective(protocol.DatagramProtocol):
+    """A target that answers b"query" datagrams and drops all others."""
+
+    def __init__(self) -> None:
+        self.dropped = 0
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        if data == b"query":
+            self.transport.write(b"answer", addr)  # type: ignore[union-attr]
+        else:
+            self.dropped += 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_unanswered_sources_gives_way_to_a_real_client(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    target = Selective()
+    target_port = reactor.listenUDP(0, target, interface="127.0.0.1")
+    ports.append(target_port)
+    bound = 20
+    service = start_service(
+        forward(("udp",), ("127.0.0.1", target_port.getHost().port), max_sessions=bound)
+    )
+    services.append(service)
+    listen = bound_port(service, "udp")
+    relay = udp_relay(service)
+    inside = client(reactor, ports)
+    inside.send(b"query", listen)
+    assert await inside.reply(reactor) == b"answer"
+    [kept] = relay.sessions.values()
+    # 49 one-shot sources the target never answers: 19 fill the table,
+    # the next 30 each take the place of the oldest of them.
+    with captured_logs() as logs:
+        flood = [client(reactor, ports) for _ in range(49)]
+        for c in flood:
+            c.send(b"flood", listen)
+        for _ in range(200):
+            if target.dropped == 49:
+                break
+            await deferLater(reactor, 0.01)
+        assert target.dropped == 49
+        assert len(relay.sessions) == bound
+        assert relay.table.unanswered == bound - 1
+        # A real client gets its answer at once, in a full table.
+        real = client(reactor, ports)
+        real.send(b"query", listen)
+        assert await real.reply(reactor, timeout=1) == b"answer"
+    assert relay.stats.sessions_ended[udp.EVICTED] == 31
+    assert relay.refusedAtBound == 0
+    assert relay.sessions[("127.0.0.1", inside.transport.getHost().port)] is kept  # type: ignore[union-attr]
+    assert len(relay.sessions) == bound
+    evicted = [e for e in logs.ends() if e["reason"] == udp.EVICTED]
+    assert len(evicted) == 31
+    assert {e["datagramsToClient"] for e in evicted} == {0}
+    # Logged once in the interval; the rest is counted.
+    assert len([e for e in logs.events if e.get("refusal") == udp.EVICTED]) == 1
+    # The oldest flood sources went first: the last 19 are still open.
+    open_ports = {addr[1] for addr in relay.sessions}
+    assert {c.transport.getHost().port for c in flood[-18:]} <= open_ports  # type: ignore[union-attr]
+
+
+# The idle sweep as pure logic, on a Clock.
+
+
+class Item:
+    checkAt: float | None = None
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+
+def test_the_sweep_checks_each_item_at_its_deadline_rounded_up() -> None:
+    clock = Clock()
+    checked: list[tuple[Item, float]] = []
+
+    def check(item: Item, now: float) -> float | None:
+        checked.append((item, now))
+        return item.deadline if item.deadline > now else None
+
+    sweep: IdleSweep[Item] = IdleSweep(clock, 1.0, check)
+    early, moved, gone = Item(2.5), Item(1.2), Item(1.5)
+    for item in (early, moved, gone):
+        sweep.watch(item, item.deadline)
+    sweep.unwatch(gone)
+    assert len(clock.getDelayedCalls()) == 1
+    moved.deadline = 4.0  # active meanwhile: its next check is later
+    clock.advance(1.999)
+    assert checked == []
+    clock.advance(0.001)
+    assert checked == [(moved, 2.0)]
+    clock.advance(1)
+    assert checked[1:] == [(early, 3.0)]
+    clock.advance(1)
+    assert checked[2:] == [(moved, 4.0)]
+    assert (gone.checkAt, clock.getDelayedCalls()) == (None, [])
+
+
+def test_a_stopped_sweep_has_no_timer_and_can_start_again() -> None:
+    clock = Clock()
+    sweep: IdleSweep[Item] = IdleSweep(clock, 1.0, lambda item, now: None)
+    sweep.watch(Item(5), 5)
+    sweep.stop()
+    assert clock.getDelayedCalls() == []
+    sweep.watch(Item(6), 6)
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [6.0]
+
+
+# A session's life as one state.
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sessions_state_goes_pending_open_ended(
+    reactor: Any, ports: list[Any], services: list[Any]
+) -> None:
+    _, backend_port = echo(reactor, ports)
+    resolver = FakeResolver(reactor, {"dns.test": ["127.0.0.1"]}, delay=0.1)
+    service = start_service(
+        forward(("udp",), ("dns.test", backend_port)), reactor=ResolvingReactor(reactor, resolver)
+    )
+    services.append(service)
+    listen = bound_port(service, "udp")
+    relay = udp_relay(service)
+    c = client(reactor, ports)
+    c.send(b"waits", listen)
+    await deferLater(reactor, 0.01)
+    [session] = relay.sessions.values()
+    assert session.state is udp.State.PENDING  # the name resolves
+    assert await c.reply(reactor) == b"waits"
+    assert session.state is udp.State.OPEN
+    session.close(udp.SHUTDOWN)
+    assert (session.state, session.reason) == (udp.State.ENDED, udp.SHUTDOWN)
+    session.close(udp.IDLE_TIMEOUT)  # once ended, it stays as it ended
+    assert session.reason == udp.SHUTDOWN
+    assert relay.stats.sessions_ended[udp.SHUTDOWN] == 1
+
+
+def test_a_session_that_cannot_resolve_ends_with_what_it_held() -> None:
+    relay = idle_relay(Clock(), 30.0)
+    session = udp.UDPSession(relay, ("127.0.0.1", 1))
+    relay.table.add(("127.0.0.1", 1), session)
+    relay.stats.opened()
+    for data in (b"a", b"b"):
+        session.send(data)
+    assert session.state is udp.State.PENDING
+    session._resolveFailed(Failure(OSError("no such name")))
+    assert (session.state, session.reason) == (udp.State.ENDED, udp.RESOLVE_FAILED)
+    assert relay.stats.dropped[udp.RESOLVE_FAILED] == 2
+    assert relay.sessions == {}
+
+
+# The reactor seam: Twisted's public addReader/removeReader when the
+# reactor has none of goma-pt's optional hooks.
+
+
+class PublicOnly:
+    """A reactor with Twisted's public reader calls only, recording sessions'."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.added: list[Any] = []
+        self.removed: list[Any] = []
+
+    def addReader(self, reader: Any) -> None:
+        self.added.append(reader)
+        self.reactor.addReader(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        self.removed.append(reader)
+        self.reactor.removeReader(reader)
+
+
+def test_the_reactors_hooks_are_used_only_where_it_has_both() -> None:
+    class Hooks(NoReactor):
+        def addNewReader(self, reader: Any, fd: int) -> None:
+            pass
+
+        def closeSocket(self, reader: Any, skt: Any) -> None:
+            pass
+
+    hooks = Hooks()
+    assert Readers(hooks).accelerated
+    assert Readers(hooks).add == hooks.addNewReader
+    assert not Readers(NoReactor()).accelerated
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_run_on_twisteds_public_reader_calls(
+    reactor: Any, ports: list[Any], services: list[Any], monkeypatch: Any
+) -> None:
+    backend, backend_port = echo(reactor, ports, prefix=b"back:")
+    service = start_service(forward(("udp",), ("127.0.0.1", backend_port)))
+    services.append(service)
+    relay = udp_relay(service)
+    # Whatever reactor runs the tests, the sessions see one without hooks.
+    public = PublicOnly(reactor)
+    monkeypatch.setattr(relay, "readers", Readers(public))
+    assert not relay.readers.accelerated
+    c = client(reactor, ports)
+    listen = bound_port(service, "udp")
+    c.send(b"there", listen)
+    assert await c.reply(reactor) == b"back:there"
+    c.send(b"again", listen)
+    assert await c.reply(reactor) == b"back:again"
+    assert [data for data, _ in backend.received] == [b"there", b"again"]
+    [session] = relay.sessions.values()
+    assert public.added == [session]
+    assert session in reactor.getReaders()
+    fd = session.fileno()
+    session.close(udp.SHUTDOWN)
+    assert public.removed == [session]
+    assert session not in reactor.getReaders()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the socket is closed
