@@ -5,195 +5,53 @@ per forward and protocol, under one L{MultiService}.
 
 from __future__ import annotations
 
-import os
-import resource
 import signal
-import socket
 from collections.abc import Coroutine, Iterator
 from enum import Enum
-from typing import Any, Union
+from typing import Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
-from twisted.application import internet
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from . import reuseport
 from ._reactor import reactor_or_global
-from .activation import Activation, PassedSocket
+from .activation import Activation
 from .config import ConfigError, Forward, GatewayConfig, format_address, load_config
-from .metrics import ForwardCollector, Readiness, metrics_site
-from .policy import Budget, plan_budget, reserved_fds
+from .descriptors import open_fd_count, raise_fd_limit, size_bounds
+from .listeners import (
+    Listener,
+    ListenError,
+    ListenKey,
+    MetricsServer,
+    TCPForwardServer,
+    UDPForwardServer,
+    announce,
+    default_interface,
+    listener_keys,
+    service_name,
+    where,
+)
+from .metrics import ForwardCollector
+from .policy import Budget
 from .relaychoice import RelayChoice, choose_relay
 from .reloading import LatestWins
-from .sockopts import system_backlog
 from .stats import TCPStats, UDPStats
 from .tcpfactory import TCPForwardFactory
-from .udp import MAX_DATAGRAM, UDPForward
+from .udp import UDPForward
+
+__all__ = [
+    "DEFAULT_DRAIN_TIMEOUT", "ListenError", "PassThroughService", "TCPForwardServer",
+    "UDPForwardServer", "default_interface", "open_fd_count", "raise_fd_limit",
+]  # fmt: skip
 
 log = Logger(namespace="goma_pt")
 
 REJECTED = "Reload rejected; the running forwards stay as they were: {error}"
 
 
-class ListenError(Exception):
-    """
-    A forward cannot start listening. The message leads with the address
-    and the reason, as twistd shows only its first 100 bytes when a daemon
-    fails to start.
-    """
-
-
-ListenKey = tuple[str, str, int, bool]
-"""
-What a listener is known by across reloads: protocol, address, port, and
-whether it shares the port (C{reusePort}, which needs a new socket).
-"""
-
-
-class _Listener:
-    """What goma-pt needs of a listening service besides starting it."""
-
-    forward: Forward
-    protocol: str
-    _port: Any
-
-    # The socket systemd passed for this listener, if any (socket activation).
-    passed: PassedSocket | None = None
-
-    @property
-    def key(self) -> ListenKey:
-        forward = self.forward
-        return (self.protocol, forward.address, forward.port, forward.reuse_port)
-
-    def getHost(self) -> Any:
-        """The address actually bound (port 0 becomes a real port)."""
-        return self._port.getHost()
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()  # type: ignore[misc]
-        except CannotListenError as e:
-            raise ListenError(_cannot_listen(self.forward, self.protocol, e)) from None
-
-    def startService(self) -> None:
-        try:
-            super().startService()  # type: ignore[misc]
-        except CannotListenError as e:
-            raise ListenError(_cannot_listen(self.forward, self.protocol, e)) from None
-
-
-class TCPForwardServer(_Listener, internet.TCPServer):
-    protocol = "tcp"
-
-    def __init__(
-        self, forward: Forward, factory: TCPForwardFactory, relay: RelayChoice, **kwargs: Any
-    ) -> None:
-        self.forward = forward
-        self.factory = factory
-        self.relay = relay
-        backlog = getattr(forward, "backlog", None) or system_backlog()
-        super().__init__(forward.port, factory, backlog=backlog, **kwargs)
-
-    def update(self, forward: Forward) -> None:
-        """New settings for new connections; live ones keep theirs."""
-        self.forward = forward
-        self.factory.reconfigure(forward)
-
-    def _getPort(self) -> Any:
-        port, factory = self.args
-        reactor = reactor_or_global(self.reactor)
-        interface = self.kwargs.get("interface", "")
-        backlog = self.kwargs["backlog"]
-        if self.passed is not None:
-            fd, family = self.passed.fd, self.passed.family
-            if self.relay.adopt is not None:
-                return self.relay.adopt(reactor, fd, family, factory)
-            return reactor.adoptStreamPort(fd, family, factory)
-        if self.forward.reuse_port:
-            adopt = self.relay.adopt
-            return reuseport.listen_tcp(reactor, port, factory, backlog, interface, adopt)
-        if self.relay.listen is not None:
-            return self.relay.listen(reactor, port, factory, backlog, interface)
-        return super()._getPort()
-
-
-class UDPForwardServer(_Listener, internet.UDPServer):
-    protocol = "udp"
-
-    def __init__(self, forward: Forward, relay: UDPForward, **kwargs: Any) -> None:
-        self.forward = forward
-        self.relay = relay
-        super().__init__(forward.port, relay, maxPacketSize=MAX_DATAGRAM, **kwargs)
-
-    def update(self, forward: Forward) -> None:
-        """New settings for new sessions; open ones keep their target."""
-        self.forward = forward
-        self.relay.reconfigure(forward)
-
-    def _getPort(self) -> Any:
-        port, relay = self.args
-        if self.passed is not None:
-            size = self.kwargs.get("maxPacketSize", MAX_DATAGRAM)
-            reactor = reactor_or_global(self.reactor)
-            return reactor.adoptDatagramPort(self.passed.fd, self.passed.family, relay, size)
-        if not self.forward.reuse_port:
-            return super()._getPort()
-        return reuseport.listen_udp(
-            reactor_or_global(self.reactor),
-            port,
-            relay,
-            self.kwargs.get("interface", ""),
-            self.kwargs.get("maxPacketSize", MAX_DATAGRAM),
-        )
-
-
-Listener = Union[TCPForwardServer, UDPForwardServer]
-
 DEFAULT_DRAIN_TIMEOUT = 5.0
-
-
-class MetricsServer(internet.StreamServerEndpointService):
-    """
-    Serves C{/metrics}, C{/healthz} and C{/readyz}; a port it cannot listen
-    on is a L{ListenError}.
-    """
-
-    port: Any = None
-
-    def __init__(
-        self,
-        description: str,
-        registry: CollectorRegistry,
-        reactor: Any,
-        readiness: Readiness | None = None,
-    ) -> None:
-        site = metrics_site(registry, readiness)
-        super().__init__(serverFromString(reactor, description), site)
-        self.description = description
-        self.setName("metrics")
-
-    def privilegedStartService(self) -> None:
-        self._raiseSynchronously = True
-        try:
-            super().privilegedStartService()
-            self._waitingForPort.addCallback(self._listening)  # type: ignore[union-attr]
-        except (CannotListenError, OverflowError) as e:
-            why = e.socketError if isinstance(e, CannotListenError) else e
-            why = why.strerror if isinstance(why, OSError) and why.strerror else why
-            raise ListenError(f"metrics {self.description}: {why}") from None
-
-    def _listening(self, port: Any) -> Any:
-        self.port = port
-        return port
-
-    def getHost(self) -> Any:
-        """The address actually bound (port 0 becomes a real port)."""
-        return self.port.getHost()
 
 
 class Phase(Enum):
@@ -304,7 +162,7 @@ class PassThroughService(MultiService):
         return built
 
     def _adopt(self, listener: Listener) -> None:
-        listener.setName(_service_name(listener))
+        listener.setName(service_name(listener))
         listener.setServiceParent(self)
         self._listeners[listener.key] = listener
 
@@ -337,7 +195,7 @@ class PassThroughService(MultiService):
         for passed in self.activation.unmatched(wanted):
             log.warn("systemd passed a socket no forward listens on: {socket}", socket=str(passed))
         for listener in self.listeners:
-            _announce(listener)
+            announce(listener)
         if self.metrics is not None:
             host = self.metrics.getHost()
             if hasattr(host, "port"):
@@ -360,7 +218,7 @@ class PassThroughService(MultiService):
             tcp = [lst for lst in self.listeners if isinstance(lst, TCPForwardServer)]
             live = sum(len(lst.factory.relays) for lst in tcp)
             return False, f"draining, {live} connection{'' if live == 1 else 's'} open"
-        unbound = [_where(lst) for lst in self.listeners if lst._port is None]
+        unbound = [where(lst) for lst in self.listeners if lst._port is None]
         if unbound:
             return False, "not listening: " + ", ".join(unbound)
         if self.phase is Phase.STARTING:
@@ -450,7 +308,9 @@ class PassThroughService(MultiService):
 
     async def _apply(self, config: GatewayConfig) -> bool:
         wanted = {
-            listener_key: forward for forward in config.forwards for listener_key in _keys(forward)
+            listener_key: forward
+            for forward in config.forwards
+            for listener_key in listener_keys(forward)
         }
         removed = [self._listeners[key] for key in self._listeners if key not in wanted]
         # A new listener on the port of one being removed can bind only once
@@ -481,7 +341,7 @@ class PassThroughService(MultiService):
     ) -> None:
         for key in keys:
             [listener] = [lst for lst in self._build(wanted[key]) if lst.protocol == key[0]]
-            listener.setName(_service_name(listener))
+            listener.setName(service_name(listener))
             try:
                 listener.setServiceParent(self)
             except ListenError:
@@ -508,7 +368,7 @@ class PassThroughService(MultiService):
                 self._drain(listener.factory)
         for listener in started:
             self._listeners[listener.key] = listener
-            _announce(listener)
+            announce(listener)
         self.config = config
         self._sizeBounds(replan=True)
         log.info(
@@ -529,88 +389,18 @@ class PassThroughService(MultiService):
 
         signal.signal(signum, reload_soon)
 
+    budget: Budget | None = None
+
+    def _sizeBounds(self, replan: bool = False) -> None:
+        """Share the descriptor limit among the forwards: once at start, again at a reload."""
+        if self.budget is None or replan:
+            self.budget = size_bounds(self.listeners, self.budget, self.relay.splices)
+
     def _unbind(self) -> None:
         for listener in self.listeners:
             if getattr(listener, "_port", None) is not None:
                 listener._port.stopListening()
                 listener._port = None
-
-    budget: Budget | None = None
-
-    def _sizeBounds(self, replan: bool = False) -> None:
-        """
-        Raise the descriptor limit, then give each forward without a
-        configured bound its share of it; log the figures. At start this
-        is done once; a reload (C{replan}) shares the limit again among the
-        forwards it leaves, counting the descriptors open at start, not the
-        live connections', which their bounds already count.
-        """
-        if self.budget is not None and not replan:
-            return
-        soft_before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        limit = raise_fd_limit()
-        in_use = self.budget.in_use if self.budget is not None else open_fd_count()
-        tcp = [lst for lst in self.listeners if isinstance(lst, TCPForwardServer)]
-        udp = [lst for lst in self.listeners if isinstance(lst, UDPForwardServer)]
-        self.budget = budget = plan_budget(
-            limit,
-            in_use,
-            [lst.forward.max_connections for lst in tcp],
-            [lst.forward.max_sessions for lst in udp],
-            reserved_fds(splicing=self.relay.splices),
-        )
-        for listener, (bound, _) in zip(tcp, budget.tcp):
-            listener.factory.bounds.total = bound
-        for udp_listener, (bound, _) in zip(udp, budget.udp):
-            udp_listener.relay.max_sessions = bound
-        shares = [
-            f"{lst.forward.name} {bound} connections" + (" (derived)" if derived else "")
-            for lst, (bound, derived) in zip(tcp, budget.tcp)
-        ] + [
-            f"{lst.forward.name} {bound} sessions" + (" (derived)" if derived else "")
-            for lst, (bound, derived) in zip(udp, budget.udp)
-        ]
-        raised = f" (raised from {soft_before})" if soft_before != limit else ""
-        log.info(
-            "File descriptors: limit {limit}{raised}, {inUse} open, {reserved} kept aside; "
-            "bounds: {shares}",
-            limit=limit,
-            raised=raised,
-            softBefore=soft_before,
-            inUse=budget.in_use,
-            reserved=budget.reserved,
-            shares="; ".join(shares) or "none",
-            needed=budget.needed,
-        )
-        if budget.overcommitted:
-            log.warn(
-                "The configured bounds need {needed} file descriptors with every connection "
-                "and session open, more than the {usable} available: raise the limit "
-                "(ulimit -n, systemd LimitNOFILE=) or lower maxConnections/maxSessions",
-                needed=budget.needed,
-                usable=budget.usable,
-            )
-
-
-def _service_name(listener: Listener) -> str:
-    # Unique as the key is: a reload that turns reusePort on or off starts
-    # the new listener before the old one leaves the MultiService.
-    shared = " reusePort" if listener.forward.reuse_port else ""
-    return f"{listener.protocol} {listener.forward.name}{shared}"
-
-
-def _keys(forward: Forward) -> list[ListenKey]:
-    return [
-        (protocol, forward.address, forward.port, forward.reuse_port)
-        for protocol in forward.protocols
-    ]
-
-
-def _where(listener: Listener) -> str:
-    """A listener as C{/readyz} names it: C{tcp 53}, C{udp 127.0.0.1:5353}."""
-    forward = listener.forward
-    where = format_address(forward.address, forward.port) if forward.address else forward.port
-    return f"{listener.protocol} {where}"
 
 
 def _stop(listener: Listener) -> Deferred[Any]:
@@ -638,65 +428,3 @@ def _passthrough(call: Any, argument: Any) -> Any:
         return result
 
     return both
-
-
-def _announce(listener: Listener) -> None:
-    host = listener.getHost()
-    log.info(
-        "Forwarding {protocol} {listen} to {target}{passed}",
-        protocol=listener.protocol,
-        listen=format_address(host.host, host.port),
-        target=str(listener.forward.target),
-        forward=listener.forward.name,
-        passed="" if listener.passed is None else " (a socket passed by systemd)",
-    )
-
-
-def _cannot_listen(forward: Forward, protocol: str, e: CannotListenError) -> str:
-    where = format_address(e.interface or "*", e.port)
-    why = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
-    hint = ""
-    if isinstance(e.socketError, OSError) and e.socketError.errno == 13 and forward.port < 1024:
-        hint = (
-            " (ports below 1024 need root or CAP_NET_BIND_SERVICE; "
-            "start as root with --uid/--gid to drop privileges after binding)"
-        )
-    return f"{protocol} {where}: {why}{hint}; forward to {forward.target}"
-
-
-def default_interface() -> str:
-    """
-    Listen on every address, as Goma Gateway does: C{::} where the host has
-    IPv6 (which also takes IPv4 unless net.ipv6.bindv6only is set), else
-    every IPv4 address.
-    """
-    if not socket.has_ipv6:
-        return ""
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::", 0))
-    except OSError:
-        return ""
-    return "::"
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft limit on open files to the hard limit; return it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft if soft != resource.RLIM_INFINITY else 1 << 20
-
-
-def open_fd_count() -> int:
-    """How many file descriptors the process has open now (0 if it cannot tell)."""
-    for directory in ("/proc/self/fd", "/dev/fd"):
-        try:
-            return len(os.listdir(directory))
-        except OSError:
-            continue
-    return 0
