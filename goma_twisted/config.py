@@ -226,7 +226,7 @@ def _decode(data: bytes | str, source: str) -> str:
 def _compose(text: str, source: str) -> yaml.Node | None:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        _check_depth(text, loader)
+        _check_depth(text, loader, source)
         return yaml.compose(text, Loader=loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -237,7 +237,7 @@ def _compose(text: str, source: str) -> yaml.Node | None:
         raise ConfigError([Problem(source, 1, 1, "", f"not valid YAML: {e}")]) from None
 
 
-def _check_depth(text: str, loader: type) -> None:
+def _check_depth(text: str, loader: type, source: str) -> None:
     """
     Refuse deep nesting before composing: the composer recurses once per
     level, and a few thousand brackets would crash the interpreter.
@@ -248,8 +248,8 @@ def _check_depth(text: str, loader: type) -> None:
             depth += 1
             if depth > MAX_DEPTH:
                 mark: Any = event.start_mark
-                problem = f"nested more than {MAX_DEPTH} levels deep"
-                raise yaml.MarkedYAMLError(problem=problem, problem_mark=mark)
+                message = f"nested more than {MAX_DEPTH} levels deep"
+                raise ConfigError([Problem(source, mark.line + 1, mark.column + 1, "", message)])
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
 
