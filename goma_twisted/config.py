@@ -21,6 +21,7 @@ from pathlib import Path
 from .config_check import FORWARD_KEYS, TCP_ONLY_KEYS, UDP_ONLY_KEYS, check
 from .config_values import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_KEEPALIVE,
     DEFAULT_UDP_IDLE_TIMEOUT,
     PROTOCOLS,
     ConfigError,
@@ -35,6 +36,7 @@ from .config_yaml import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, compose
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_KEEPALIVE",
     "DEFAULT_UDP_IDLE_TIMEOUT",
     "FORWARD_KEYS",
     "MAX_DEPTH",

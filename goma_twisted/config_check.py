@@ -40,10 +40,19 @@ FORWARD_KEYS = (
     "acceptProxyProtocol",
     "udpResponses",
     "reusePort",
+    "keepalive",
+    "backlog",
 )
 # Keys that act on one protocol only; giving one to a forward without
 # that protocol is an error, as it would silently do nothing.
-TCP_ONLY_KEYS = ("maxConnections", "maxConnectionsPerIp", "proxyProtocol", "acceptProxyProtocol")
+TCP_ONLY_KEYS = (
+    "maxConnections",
+    "maxConnectionsPerIp",
+    "proxyProtocol",
+    "acceptProxyProtocol",
+    "keepalive",
+    "backlog",
+)
 UDP_ONLY_KEYS = ("maxSessions", "maxSessionsPerIp", "udpResponses")
 PASSTHROUGH_KEYS = ("forwards",)
 
@@ -151,6 +160,8 @@ class _Checker(FieldChecks):
         accept_proxy = self.networks(entries.get("acceptProxyProtocol"), path)
         udp_responses = self.positive_int(entries.get("udpResponses"), path)
         reuse_port = self.boolean(entries.get("reusePort"), path)
+        keepalive = self.keepalive(entries.get("keepalive"), path)
+        backlog = self.backlog(entries.get("backlog"), path)
         if protocols is not None:
             self.protocol_keys(entries, protocols, path)
         if len(self.problems) > before or protocols is None or port is None or target is None:
@@ -175,6 +186,8 @@ class _Checker(FieldChecks):
             accept_proxy_protocol=accept_proxy,
             udp_responses=udp_responses,
             reuse_port=reuse_port,
+            keepalive=keepalive,
+            backlog=backlog,
         )
 
     def protocol_keys(

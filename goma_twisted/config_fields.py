@@ -13,12 +13,14 @@ from typing import Any
 import yaml
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 
-from .config_values import PROTOCOLS, Problem, Target, parse_target
+from .config_values import DEFAULT_KEEPALIVE, PROTOCOLS, Problem, Target, parse_target
 from .config_yaml import Entries, describe, is_null
 from .policy import IPNetwork, parse_network
 
 # Bound on each address list, so a pasted list cannot slow every accept.
 MAX_LIST_ENTRIES = 10_000
+# Linux takes TCP_KEEPIDLE and TCP_KEEPINTVL up to this many seconds.
+MAX_KEEPALIVE = 32767
 
 
 class FieldChecks:
@@ -221,6 +223,43 @@ class FieldChecks:
             lambda v: type(v) is int and v in (1, 2),
             "expected 1 (text header) or 2 (binary header)",
         )
+
+    def backlog(self, entry: tuple[yaml.Node, yaml.Node] | None, path: str) -> int | None:
+        return self.optional(
+            entry,
+            path,
+            lambda v: type(v) is int and 1 <= v <= 65535,
+            "expected a listen backlog, 1 to 65535 (without the key: the system's "
+            "net.core.somaxconn)",
+        )
+
+    def keepalive(self, entry: tuple[yaml.Node, yaml.Node] | None, path: str) -> float | None:
+        """
+        Seconds of idle before the first probe and between probes, True for
+        the default, False (C{off}, C{no}) for none. 0 is refused: Go reads
+        a zero KeepAlive as its default, an operator may read it as off.
+        """
+        if entry is None:
+            return DEFAULT_KEEPALIVE
+        key_node, value_node = entry
+        value = self.scalar(value_node)
+        if value is True:
+            return DEFAULT_KEEPALIVE
+        if value is False:
+            return None
+        if type(value) is int and 1 <= value <= MAX_KEEPALIVE:
+            return float(value)
+        if type(value) in (int, float) and value == 0:
+            expected = "to switch keepalive off, write false (0 is Go's default, 15 s)"
+        else:
+            expected = (
+                f"expected a whole number of seconds, 1 to {MAX_KEEPALIVE}, or false "
+                "to switch keepalive off"
+            )
+        self.problem(
+            value_node, join(path, str(key_node.value)), f"got {describe(value_node)}; {expected}"
+        )
+        return None
 
 
 def join(path: str, key: str) -> str:

@@ -11,10 +11,14 @@ from attrs import frozen
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 
 from .policy import AddressPolicy, IPNetwork
+from .sockopts import KEEPALIVE_SECONDS
 
 # Goma Gateway's own defaults when a forward gives no timeout.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_UDP_IDLE_TIMEOUT = 300.0
+# What Goma's Go runtime does on both sockets: keepalive probes after 15 s
+# idle, then every 15 s (Go's net.Dialer and ListenConfig KeepAlive).
+DEFAULT_KEEPALIVE = KEEPALIVE_SECONDS
 
 PROTOCOLS = {"tcp": ("tcp",), "udp": ("udp",), "tcp/udp": ("tcp", "udp")}
 
@@ -75,7 +79,11 @@ class Forward:
     One entry of C{passThrough.forwards}, with every default resolved.
 
     C{idle_timeout} is None when TCP connections may stay idle forever
-    (TCP keepalive still finds dead peers).
+    (TCP keepalive still finds dead peers). C{keepalive} is the idle time
+    before the first keepalive probe and between probes, in seconds, on
+    both sockets of a TCP connection (L{sockopts.keepalive_options}); None
+    is off. C{backlog} is the TCP listen backlog; None is the system's
+    C{net.core.somaxconn} (L{sockopts.system_backlog}).
     """
 
     protocols: tuple[str, ...]
@@ -95,6 +103,8 @@ class Forward:
     accept_proxy_protocol: tuple[IPNetwork, ...] = ()
     udp_responses: int | None = None
     reuse_port: bool = False
+    keepalive: float | None = DEFAULT_KEEPALIVE
+    backlog: int | None = None
 
     @property
     def policy(self) -> AddressPolicy:

@@ -6,6 +6,7 @@ and errors that name the line and the field.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import yaml
 
 from goma_twisted.config import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_KEEPALIVE,
     DEFAULT_UDP_IDLE_TIMEOUT,
     ConfigError,
     Forward,
@@ -24,6 +26,7 @@ from goma_twisted.config import (
     parse_config,
     parse_target,
 )
+from goma_twisted.sockopts import keepalive_options
 
 from .support import ROOT
 
@@ -158,6 +161,50 @@ def test_extensions_override_the_parts_of_timeout() -> None:
     assert d.name == "tcp [::1]:4"
 
 
+def test_keepalive_and_backlog_defaults_are_gos_and_the_systems() -> None:
+    # Goma's examples load as they always did, with the two defaults set.
+    for name in ("goma-minimal.yaml", "goma-full.yaml"):
+        for forward in load_config(ROOT / "etc" / name).forwards:
+            assert forward.keepalive == DEFAULT_KEEPALIVE == 15
+            assert forward.backlog is None
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [("30", 30.0), ("1", 1.0), ("32767", 32767.0), ("true", 15.0), ("false", None), ("off", None)],
+)
+def test_keepalive(given: str, seconds: float | None) -> None:
+    config = parse_config(
+        forwards(f"{{protocol: tcp, port: 1, target: 'a:1', keepalive: {given}}}")
+    )
+    assert config.forwards[0].keepalive == seconds
+
+
+def test_backlog() -> None:
+    config = parse_config(
+        forwards(
+            "{protocol: tcp, port: 1, target: 'a:1', backlog: 1}",
+            "{protocol: tcp/udp, port: 2, target: 'a:1', backlog: 65535}",
+        )
+    )
+    assert [forward.backlog for forward in config.forwards] == [1, 65535]
+
+
+def test_keepalive_as_the_relay_sets_it() -> None:
+    # What the relay sets on both sockets, from the config alone (no socket).
+    on, off = parse_config(
+        forwards(
+            "{protocol: tcp, port: 1, target: 'a:1', keepalive: 30}",
+            "{protocol: tcp, port: 2, target: 'a:1', keepalive: false}",
+        )
+    ).forwards
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in keepalive_options(on.keepalive)
+    assert (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30) in keepalive_options(on.keepalive)
+    assert (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 30) in keepalive_options(on.keepalive)
+    assert (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 9) in keepalive_options(on.keepalive)
+    assert keepalive_options(off.keepalive) == [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)]
+
+
 @pytest.fixture(params=["installed", "Python"])
 def yaml_loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """
@@ -249,6 +296,53 @@ def errors(text: str | bytes) -> list[str]:
             ),
             "forwards[1]: udp port 53 is already forwarded by forwards[0] (tcp/udp 53 -> a:1)",
         ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', keepalive: 0}"),
+            "goma.yml:5:62: forwards[0].keepalive: got an integer ('0'); "
+            "to switch keepalive off, write false (0 is Go's default, 15 s)",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', keepalive: 7.5}"),
+            "forwards[0].keepalive: got a number ('7.5'); expected a whole number of seconds, "
+            "1 to 32767, or false to switch keepalive off",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', keepalive: 32768}"),
+            "forwards[0].keepalive: got an integer ('32768'); expected a whole number",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', keepalive: 15s}"),
+            "forwards[0].keepalive: got a string ('15s'); expected a whole number",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', keepAlive: 15}"),
+            "forwards[0].keepAlive: unknown key; did you mean `keepalive`?",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', backlog: 0}"),
+            "goma.yml:5:60: forwards[0].backlog: got an integer ('0'); expected a listen "
+            "backlog, 1 to 65535 (without the key: the system's net.core.somaxconn)",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', backlog: 65536}"),
+            "forwards[0].backlog: got an integer ('65536'); expected a listen backlog",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', backlog: true}"),
+            "forwards[0].backlog: got a boolean ('true'); expected a listen backlog",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', backlg: 100}"),
+            "forwards[0].backlg: unknown key; did you mean `backlog`?",
+        ),
+        (
+            forwards("{protocol: udp, port: 1, target: 'a:1', backlog: 100}"),
+            "forwards[0].backlog: applies to tcp forwards only; this forward is udp",
+        ),
+        (
+            forwards("{protocol: udp, port: 1, target: 'a:1', keepalive: false}"),
+            "forwards[0].keepalive: applies to tcp forwards only; this forward is udp",
+        ),
         (b"gateway: \xff\n", "goma.yml:1:10: byte 0xff is not UTF-8"),
     ],
 )
@@ -273,12 +367,15 @@ def test_every_problem_is_reported_at_once() -> None:
             "{protocol: tcp, port: 70000, target: 'a:1'}",
             "{protocol: udp, port: 5, target: 'nope'}",
             "{protocol: tcp, port: 6, target: 'a:1', timeuot: 3}",
+            "{protocol: tcp, port: 7, target: 'a:1', keepalive: 0, backlog: -1}",
         )
     )
     assert [p.split(": ")[1] for p in found] == [
         "forwards[0].port",
         "forwards[1].target",
         "forwards[2].timeuot",
+        "forwards[3].keepalive",
+        "forwards[3].backlog",
     ]
 
 

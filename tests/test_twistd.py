@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from goma_twisted.config import parse_config
+from goma_twisted.report import forwards_table
 from goma_twisted.tap import Options
 
 from .conftest import PLAIN
@@ -517,15 +519,36 @@ def test_check_prints_the_forwards_and_exits(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].endswith("goma-full.yaml: OK, 3 forwards")
     assert lines[1].split() == [
-        "protocol", "listen", "target", "connect", "idle", "udp", "idle", "max", "sessions"
+        "protocol", "listen", "target", "connect", "idle", "keepalive", "udp", "idle", "max",
+        "sessions",
     ]  # fmt: skip
-    assert lines[2].split() == ["tcp", "*:61557", "srv1.example.com:22", "5s", "5s", "-", "-"]
-    assert lines[3].split() == ["tcp/udp", "*:53", "10.25.10.15:53", "10s", "none", "300s", "auto"]
+    assert lines[2].split() == [
+        "tcp", "*:61557", "srv1.example.com:22", "5s", "5s", "15s", "-", "-"
+    ]  # fmt: skip
+    assert lines[3].split() == [
+        "tcp/udp", "*:53", "10.25.10.15:53", "10s", "none", "15s", "300s", "auto"
+    ]  # fmt: skip
     broken = tmp_path / "broken.yml"
     broken.write_text("gateway: {entryPoints: {passThrough: {forwards: [{port: 1}]}}}\n")
     result = run_twistd("goma-pt", "--config", str(broken), "--check")
     assert result.returncode == 1
     assert "forwards[0].protocol: missing" in result.stderr
+
+
+def test_check_shows_keepalive_and_a_backlog_set_in_the_file() -> None:
+    table = forwards_table(
+        parse_config(
+            "gateway: {entryPoints: {passThrough: {forwards: ["
+            "{protocol: tcp, port: 2222, target: 'a:22', keepalive: 60, backlog: 1024}, "
+            "{protocol: tcp/udp, port: 53, target: 'b:53', keepalive: false}, "
+            "{protocol: udp, port: 54, target: 'c:54'}]}}}"
+        )
+    )
+    rows = [line.split() for line in table.splitlines()]
+    assert rows[0][-1] == "backlog"
+    assert rows[1] == ["tcp", "*:2222", "a:22", "10s", "none", "60s", "-", "-", "1024"]
+    assert rows[2] == ["tcp/udp", "*:53", "b:53", "10s", "none", "off", "300s", "auto", "system"]
+    assert rows[3] == ["udp", "*:54", "c:54", "-", "-", "-", "300s", "auto", "-"]
 
 
 def test_a_privileged_port_without_privileges_is_one_line(tmp_path: Path) -> None:
