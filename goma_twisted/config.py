@@ -52,6 +52,7 @@ __all__ = [
     "Target",
     "format_address",
     "load_config",
+    "load_config_or_exit",
     "parse_config",
     "parse_target",
 ]
@@ -81,3 +82,16 @@ def parse_config(data: bytes | str, source: str = "<config>") -> GatewayConfig:
     @raise ConfigError: listing every problem found.
     """
     return check(compose(data, source), source)
+
+
+def load_config_or_exit(path: str | Path) -> GatewayConfig:
+    """
+    L{load_config} for a C{.tac} file: a file that cannot be used ends
+    twistd with its problems in a few lines, without a traceback. (twistd
+    shows any exception from a C{.tac} with its traceback; it lets
+    C{SystemExit} through, which prints its message and exits 1.)
+    """
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise SystemExit(f"goma-pt: {e}") from None

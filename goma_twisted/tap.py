@@ -21,6 +21,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 
+from . import __version__
 from .activation import Activation
 from .config import ConfigError, GatewayConfig, load_config
 from .metrics import check_endpoint
@@ -152,6 +153,14 @@ class Options(usage.Options):
     ]
 
     config: GatewayConfig
+
+    def opt_version(self) -> None:
+        """Display goma-pt's version and Twisted's, and exit."""
+        import twisted
+
+        print(f"goma-pt version: {__version__}")
+        print(f"Twisted version: {twisted.__version__}")
+        raise SystemExit(0)
 
     def parseOptions(self, options: Any = None) -> None:
         """

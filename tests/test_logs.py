@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import pytest_twisted
 from twisted.application.service import Application
 from twisted.logger import (
     FileLogObserver,
@@ -35,6 +36,7 @@ from twisted.python.logfile import LogFile
 from twisted.scripts.twistd import ServerOptions
 
 from goma_twisted import ending, tap, udp
+from goma_twisted.config import parse_config
 from goma_twisted.logs import (
     ENVIRONMENT,
     GatheringFileLogObserver,
@@ -44,9 +46,18 @@ from goma_twisted.logs import (
     json_observer,
     render,
 )
+from goma_twisted.service import PassThroughService
 from goma_twisted.twistdlog import TextLog, offer_text_log, text_log
 
-from .support import free_port, running, twistd_command, twistd_env, wait_for, write_config
+from .support import (
+    captured_logs,
+    free_port,
+    running,
+    twistd_command,
+    twistd_env,
+    wait_for,
+    write_config,
+)
 from .test_twistd import backend, tcp_roundtrip, udp_roundtrip
 
 __all__ = ["backend"]  # the fixture, used by name
@@ -553,6 +564,26 @@ def test_twistd_on_goma_pts_reactor_gathers_its_lines(tmp_path: Path) -> None:
     assert made is not None and made.file is not None
     made.file.close()
     assert not isinstance(made.observer, GatheringFileLogObserver)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_parts_left_to_goma_gateway_are_named_plainly() -> None:
+    config = parse_config(
+        "version: 2\ngateway:\n  routes: []\n  entryPoints:\n    web: {address: ':80'}\n"
+        "    passThrough:\n      forwards:\n"
+        f"        - {{protocol: tcp, port: {free_port()}, address: 127.0.0.1, "
+        "target: '127.0.0.1:1'}\n",
+        "goma.yml",
+    )
+    service = PassThroughService(config, drain_timeout=0)
+    with captured_logs() as logs:
+        service.startService()
+    await service.stopService()
+    [said] = [e for e in logs.events if "ignored" in e]
+    assert event_text(said) == (
+        "goma.yml: goma-pt acts on gateway.entryPoints.passThrough only; left to Goma "
+        "Gateway: version, gateway.routes, gateway.entryPoints.web"
+    )
 
 
 def test_event_logger_makes_twisteds_event() -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from goma_twisted.config import parse_config
+from goma_twisted.config import ConfigError, load_config, parse_config
 from goma_twisted.report import forwards_table
 from goma_twisted.tap import Options
 
@@ -316,6 +316,49 @@ def test_tac_composes_the_service_into_an_application(tmp_path: Path, backend: i
         wait_for(lambda: "Reloaded " in log.read_text(), what="the reload")
         assert proc.poll() is None
         assert tcp_roundtrip(port, b"after a reload") == b"after a reload"
+
+
+@pytest.mark.parametrize("daemon", [False, True])
+def test_a_tac_with_a_broken_config_shows_the_problems_alone(tmp_path: Path, daemon: bool) -> None:
+    config = tmp_path / "goma.yml"
+    config.write_text(
+        "gateway: {entryPoints: {passThrough: {forwards: [{protocol: tcp, port: 99999, "
+        "target: 'a:1'}, {protocol: udp, port: 5, target: nope}]}}}\n"
+    )
+    pidfile = tmp_path / "goma-pt.pid"
+    result = subprocess.run(
+        twistd_command(
+            *([] if daemon else ["-n"]),
+            "-y",
+            str(ROOT / "etc" / "goma-pt.tac"),
+            f"--pidfile={pidfile}",
+            f"--logfile={tmp_path / 'goma-pt.log'}",
+        ),
+        env=twistd_env() | {"GOMA_PT_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert len(caught.value.problems) == 2
+    assert result.stderr == f"goma-pt: {caught.value}\n"
+    assert not pidfile.exists()
+
+
+def test_version_is_goma_pts_and_twisteds() -> None:
+    import goma_twisted
+    import twisted
+
+    result = run_twistd("goma-pt", "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"goma-pt version: {goma_twisted.__version__}",
+        f"Twisted version: {twisted.__version__}",
+    ]
 
 
 def _rss_kb(pid: int) -> int:
