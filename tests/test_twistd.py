@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from goma_twisted import tap
 from goma_twisted.config import ConfigError, load_config, parse_config
 from goma_twisted.report import forwards_table
 from goma_twisted.tap import Options
@@ -218,6 +219,38 @@ def test_a_daemon_that_cannot_start_says_why_as_the_foreground_does(tmp_path: Pa
     why = f"goma-pt: cannot start: tcp 127.0.0.1:{taken}: Address already in use"
     assert result.stderr == f"{why}; forward to 127.0.0.1:9\n"
     assert not pidfile.exists()
+
+
+@pytest.mark.parametrize(
+    ("twistd", "daemonizing_reactor", "early"),
+    [
+        ({"nodaemon": True}, True, True),
+        ({"nodaemon": False}, False, True),
+        ({"nodaemon": False, "debug": True}, True, True),
+        # A reactor told of the fork (kqueue's) must not watch ports across it.
+        ({"nodaemon": False}, True, False),
+    ],
+)
+def test_ports_are_bound_before_twistd_forks_unless_the_reactor_forbids(
+    monkeypatch: pytest.MonkeyPatch, twistd: dict[str, Any], daemonizing_reactor: bool, early: bool
+) -> None:
+    import twisted.internet
+    from twisted.internet.interfaces import IReactorDaemonize
+    from zope.interface import directlyProvides
+
+    class Reactor:
+        pass
+
+    reactor = Reactor()
+    if daemonizing_reactor:
+        directlyProvides(reactor, IReactorDaemonize)
+    monkeypatch.setattr(twisted.internet, "reactor", reactor, raising=False)
+    config = parse_config(
+        "gateway: {entryPoints: {passThrough: {forwards: [{protocol: tcp, "
+        "port: 1, target: 'a:1'}]}}}"
+    )
+    service = tap._TwistdService(config, twistdOptions=twistd)
+    assert service._listens_early() is early
 
 
 def test_foreground_forwards_tcp_and_udp_on_one_port(tmp_path: Path, backend: int) -> None:
