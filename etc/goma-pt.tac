@@ -10,7 +10,8 @@ import signal
 
 from twisted.application import service
 
-from goma_twisted import PassThroughService, load_config
+from goma_twisted import PassThroughService
+from goma_twisted.config import load_config_or_exit
 
 config_path = os.environ.get("GOMA_PT_CONFIG") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "goma-pt.yaml"
@@ -18,7 +19,8 @@ config_path = os.environ.get("GOMA_PT_CONFIG") or os.path.join(
 
 application = service.Application("goma-pt")
 PassThroughService(
-    load_config(config_path),
+    # A config error ends twistd with the problems, without a traceback.
+    load_config_or_exit(config_path),
     metrics=os.environ.get("GOMA_PT_METRICS") or None,
     reload_signal=signal.SIGHUP,
 ).setServiceParent(application)

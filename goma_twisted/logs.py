@@ -6,7 +6,7 @@ The text log is Twisted's classic one, line for line (C{classic_line}), made
 cheap: every connection and session end is one event, and Twisted's own
 formatting (a Python-level parse of the format string, a time zone worked out
 again for every event) was a quarter of goma-pt's CPU per short connection.
-tap.py hands it to twistd (see C{_offer_text_log} there).
+twistdlog.py builds twistd's text log with it.
 
 In the JSON log, each event is one line holding one JSON object: Twisted's own JSON form
 (L{twisted.logger.eventAsJSON}, which L{twisted.logger.eventsFromJSONLogFile}

@@ -186,7 +186,8 @@ class PassThroughService(MultiService):
             raise
         if self.config.ignored:
             log.info(
-                "Not acting on {ignored} of {source}: goma-pt forwards passThrough only",
+                "{source}: goma-pt acts on gateway.entryPoints.passThrough only; "
+                "left to Goma Gateway: {ignored}",
                 ignored=", ".join(self.config.ignored),
                 source=self.config.source,
             )

@@ -1,29 +1,29 @@
 """
-The twistd plugin: C{twistd goma-pt --config FILE}.
+The twistd plugin: C{twistd goma-pt --config FILE}: its options, and the
+service it makes.
 
-Config errors are found here, before twistd daemonizes or binds anything,
-and shown as sentences rather than tracebacks.
+Config errors are found here, and a forward that cannot listen while twistd
+builds the application, both before twistd daemonizes; either is shown as
+one sentence rather than a traceback. The text log twistd writes is
+goma-pt's (L{goma_twisted.twistdlog}).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.logger import FileLogObserver, ILogObserver, Logger
-from twisted.python import log as legacy_log
+from twisted.internet.interfaces import IReactorDaemonize
 from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 
+from . import __version__
 from .activation import Activation
 from .config import ConfigError, GatewayConfig, load_config
-from .logs import GatheringFileLogObserver, classic_line
 from .metrics import check_endpoint
 from .relaychoice import (
     RELAY_MODES,
@@ -34,8 +34,14 @@ from .relaychoice import (
 )
 from .report import forwards_table
 from .service import DEFAULT_DRAIN_TIMEOUT, ListenError, PassThroughService
-
-log = Logger(namespace="goma_pt")
+from .twistdlog import (
+    DEFAULT_LOG_KEEP,
+    DEFAULT_LOG_SIZE_MB,
+    DEFAULT_ROTATION,
+    LogRotation,
+    check_rotation,
+    offer_text_log,
+)
 
 
 def _amount(value: str, unit: str) -> float:
@@ -81,12 +87,6 @@ def _files(value: str) -> int:
     if count < 1:
         raise ValueError(f"{value!r} is not a number of files, 1 or more")
     return count
-
-
-# twistd's --logfile rotates at 1 MB and keeps every old file: with a line
-# per connection, a busy forwarder would fill its disk with them.
-DEFAULT_LOG_SIZE_MB = 10
-DEFAULT_LOG_KEEP = 10
 
 
 class Options(usage.Options):
@@ -154,6 +154,14 @@ class Options(usage.Options):
 
     config: GatewayConfig
 
+    def opt_version(self) -> None:
+        """Display goma-pt's version and Twisted's, and exit."""
+        import twisted
+
+        print(f"goma-pt version: {__version__}")
+        print(f"Twisted version: {twisted.__version__}")
+        raise SystemExit(0)
+
     def parseOptions(self, options: Any = None) -> None:
         """
         As L{usage.Options.parseOptions}, but a usage error of goma-pt's own
@@ -200,167 +208,91 @@ class Options(usage.Options):
 
 
 def makeService(options: dict[str, Any]) -> IService:
-    _show_without_traceback(ListenError)
     choice = getattr(options, "relayChoice", None)
     if choice is not None and choice.kind is RelayKind.ACCELERATED:
         from .accel import install_reactor
 
         install_reactor()
     _tune_jit()
-    service = _TwistdService(
+    return _TwistdService(
         options.config,  # type: ignore[attr-defined]
+        twistdOptions=getattr(options, "parent", None),
+        rotation=log_rotation(options),
         drain_timeout=options["drain"],
         reload_signal=signal.SIGHUP,
         metrics=options["metrics"],
         relay=options["relay"],
         activation=Activation.fromEnvironment(),
     )
-    service.twistdOptions = getattr(options, "parent", None)
-    service.logRotation = LogRotation(_bytes(options["log-size"]), options["log-keep"])
-    return service
 
 
-@dataclass(frozen=True)
-class LogRotation:
-    """When twistd's --logfile rotates (bytes; 0: only on SIGUSR1) and how
-    many rotated files it keeps."""
-
-    size: int = DEFAULT_LOG_SIZE_MB * 1_000_000
-    keep: int = DEFAULT_LOG_KEEP
-
-
-class _CannotStartError(ListenError):
-    """
-    A L{ListenError} as twistd's daemon reports it. The waiting parent
-    prints the first 100 bytes of C{traceback}'s C{"module.Class: message"}
-    line, and C{"goma_twisted.service.ListenError: "} took a third of them
-    (C{"... forward to 127.0.0."}): named so, the line is the one the
-    foreground prints, C{"goma-pt: cannot start: tcp ...: Address already
-    in use; forward to ..."}.
-    """
-
-
-_CannotStartError.__module__ = "builtins"  # traceback leaves builtins' out
-_CannotStartError.__qualname__ = "goma-pt: cannot start"
+def log_rotation(options: dict[str, Any]) -> LogRotation:
+    """The rotation C{--log-size} and C{--log-keep} ask for."""
+    return LogRotation(_bytes(options["log-size"]), options["log-keep"])
 
 
 class _TwistdService(PassThroughService):
     """
-    The service as twistd runs it: joining twistd's Application, it leaves
-    there the text log observer twistd will use (L{_offer_text_log}); a
-    forward that cannot listen is a L{_CannotStartError}.
+    The service as twistd runs it. Joining twistd's Application (twistd's
+    own step after L{makeService}), it offers twistd goma-pt's text log
+    (L{offer_text_log}) and listens at once: twistd has not yet started
+    logging, written the pidfile or daemonized. A forward that cannot
+    listen then ends twistd with one line (a C{SystemExit}, which twistd
+    lets through), the same in the foreground and as a daemon, with nothing
+    left bound and no pidfile. Ports are still bound before C{--uid/--gid}
+    drop privileges.
+
+    A reactor that must be told of a fork (L{IReactorDaemonize}: kqueue)
+    listens at twistd's own time when it daemonizes; a port in use is then
+    twistd's error report.
+
+    @param twistdOptions: twistd's C{ServerOptions} (the plugin options'
+        C{parent}); None leaves logging and listening to twistd.
     """
 
-    twistdOptions: Any = None
-    logRotation = LogRotation()
-    # twistd's --logfile, when goma-pt set its rotation.
-    logFile: LogFile | None = None
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        twistdOptions: Any = None,
+        rotation: LogRotation = DEFAULT_ROTATION,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config, **kwargs)
+        self.twistdOptions = twistdOptions
+        self.rotation = rotation
+        # The --logfile goma-pt's text log writes, if any.
+        self.logFile: LogFile | None = None
+        self._listening = False
 
     def setServiceParent(self, parent: Any) -> None:
-        if isinstance(parent, Componentized) and self.twistdOptions is not None:
-            self.logFile = _offer_text_log(parent, self.twistdOptions, self.logRotation)
         super().setServiceParent(parent)
+        if self.twistdOptions is None or not isinstance(parent, Componentized):
+            return
+        self.logFile = offer_text_log(parent, self.twistdOptions, self.rotation)
+        if self._listens_early():
+            try:
+                super().privilegedStartService()
+            except ListenError as e:
+                raise SystemExit(f"goma-pt: cannot start: {e}") from None
+            self._listening = True
+
+    def _listens_early(self) -> bool:
+        daemon = not (self.twistdOptions.get("nodaemon") or self.twistdOptions.get("debug"))
+        if not daemon:
+            return True
+        from twisted.internet import reactor
+
+        return not IReactorDaemonize.providedBy(reactor)
 
     def privilegedStartService(self) -> None:
-        try:
+        if not self._listening:
             super().privilegedStartService()
-        except ListenError as e:
-            raise _CannotStartError(*e.args) from None
 
     def startService(self) -> None:
-        try:
-            super().startService()
-        except ListenError as e:
-            raise _CannotStartError(*e.args) from None
+        super().startService()
         if self.logFile is not None:
-            _check_rotation(self.logFile)
-
-
-def _check_rotation(out: LogFile) -> None:
-    """
-    Warn, once started (after twistd's C{--uid}), if C{out} cannot be
-    rotated: twistd's L{LogFile} then skips every rotation silently, and the
-    file grows without end. It stays writable (opened before the drop).
-    """
-    for path in (out.directory, out.path):
-        if not os.access(path, os.W_OK):
-            log.warn(
-                "--logfile {logfile} will not be rotated (at --log-size or on SIGUSR1): "
-                "user {uid} cannot write to {path}",
-                logfile=out.path,
-                uid=os.geteuid(),
-                path=path,
-            )
-            return
-
-
-def _offer_text_log(
-    application: Componentized, twistdOptions: Any, rotation: LogRotation = LogRotation()
-) -> LogFile | None:
-    """
-    Give twistd its own text log observer (C{--logfile} or standard output,
-    rotation, SIGUSR1, its daemon checks), made by twistd's own code, but
-    writing each line with L{classic_line}: the same lines, at a fifth of
-    the CPU, and a C{--logfile} rotated as C{rotation} says rather than at
-    every megabyte with no end to the old files kept. twistd takes an
-    C{ILogObserver} component of the Application when C{--logger} is not
-    given, and makes the Application only after C{makeService}, so this is
-    the first moment it can be offered.
-
-    Left to twistd: C{--logger}, C{--syslog}, and any twistd whose logger
-    does not look as expected (C{_getLogObserver} is private: checked here,
-    and its observer is handed back as it is whatever it turns out to be).
-
-    @return: the C{--logfile} whose rotation was set, if any.
-    """
-    from twisted.scripts import twistd
-
-    if not isinstance(twistdOptions, twistd.ServerOptions):
-        return None
-    if twistdOptions.get("logger") or twistdOptions.get("syslog"):
-        return None
-    if application.getComponent(ILogObserver) is not None:
-        return None
-    loggerFactory = getattr(twistd._SomeApplicationRunner, "loggerFactory", None)
-    makeObserver = getattr(loggerFactory, "_getLogObserver", None)
-    if loggerFactory is None or makeObserver is None:
-        return None
-    try:
-        observer = makeObserver(loggerFactory(twistdOptions))
-    except OSError as e:
-        # A --logfile in a missing directory, or one that cannot be
-        # written: twistd would show it as a traceback. Nothing is logged
-        # or bound yet (and a daemon has not forked): say it in a line.
-        path = twistdOptions.get("logfile") or e.filename
-        raise SystemExit(f"goma-pt: cannot open --logfile {path}: {e.strerror or e}") from None
-    out = getattr(observer, "_outFile", None)
-    if isinstance(out, LogFile):
-        out.rotateLength = rotation.size or None
-        out.maxRotatedFiles = rotation.keep
-    else:
-        out = None
-    if isinstance(observer, FileLogObserver):
-        observer.formatEvent = classic_line
-        observer = _gathering(observer)
-    if ILogObserver.providedBy(observer):
-        application.setComponent(ILogObserver, observer)
-    else:
-        application.setComponent(legacy_log.ILogObserver, observer)
-    return out
-
-
-def _gathering(observer: FileLogObserver) -> FileLogObserver:
-    """
-    The same log, with the lines of one turn of the reactor written
-    together (L{GatheringFileLogObserver}), when the reactor is goma-pt's
-    and the observer's file can be had (a private attribute: checked).
-    """
-    from twisted.internet import reactor
-
-    out = getattr(observer, "_outFile", None)
-    if out is None or not isinstance(getattr(reactor, "beforeWait", None), list):
-        return observer
-    return GatheringFileLogObserver(out, classic_line, reactor)
+            check_rotation(self.logFile)
 
 
 # PyPy compiles a loop after 1039 runs and a function after 1619 by default.
@@ -397,20 +329,3 @@ def _own_command_line() -> list[str]:
             return [arg.decode(errors="replace") for arg in f.read().split(b"\0")]
     except OSError:
         return []
-
-
-def _show_without_traceback(*errors: type[BaseException]) -> None:
-    """
-    twistd lets a failure to start escape to the top, as a traceback. For
-    errors that are the operator's to fix (a port in use, a privileged
-    port), one line says it all.
-    """
-    previous = sys.excepthook
-
-    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-        if issubclass(kind, errors):
-            print(f"goma-pt: cannot start: {value}", file=sys.stderr)
-        else:
-            previous(kind, value, tb)
-
-    sys.excepthook = excepthook

@@ -6,6 +6,8 @@ and errors that name the line and the field.
 from __future__ import annotations
 
 import ipaddress
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -13,15 +15,18 @@ import yaml
 
 from goma_twisted.config import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_KEEPALIVE,
     DEFAULT_UDP_IDLE_TIMEOUT,
     ConfigError,
     Forward,
+    Problem,
     Target,
     format_address,
     load_config,
     parse_config,
     parse_target,
 )
+from goma_twisted.sockopts import keepalive_options
 
 from .support import ROOT
 
@@ -156,6 +161,50 @@ def test_extensions_override_the_parts_of_timeout() -> None:
     assert d.name == "tcp [::1]:4"
 
 
+def test_keepalive_and_backlog_defaults_are_gos_and_the_systems() -> None:
+    # Goma's examples load as they always did, with the two defaults set.
+    for name in ("goma-minimal.yaml", "goma-full.yaml"):
+        for forward in load_config(ROOT / "etc" / name).forwards:
+            assert forward.keepalive == DEFAULT_KEEPALIVE == 15
+            assert forward.backlog is None
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [("30", 30.0), ("1", 1.0), ("32767", 32767.0), ("true", 15.0), ("false", None), ("off", None)],
+)
+def test_keepalive(given: str, seconds: float | None) -> None:
+    config = parse_config(
+        forwards(f"{{protocol: tcp, port: 1, target: 'a:1', keepalive: {given}}}")
+    )
+    assert config.forwards[0].keepalive == seconds
+
+
+def test_backlog() -> None:
+    config = parse_config(
+        forwards(
+            "{protocol: tcp, port: 1, target: 'a:1', backlog: 1}",
+            "{protocol: tcp/udp, port: 2, target: 'a:1', backlog: 65535}",
+        )
+    )
+    assert [forward.backlog for forward in config.forwards] == [1, 65535]
+
+
+def test_keepalive_as_the_relay_sets_it() -> None:
+    # What the relay sets on both sockets, from the config alone (no socket).
+    on, off = parse_config(
+        forwards(
+            "{protocol: tcp, port: 1, target: 'a:1', keepalive: 30}",
+            "{protocol: tcp, port: 2, target: 'a:1', keepalive: false}",
+        )
+    ).forwards
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in keepalive_options(on.keepalive)
+    assert (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30) in keepalive_options(on.keepalive)
+    assert (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 30) in keepalive_options(on.keepalive)
+    assert (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 9) in keepalive_options(on.keepalive)
+    assert keepalive_options(off.keepalive) == [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)]
+
+
 @pytest.fixture(params=["installed", "Python"])
 def yaml_loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """
@@ -247,6 +296,53 @@ def errors(text: str | bytes) -> list[str]:
             ),
             "forwards[1]: udp port 53 is already forwarded by forwards[0] (tcp/udp 53 -> a:1)",
         ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', keepalive: 0}"),
+            "goma.yml:5:62: forwards[0].keepalive: got an integer ('0'); "
+            "to switch keepalive off, write false (0 is Go's default, 15 s)",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', keepalive: 7.5}"),
+            "forwards[0].keepalive: got a number ('7.5'); expected a whole number of seconds, "
+            "1 to 32767, or false to switch keepalive off",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', keepalive: 32768}"),
+            "forwards[0].keepalive: got an integer ('32768'); expected a whole number",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', keepalive: 15s}"),
+            "forwards[0].keepalive: got a string ('15s'); expected a whole number",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', keepAlive: 15}"),
+            "forwards[0].keepAlive: unknown key; did you mean `keepalive`?",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', backlog: 0}"),
+            "goma.yml:5:60: forwards[0].backlog: got an integer ('0'); expected a listen "
+            "backlog, 1 to 65535 (without the key: the system's net.core.somaxconn)",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', backlog: 65536}"),
+            "forwards[0].backlog: got an integer ('65536'); expected a listen backlog",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', backlog: true}"),
+            "forwards[0].backlog: got a boolean ('true'); expected a listen backlog",
+        ),
+        (
+            forwards("{protocol: tcp, port: 1, target: 'a:1', backlg: 100}"),
+            "forwards[0].backlg: unknown key; did you mean `backlog`?",
+        ),
+        (
+            forwards("{protocol: udp, port: 1, target: 'a:1', backlog: 100}"),
+            "forwards[0].backlog: applies to tcp forwards only; this forward is udp",
+        ),
+        (
+            forwards("{protocol: udp, port: 1, target: 'a:1', keepalive: false}"),
+            "forwards[0].keepalive: applies to tcp forwards only; this forward is udp",
+        ),
         (b"gateway: \xff\n", "goma.yml:1:10: byte 0xff is not UTF-8"),
     ],
 )
@@ -271,12 +367,15 @@ def test_every_problem_is_reported_at_once() -> None:
             "{protocol: tcp, port: 70000, target: 'a:1'}",
             "{protocol: udp, port: 5, target: 'nope'}",
             "{protocol: tcp, port: 6, target: 'a:1', timeuot: 3}",
+            "{protocol: tcp, port: 7, target: 'a:1', keepalive: 0, backlog: -1}",
         )
     )
     assert [p.split(": ")[1] for p in found] == [
         "forwards[0].port",
         "forwards[1].target",
         "forwards[2].timeuot",
+        "forwards[3].keepalive",
+        "forwards[3].backlog",
     ]
 
 
@@ -291,13 +390,68 @@ def test_same_port_on_different_addresses_is_no_clash() -> None:
     assert len(config.forwards) == 3
 
 
-def test_hostile_documents_are_refused_quickly() -> None:
-    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
-    )
-    assert "more than 200000 values" in errors(bomb)[0]
-    assert "nested more than 64 levels deep" in errors("[" * 100_000)[0]
-    assert "larger than 4 MiB" in errors(b"#" * (5 * 1024 * 1024))[0]
+def refused(text: str | bytes, tmp_path: Path) -> tuple[Problem, float]:
+    """The one problem goma-pt finds in C{text}, read from a file, and the seconds it took."""
+    path = tmp_path / "goma.yml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    elapsed = time.monotonic() - started
+    (problem,) = caught.value.problems
+    assert problem.source == str(path)
+    assert str(caught.value).startswith(f"{path}:")
+    return problem, elapsed
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(ALIAS_BOMB, id="alias bomb"),
+        pytest.param("[" * 100_000, id="flow nesting on one line"),
+        pytest.param("{" * 100_000, id="flow mappings on one line"),
+        pytest.param("[\n" * 100_000, id="flow nesting over lines"),
+        pytest.param("- " * 50_000, id="block nesting"),
+        pytest.param(b"#" * (5 * 1024 * 1024), id="5 MiB"),
+    ],
+)
+def test_hostile_documents_are_refused_quickly(text: str | bytes, tmp_path: Path) -> None:
+    # Which limit fires first may be PyYAML's (libyaml's own nesting
+    # limit), so the wording is not asserted: one ConfigError naming the
+    # file, at once, and nothing else escaping (no RecursionError).
+    _, elapsed = refused(text, tmp_path)
+    assert elapsed < 2.0
+
+
+BLOCK_NEST = "a:\n" + "".join("  " * i + "- \n" for i in range(1, 100))
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "line"),
+    [
+        (ALIAS_BOMB, "the document has more than 200000 values", 1),
+        ("[" * 65 + "]" * 65, "nested more than 64 levels deep", 1),
+        (BLOCK_NEST, "nested more than 64 levels deep", 65),
+        (b"#" * (5 * 1024 * 1024), "the file is larger than 4 MiB; is it a config?", 1),
+    ],
+)
+def test_goma_pt_own_limits(text: str | bytes, message: str, line: int, tmp_path: Path) -> None:
+    # Below any limit of PyYAML's, these are goma-pt's own refusals.
+    problem, _ = refused(text, tmp_path)
+    assert (problem.message, problem.line) == (message, line)
+
+
+def test_nesting_up_to_the_limit_is_fine() -> None:
+    # The top mapping and 63 lists: 64 levels load, 65 do not.
+    config = parse_config(MINIMAL + "x-extra: " + "[" * 63 + "]" * 63 + "\n", "goma.yml")
+    assert config.ignored == ("x-extra",)
+    deeper = MINIMAL + "x-extra: " + "[" * 64 + "]" * 64 + "\n"
+    assert errors(deeper) == ["goma.yml:8:73: nested more than 64 levels deep"]
 
 
 def test_an_unreadable_file(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import pytest_twisted
 from twisted.application.service import Application
 from twisted.logger import (
     FileLogObserver,
@@ -30,8 +33,10 @@ from twisted.logger import (
 )
 from twisted.python import threadable
 from twisted.python.logfile import LogFile
+from twisted.scripts.twistd import ServerOptions
 
 from goma_twisted import ending, tap, udp
+from goma_twisted.config import parse_config
 from goma_twisted.logs import (
     ENVIRONMENT,
     GatheringFileLogObserver,
@@ -41,9 +46,18 @@ from goma_twisted.logs import (
     json_observer,
     render,
 )
+from goma_twisted.service import PassThroughService
+from goma_twisted.twistdlog import TextLog, offer_text_log, text_log
 
-from .conftest import PLAIN
-from .support import free_port, running, twistd_command, twistd_env, wait_for, write_config
+from .support import (
+    captured_logs,
+    free_port,
+    running,
+    twistd_command,
+    twistd_env,
+    wait_for,
+    write_config,
+)
 from .test_twistd import backend, tcp_roundtrip, udp_roundtrip
 
 __all__ = ["backend"]  # the fixture, used by name
@@ -193,28 +207,111 @@ def test_time_stamps_are_twisteds_across_seconds_and_an_offset_change(new_york: 
     assert stamps(change).endswith("03:00:00-0400")
 
 
-def test_twistd_gets_its_own_observer_with_goma_pts_formatting(tmp_path: Path) -> None:
-    observer = _offered(tmp_path, "-n", "--logfile", str(tmp_path / "goma.log"))
-    assert isinstance(observer, FileLogObserver)
-    assert observer.formatEvent is classic_line
+def test_twistd_gets_goma_pts_text_log_on_its_logfile(tmp_path: Path) -> None:
+    made = _text_log(tmp_path, "-n", "--logfile", str(tmp_path / "goma.log"))
+    assert made.observer.formatEvent is classic_line  # type: ignore[attr-defined]
+    assert isinstance(made.file, LogFile)
+    assert made.file.path == str(tmp_path / "goma.log")
 
 
 def test_twistds_logfile_rotates_at_10_mb_and_keeps_10_files(tmp_path: Path) -> None:
     # twistd's own: every 1 MB, and every old file kept (a disk filled by a busy forwarder).
-    out = _offered(tmp_path, "-n", "--logfile", str(tmp_path / "goma.log"))._outFile
-    assert isinstance(out, LogFile)
+    out = _text_log(tmp_path, "-n", "--logfile", str(tmp_path / "goma.log")).file
+    assert out is not None
     assert (out.rotateLength, out.maxRotatedFiles) == (10_000_000, 10)
 
 
 def test_log_size_and_log_keep_set_the_rotation(tmp_path: Path) -> None:
     logfile = ("-n", "--logfile", str(tmp_path / "goma.log"))
-    out = _offered(tmp_path, *logfile, goma=("--log-size", "0.5", "--log-keep", "3"))._outFile
+    out = _text_log(tmp_path, *logfile, goma=("--log-size", "0.5", "--log-keep", "3")).file
+    assert out is not None
     assert (out.rotateLength, out.maxRotatedFiles) == (500_000, 3)
-    out = _offered(tmp_path, *logfile, goma=("--log-size", "0"))._outFile
+    out = _text_log(tmp_path, *logfile, goma=("--log-size", "0")).file
+    assert out is not None
     assert (out.rotateLength, out.maxRotatedFiles) == (None, 10)
     # Less than a byte is still a size (the smallest), not 0's "never".
-    out = _offered(tmp_path, *logfile, goma=("--log-size", "1e-9"))._outFile
+    out = _text_log(tmp_path, *logfile, goma=("--log-size", "1e-9")).file
+    assert out is not None
     assert (out.rotateLength, out.maxRotatedFiles) == (1, 10)
+
+
+@pytest.mark.parametrize("twistd", [("-n",), ("-n", "--logfile", "-"), ("-n", "--logfile=-")])
+def test_the_foreground_logs_to_standard_output(tmp_path: Path, twistd: tuple[str, ...]) -> None:
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "stdout", stdout)
+        made = _text_log(tmp_path, *twistd)
+    assert made.file is None
+    made.observer(emitted("goma-pt ready: {count} listeners", count=1))
+    _write_gathered(made.observer)
+    assert LINE.fullmatch(stdout.getvalue().rstrip("\n"))
+    assert stdout.getvalue().endswith("#info] goma-pt ready: 1 listeners\n")
+
+
+def test_a_daemon_without_logfile_writes_twistds_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = _text_log(tmp_path).file
+    assert out is not None
+    assert out.path == str(tmp_path / "twistd.log")
+
+
+def test_logger_syslog_and_a_daemons_standard_output_are_left_to_twistd(tmp_path: Path) -> None:
+    json_logger = "goma_twisted.logs.json_observer"
+    assert text_log(_server_options(tmp_path, "-n", "--logger", json_logger)) is None
+    assert text_log(_server_options(tmp_path, "-n", "--syslog")) is None
+    # twistd refuses a daemon logging to standard output itself.
+    assert text_log(_server_options(tmp_path, "--logfile", "-")) is None
+
+
+def test_an_application_with_an_observer_of_its_own_keeps_it(tmp_path: Path) -> None:
+    application = Application("goma-pt")
+    own = FileLogObserver(io.StringIO(), str)
+    application.setComponent(ILogObserver, own)
+    options = _server_options(tmp_path, "-n", "--logfile", str(tmp_path / "x.log"))
+    assert offer_text_log(application, options) is None
+    assert application.getComponent(ILogObserver) is own
+    assert not (tmp_path / "x.log").exists()
+
+
+def test_a_logfile_that_cannot_be_opened_is_one_sentence(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "goma.log"
+    with pytest.raises(SystemExit) as caught:
+        _text_log(tmp_path, "-n", "--logfile", str(path))
+    assert str(caught.value) == f"goma-pt: cannot open --logfile {path}: No such file or directory"
+
+
+def _server_options(tmp_path: Path, *twistd: str, goma: tuple[str, ...] = ()) -> ServerOptions:
+    """twistd's options for this command line, C{goma} being goma-pt's own."""
+    forward = {"protocol": "tcp", "port": free_port(), "target": "127.0.0.1:1"}
+    config = write_config(tmp_path / "goma.yml", [forward])
+    options = ServerOptions()
+    options.parseOptions([*twistd, "goma-pt", "--config", str(config), *goma])
+    return options
+
+
+def _text_log(tmp_path: Path, *twistd: str, goma: tuple[str, ...] = ()) -> TextLog:
+    """
+    The text log goma-pt offers twistd for this command line; its file is
+    closed, and a gathering observer taken off the reactor.
+    """
+    options = _server_options(tmp_path, *twistd, goma=goma)
+    made = text_log(options, tap.log_rotation(options.subOptions))
+    assert made is not None
+    if made.file is not None:
+        made.file.close()
+    _write_gathered(made.observer)
+    return made
+
+
+def _write_gathered(observer: Any) -> None:
+    if isinstance(observer, GatheringFileLogObserver):
+        observer.writeGathered()
+        from twisted.internet import reactor
+
+        if observer.writeGathered in reactor.beforeWait:  # type: ignore[attr-defined]
+            reactor.beforeWait.remove(observer.writeGathered)  # type: ignore[attr-defined]
 
 
 def test_a_logfile_keeps_log_keep_rotated_files_of_log_size(tmp_path: Path, backend: int) -> None:
@@ -242,45 +339,70 @@ def test_a_logfile_keeps_log_keep_rotated_files_of_log_size(tmp_path: Path, back
     assert log.read_text().splitlines()[-1].endswith("#info] Server Shut Down.")
 
 
-def test_logger_and_syslog_are_left_to_twistd(tmp_path: Path) -> None:
-    assert _offered(tmp_path, "-n", "--logger", "goma_twisted.logs.json_observer") is None
-    assert _offered(tmp_path, "-n", "--syslog") is None
-
-
-def test_a_tac_or_another_runner_is_left_alone(tmp_path: Path) -> None:
-    application = Application("goma-pt")
-    tap._offer_text_log(application, {"logfile": str(tmp_path / "x.log")})
-    assert application.getComponent(ILogObserver) is None
-    assert not (tmp_path / "x.log").exists()
-
-
-def _offered(tmp_path: Path, *twistd: str, goma: tuple[str, ...] = ()) -> Any:
-    """
-    The ILogObserver on the Application twistd makes for these options
-    (twistd's own steps before it starts logging: options, makeService),
-    C{goma} being goma-pt's own.
-    """
-    import sys
-
-    from twisted.scripts.twistd import ServerOptions, _SomeApplicationRunner
-
-    forward = {"protocol": "tcp", "port": free_port(), "target": "127.0.0.1:1"}
-    config = write_config(tmp_path / "goma.yml", [forward])
-    options = ServerOptions()
-    options.parseOptions([*twistd, "goma-pt", "--config", str(config), *goma])
-    usr1, excepthook = signal.getsignal(signal.SIGUSR1), sys.excepthook
-    try:
-        application = _SomeApplicationRunner(options).createOrGetApplication()
-    finally:
-        signal.signal(signal.SIGUSR1, usr1)
-        sys.excepthook = excepthook
-    observer = application.getComponent(ILogObserver)
-    if observer is not None:
-        observer._outFile.close()
-    return observer
-
-
 LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^]]+\] .+")
+
+
+@pytest.mark.parametrize("logfile", [(), ("--logfile=-",)])
+def test_the_foreground_writes_its_lines_to_standard_output(
+    tmp_path: Path, backend: int, logfile: tuple[str, ...]
+) -> None:
+    port = free_port()
+    forward = {"protocol": "tcp", "port": port, "target": f"127.0.0.1:{backend}"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    stdout = tmp_path / "stdout"
+    command = twistd_command("-n", "--pidfile=", *logfile, "goma-pt", "--config", str(config))
+    with running(command, stdout, env=twistd_env(), cwd=tmp_path):
+        wait_for(lambda: "goma-pt ready" in stdout.read_text(), what="ready")
+        assert tcp_roundtrip(port, b"stdout") == b"stdout"
+        wait_for(lambda: "client closed" in stdout.read_text(), what="the TCP end")
+    lines = stdout.read_text().splitlines()
+    for line in lines:
+        assert LINE.fullmatch(line), line
+    assert lines[-1].endswith("#info] Server Shut Down.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["goma.yml", "stdout"]
+
+
+def test_a_daemon_logs_to_twistds_file_and_rotates_it_on_sigusr1(
+    tmp_path: Path, backend: int
+) -> None:
+    # No --logfile: twistd's own default, twistd.log where it is started.
+    port = free_port()
+    forward = {"protocol": "tcp", "port": port, "target": f"127.0.0.1:{backend}"}
+    config = write_config(tmp_path / "goma.yml", [forward | {"address": "127.0.0.1"}])
+    pidfile, log, rotated = (
+        tmp_path / "goma-pt.pid",
+        tmp_path / "twistd.log",
+        tmp_path / "twistd.log.1",
+    )
+    started = subprocess.run(
+        twistd_command(f"--pidfile={pidfile}", "goma-pt", "--config", str(config)),
+        env=twistd_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (started.returncode, started.stdout, started.stderr) == (0, "", "")
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="pidfile"))
+    try:
+        wait_for(lambda: log.exists() and "goma-pt ready" in log.read_text(), what="ready")
+        assert tcp_roundtrip(port, b"before") == b"before"
+        wait_for(lambda: "client closed" in log.read_text(), what="the TCP end")
+        os.kill(pid, signal.SIGUSR1)
+        wait_for(rotated.exists, what="the log to be rotated")
+        assert tcp_roundtrip(port, b"after!") == b"after!"
+        wait_for(lambda: "client closed" in log.read_text(), what="the second TCP end")
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not pidfile.exists(), what="the daemon to stop")
+    finally:
+        if pidfile.exists():
+            os.kill(pid, signal.SIGKILL)
+    before, after = rotated.read_text().splitlines(), log.read_text().splitlines()
+    for line in before + after:
+        assert LINE.fullmatch(line), line
+    assert sum("client closed; 6 bytes sent, 6 received" in line for line in before) == 1
+    assert sum("client closed; 6 bytes sent, 6 received" in line for line in after) == 1
+    assert after[-1].endswith("#info] Server Shut Down.")
 
 
 def test_twistd_logfile_lines_rotation_and_stop(tmp_path: Path, backend: int) -> None:
@@ -425,15 +547,43 @@ def test_goma_pts_reactor_calls_its_before_wait_hooks_at_each_poll() -> None:
 
 
 def test_twistd_on_goma_pts_reactor_gathers_its_lines(tmp_path: Path) -> None:
-    observer = _offered(tmp_path, "-n", "--logfile", str(tmp_path / "goma.log"))
-    if PLAIN:
-        # Twisted's own reactor has no turn to gather a turn's lines in.
-        assert not isinstance(observer, GatheringFileLogObserver)
-        return
-    assert isinstance(observer, GatheringFileLogObserver)
-    from twisted.internet import reactor
+    from goma_twisted.accel.reactor import EPollReactor
 
-    reactor.beforeWait.remove(observer.writeGathered)  # type: ignore[attr-defined]
+    reactor = EPollReactor()
+    try:
+        options = _server_options(tmp_path, "-n", "--logfile", str(tmp_path / "goma.log"))
+        made = text_log(options, reactor=reactor)
+        assert made is not None and made.file is not None
+        made.file.close()
+        assert isinstance(made.observer, GatheringFileLogObserver)
+        assert reactor.beforeWait == [made.observer.writeGathered]
+    finally:
+        reactor._poller.close()
+    # Twisted's own reactor has no turn to gather a turn's lines in.
+    made = text_log(options, reactor=object())
+    assert made is not None and made.file is not None
+    made.file.close()
+    assert not isinstance(made.observer, GatheringFileLogObserver)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_parts_left_to_goma_gateway_are_named_plainly() -> None:
+    config = parse_config(
+        "version: 2\ngateway:\n  routes: []\n  entryPoints:\n    web: {address: ':80'}\n"
+        "    passThrough:\n      forwards:\n"
+        f"        - {{protocol: tcp, port: {free_port()}, address: 127.0.0.1, "
+        "target: '127.0.0.1:1'}\n",
+        "goma.yml",
+    )
+    service = PassThroughService(config, drain_timeout=0)
+    with captured_logs() as logs:
+        service.startService()
+    await service.stopService()
+    [said] = [e for e in logs.events if "ignored" in e]
+    assert event_text(said) == (
+        "goma.yml: goma-pt acts on gateway.entryPoints.passThrough only; left to Goma "
+        "Gateway: version, gateway.routes, gateway.entryPoints.web"
+    )
 
 
 def test_event_logger_makes_twisteds_event() -> None:

@@ -21,6 +21,9 @@ from typing import Any
 
 import pytest
 
+from goma_twisted import tap
+from goma_twisted.config import ConfigError, load_config, parse_config
+from goma_twisted.report import forwards_table
 from goma_twisted.tap import Options
 
 from .conftest import PLAIN
@@ -199,8 +202,8 @@ def test_a_logfile_that_cannot_be_opened_is_one_line(tmp_path: Path, daemon: boo
 
 
 def test_a_daemon_that_cannot_start_says_why_as_the_foreground_does(tmp_path: Path) -> None:
-    # twistd's parent prints the first 100 bytes of the daemon's error as
-    # traceback's "module.Class: message"; the message must fit whole.
+    # The ports are bound before twistd forks: the line reaches the terminal
+    # whole, not cut to twistd's 100-byte report of the daemon's error.
     taken = free_port()
     forward = {"protocol": "tcp", "port": taken, "address": "127.0.0.1", "target": "127.0.0.1:9"}
     config = write_config(tmp_path / "goma.yml", [forward])
@@ -214,8 +217,40 @@ def test_a_daemon_that_cannot_start_says_why_as_the_foreground_does(tmp_path: Pa
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     why = f"goma-pt: cannot start: tcp 127.0.0.1:{taken}: Address already in use"
-    assert f"{why}; forward to 127.0.0.1:9'" in result.stderr
+    assert result.stderr == f"{why}; forward to 127.0.0.1:9\n"
     assert not pidfile.exists()
+
+
+@pytest.mark.parametrize(
+    ("twistd", "daemonizing_reactor", "early"),
+    [
+        ({"nodaemon": True}, True, True),
+        ({"nodaemon": False}, False, True),
+        ({"nodaemon": False, "debug": True}, True, True),
+        # A reactor told of the fork (kqueue's) must not watch ports across it.
+        ({"nodaemon": False}, True, False),
+    ],
+)
+def test_ports_are_bound_before_twistd_forks_unless_the_reactor_forbids(
+    monkeypatch: pytest.MonkeyPatch, twistd: dict[str, Any], daemonizing_reactor: bool, early: bool
+) -> None:
+    import twisted.internet
+    from twisted.internet.interfaces import IReactorDaemonize
+    from zope.interface import directlyProvides
+
+    class Reactor:
+        pass
+
+    reactor = Reactor()
+    if daemonizing_reactor:
+        directlyProvides(reactor, IReactorDaemonize)
+    monkeypatch.setattr(twisted.internet, "reactor", reactor, raising=False)
+    config = parse_config(
+        "gateway: {entryPoints: {passThrough: {forwards: [{protocol: tcp, "
+        "port: 1, target: 'a:1'}]}}}"
+    )
+    service = tap._TwistdService(config, twistdOptions=twistd)
+    assert service._listens_early() is early
 
 
 def test_foreground_forwards_tcp_and_udp_on_one_port(tmp_path: Path, backend: int) -> None:
@@ -314,6 +349,49 @@ def test_tac_composes_the_service_into_an_application(tmp_path: Path, backend: i
         wait_for(lambda: "Reloaded " in log.read_text(), what="the reload")
         assert proc.poll() is None
         assert tcp_roundtrip(port, b"after a reload") == b"after a reload"
+
+
+@pytest.mark.parametrize("daemon", [False, True])
+def test_a_tac_with_a_broken_config_shows_the_problems_alone(tmp_path: Path, daemon: bool) -> None:
+    config = tmp_path / "goma.yml"
+    config.write_text(
+        "gateway: {entryPoints: {passThrough: {forwards: [{protocol: tcp, port: 99999, "
+        "target: 'a:1'}, {protocol: udp, port: 5, target: nope}]}}}\n"
+    )
+    pidfile = tmp_path / "goma-pt.pid"
+    result = subprocess.run(
+        twistd_command(
+            *([] if daemon else ["-n"]),
+            "-y",
+            str(ROOT / "etc" / "goma-pt.tac"),
+            f"--pidfile={pidfile}",
+            f"--logfile={tmp_path / 'goma-pt.log'}",
+        ),
+        env=twistd_env() | {"GOMA_PT_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert len(caught.value.problems) == 2
+    assert result.stderr == f"goma-pt: {caught.value}\n"
+    assert not pidfile.exists()
+
+
+def test_version_is_goma_pts_and_twisteds() -> None:
+    import goma_twisted
+    import twisted
+
+    result = run_twistd("goma-pt", "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"goma-pt version: {goma_twisted.__version__}",
+        f"Twisted version: {twisted.__version__}",
+    ]
 
 
 def _rss_kb(pid: int) -> int:
@@ -517,15 +595,36 @@ def test_check_prints_the_forwards_and_exits(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].endswith("goma-full.yaml: OK, 3 forwards")
     assert lines[1].split() == [
-        "protocol", "listen", "target", "connect", "idle", "udp", "idle", "max", "sessions"
+        "protocol", "listen", "target", "connect", "idle", "keepalive", "udp", "idle", "max",
+        "sessions",
     ]  # fmt: skip
-    assert lines[2].split() == ["tcp", "*:61557", "srv1.example.com:22", "5s", "5s", "-", "-"]
-    assert lines[3].split() == ["tcp/udp", "*:53", "10.25.10.15:53", "10s", "none", "300s", "auto"]
+    assert lines[2].split() == [
+        "tcp", "*:61557", "srv1.example.com:22", "5s", "5s", "15s", "-", "-"
+    ]  # fmt: skip
+    assert lines[3].split() == [
+        "tcp/udp", "*:53", "10.25.10.15:53", "10s", "none", "15s", "300s", "auto"
+    ]  # fmt: skip
     broken = tmp_path / "broken.yml"
     broken.write_text("gateway: {entryPoints: {passThrough: {forwards: [{port: 1}]}}}\n")
     result = run_twistd("goma-pt", "--config", str(broken), "--check")
     assert result.returncode == 1
     assert "forwards[0].protocol: missing" in result.stderr
+
+
+def test_check_shows_keepalive_and_a_backlog_set_in_the_file() -> None:
+    table = forwards_table(
+        parse_config(
+            "gateway: {entryPoints: {passThrough: {forwards: ["
+            "{protocol: tcp, port: 2222, target: 'a:22', keepalive: 60, backlog: 1024}, "
+            "{protocol: tcp/udp, port: 53, target: 'b:53', keepalive: false}, "
+            "{protocol: udp, port: 54, target: 'c:54'}]}}}"
+        )
+    )
+    rows = [line.split() for line in table.splitlines()]
+    assert rows[0][-1] == "backlog"
+    assert rows[1] == ["tcp", "*:2222", "a:22", "10s", "none", "60s", "-", "-", "1024"]
+    assert rows[2] == ["tcp/udp", "*:53", "b:53", "10s", "none", "off", "300s", "auto", "system"]
+    assert rows[3] == ["udp", "*:54", "c:54", "-", "-", "-", "300s", "auto", "-"]
 
 
 def test_a_privileged_port_without_privileges_is_one_line(tmp_path: Path) -> None:
