@@ -85,7 +85,7 @@ class TCPForwardServer(_Listener, internet.TCPServer):
         self.forward = forward
         self.factory = factory
         self.relay = relay
-        backlog = getattr(forward, "backlog", None) or system_backlog()
+        backlog = forward.backlog or system_backlog()
         super().__init__(forward.port, factory, backlog=backlog, **kwargs)
 
     def update(self, forward: Forward) -> None:

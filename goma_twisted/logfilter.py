@@ -11,6 +11,7 @@ how many were left out.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from twisted.logger import ILogObserver, LogEvent, LogLevel
@@ -34,7 +35,7 @@ class RateLimitedObserver:
     def __init__(
         self,
         observer: Callable[[LogEvent], None],
-        seconds: Callable[[], float],
+        seconds: Callable[[], float] = time.monotonic,
         namespaces: tuple[str, ...] = LISTENING_PORTS,
         interval: float = 10.0,
     ) -> None:

@@ -34,6 +34,7 @@ from typing import IO, Any, cast
 
 from twisted.logger import (
     FileLogObserver,
+    ILogObserver,
     LogEvent,
     Logger,
     LogLevel,
@@ -44,6 +45,8 @@ from twisted.logger import (
 )
 from twisted.python import threadable
 from twisted.python.compat import ioType
+
+from .logfilter import RateLimitedObserver
 
 ENVIRONMENT = "GOMA_PT_JSON_LOG"
 
@@ -374,21 +377,21 @@ class ReopeningFile:
         old.close()
 
 
-def json_observer() -> FileLogObserver:
+def json_observer() -> ILogObserver:
     """
     The observer factory for C{twistd --logger}: JSON lines to standard
     output, or to C{$GOMA_PT_JSON_LOG} when set.
     """
     path = os.environ.get(ENVIRONMENT, "")
     if path in ("", "-"):
-        return SteadyFileLogObserver(sys.stdout, event_as_json_line)
+        return RateLimitedObserver(SteadyFileLogObserver(sys.stdout, event_as_json_line))
     try:
         out = ReopeningFile(path)
     except OSError as e:
         # twistd calls this before anything is logged: say it in a line.
         raise SystemExit(f"goma-pt: cannot open ${ENVIRONMENT} ({path}): {e.strerror}") from None
     _reopen_on_sigusr1(out)
-    return SteadyFileLogObserver(cast(IO[Any], out), event_as_json_line)
+    return RateLimitedObserver(SteadyFileLogObserver(cast(IO[Any], out), event_as_json_line))
 
 
 def _reopen_on_sigusr1(out: ReopeningFile) -> None:

@@ -40,6 +40,7 @@ from .reloading import LatestWins
 from .stats import TCPStats, UDPStats
 from .tcpfactory import TCPForwardFactory
 from .udp import UDPForward
+from .watch import ConfigWatcher
 
 __all__ = [
     "DEFAULT_DRAIN_TIMEOUT", "ListenError", "PassThroughService", "TCPForwardServer",
@@ -87,6 +88,8 @@ class PassThroughService(MultiService):
     @param activation: the listening sockets systemd passed (socket
         activation: L{Activation.fromEnvironment}); a listener takes the one
         of its protocol, port and address instead of binding its own.
+    @param watch: reload, as on the reload signal, when the config file
+        changes (L{goma_twisted.watch}).
     """
 
     metrics: MetricsServer | None = None
@@ -102,6 +105,7 @@ class PassThroughService(MultiService):
         metrics: str | None = None,
         relay: str | RelayChoice | None = None,
         activation: Activation | None = None,
+        watch: bool = False,
     ) -> None:
         super().__init__()
         self.activation = activation if activation is not None else Activation([])
@@ -111,6 +115,8 @@ class PassThroughService(MultiService):
         self.config = config
         self.drain_timeout = drain_timeout
         self.reload_signal = reload_signal
+        self.watch = watch
+        self._watcher: ConfigWatcher | None = None
         self._reactor = reactor
         self._clock = clock
         self._listeners: dict[ListenKey, Listener] = {}
@@ -208,6 +214,15 @@ class PassThroughService(MultiService):
         log.info("goma-pt ready: {count} listeners", count=len(self._listeners))
         if self.reload_signal is not None:
             self._installReloadSignal(self.reload_signal)
+        if self.watch and self._watcher is None:
+            reactor = reactor_or_global(self._reactor)
+            self._watcher = ConfigWatcher(self.config.source, self._changed, reactor)
+            how = self._watcher.start()
+            log.info("Watching {path} for changes ({how})", path=self.config.source, how=how)
+
+    def _changed(self) -> None:
+        log.info("{path} changed: reloading", path=self.config.source)
+        self.reload()
 
     def readiness(self) -> tuple[bool, str]:
         """
@@ -233,6 +248,9 @@ class PassThroughService(MultiService):
         stops last, so that C{/readyz} answers "draining" meanwhile.
         """
         self.phase = Phase.STOPPING
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         stopped = self._stopAllBut(self.metrics)
         factories = [lst.factory for lst in self.listeners if isinstance(lst, TCPForwardServer)]
         live = sum(len(factory.relays) for factory in factories)

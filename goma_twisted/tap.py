@@ -91,7 +91,7 @@ def _files(value: str) -> int:
 
 class Options(usage.Options):
     synopsis = (
-        "--config FILE [--check] [--drain SECONDS] [--metrics ENDPOINT] [--relay MODE] "
+        "--config FILE [--check] [--watch] [--drain SECONDS] [--metrics ENDPOINT] [--relay MODE] "
         "[--log-size MB] [--log-keep N]"
     )
     longdesc = (
@@ -150,6 +150,12 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["check", None, "Check the config file, print the forwards it would open, and exit."],
+        [
+            "watch",
+            "w",
+            "Reload when the config file changes, as on SIGHUP (an edit, or a Kubernetes "
+            "ConfigMap's update of a mounted file); a broken file changes nothing.",
+        ],
     ]
 
     config: GatewayConfig
@@ -223,6 +229,7 @@ def makeService(options: dict[str, Any]) -> IService:
         metrics=options["metrics"],
         relay=options["relay"],
         activation=Activation.fromEnvironment(),
+        watch=bool(options["watch"]),
     )
 
 

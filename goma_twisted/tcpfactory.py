@@ -17,7 +17,7 @@ from ._reactor import reactor_or_global
 from .config import Forward, format_address
 from .ending import CONNECT_FAILURES, SHUTDOWN, TCP_END_REASONS, tcp_log
 from .policy import Bounds, IPAddress, RefusalLog, ip_text, matches, parse_ip
-from .sockopts import KEEPALIVE_SECONDS, SocketOption, relay_options
+from .sockopts import SocketOption, relay_options
 from .stats import TCPStats
 from .tcp import Relay, RelaySide
 
@@ -30,12 +30,6 @@ TARGET_FAILED_FORMAT = (
 def matches_trusted(client: IPAddress | None, forward: Forward) -> bool:
     """Whether a connection comes from a load balancer trusted to send PROXY headers."""
     return client is not None and matches(client, forward.accept_proxy_protocol)
-
-
-def keepalive(forward: Forward) -> float | None:
-    """The forward's keepalive idle time and interval in seconds; None: off."""
-    seconds: float | None = getattr(forward, "keepalive", KEEPALIVE_SECONDS)
-    return seconds
 
 
 class TCPForwardFactory(Factory):
@@ -72,7 +66,8 @@ class TCPForwardFactory(Factory):
         self.bounds.per_ip = forward.max_connections_per_ip
         # The forward's name and target as the end event gives them.
         self.labels = (forward.name, str(forward.target))
-        self.keepalive = keepalive(forward)
+        # Keepalive's idle time and interval in seconds; None: off.
+        self.keepalive = forward.keepalive
         # Both sockets' options, for transports made by hand (accel).
         self.socketOptions: list[SocketOption] = relay_options(self.keepalive)
 

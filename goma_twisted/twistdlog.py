@@ -27,6 +27,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 
+from .logfilter import RateLimitedObserver
 from .logs import GatheringFileLogObserver, SteadyFileLogObserver, classic_line
 
 log = Logger(namespace="goma_pt")
@@ -121,8 +122,8 @@ def _observer(out: IO[Any], reactor: Any) -> ILogObserver:
     if reactor is None:
         from twisted.internet import reactor
     if isinstance(getattr(reactor, "beforeWait", None), list):
-        return GatheringFileLogObserver(out, classic_line, reactor)
-    return SteadyFileLogObserver(out, classic_line)
+        return RateLimitedObserver(GatheringFileLogObserver(out, classic_line, reactor))
+    return RateLimitedObserver(SteadyFileLogObserver(out, classic_line))
 
 
 def rotate_on_sigusr1(out: LogFile) -> None:

@@ -157,3 +157,61 @@ def test_both_sockets_of_a_relay_probe_after_15_seconds(
         upstream = _keepalive_timers(echo_backend)
     assert len(accepted) == 1 and 0 < accepted[0] <= 15, accepted
     assert len(upstream) == 1 and 0 < upstream[0] <= 15, upstream
+
+
+@pytest.mark.parametrize("relay", ["plain", "accelerated"])
+def test_at_the_descriptor_limit_the_log_stays_short(
+    tmp_path: Path, echo_backend: int, relay: str
+) -> None:
+    # A bound above what the descriptor limit allows: the process runs out
+    # of descriptors. Twisted's accept loop logs a few lines for every
+    # connection it then drops; goma-pt's log passes one per 10 s, and its
+    # accelerated port pauses accepting instead.
+    port = free_port()
+    config = write_config(
+        tmp_path / "goma.yml",
+        [
+            {
+                "protocol": "tcp",
+                "port": port,
+                "target": f"127.0.0.1:{echo_backend}",
+                "maxConnections": 1000,
+            }
+        ],
+    )
+    log = tmp_path / "goma.log"
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
+
+    with goma_pt_running(config, log, "--relay", relay, preexec_fn=low_limit):
+        before = len(log.read_text().splitlines())
+        sockets = _open_all(port, 300)
+        try:
+            time.sleep(1.5)  # bounded: the flood's accepts and drops happen meanwhile
+            dropped = sum(_closed_by_peer(skt) for skt in sockets)
+        finally:
+            for skt in sockets:
+                skt.close()
+        # Once the clients are gone, goma-pt serves again.
+        wait_for(lambda: _echo_all(_open_all(port, 1), within=1) == 1, timeout=20)
+        added = log.read_text().splitlines()[before:]
+    # Each connection goma-pt served ends with its line; the rest is what
+    # the refusals logged (unbounded before: about 3 lines per connection).
+    refusals = [line for line in added if " -> " not in line]
+    assert len(refusals) < 15, "\n".join(refusals[:40])
+    if relay == "plain":
+        # Twisted's loop accepted and dropped most of them.
+        assert dropped > 100
+    else:
+        assert dropped == 0  # they waited in the backlog while accepting paused
+        assert any("out of file descriptors" in line for line in refusals)
+
+
+def _closed_by_peer(skt: socket.socket) -> bool:
+    try:
+        return skt.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

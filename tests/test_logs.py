@@ -37,6 +37,7 @@ from twisted.scripts.twistd import ServerOptions
 
 from goma_twisted import ending, tap, udp
 from goma_twisted.config import parse_config
+from goma_twisted.logfilter import RateLimitedObserver
 from goma_twisted.logs import (
     ENVIRONMENT,
     GatheringFileLogObserver,
@@ -209,7 +210,7 @@ def test_time_stamps_are_twisteds_across_seconds_and_an_offset_change(new_york: 
 
 def test_twistd_gets_goma_pts_text_log_on_its_logfile(tmp_path: Path) -> None:
     made = _text_log(tmp_path, "-n", "--logfile", str(tmp_path / "goma.log"))
-    assert made.observer.formatEvent is classic_line  # type: ignore[attr-defined]
+    assert _inner(made.observer).formatEvent is classic_line
     assert isinstance(made.file, LogFile)
     assert made.file.path == str(tmp_path / "goma.log")
 
@@ -305,7 +306,14 @@ def _text_log(tmp_path: Path, *twistd: str, goma: tuple[str, ...] = ()) -> TextL
     return made
 
 
+def _inner(observer: Any) -> Any:
+    """The file observer behind goma-pt's rate limit on Twisted's listening ports."""
+    assert isinstance(observer, RateLimitedObserver)
+    return observer.observer
+
+
 def _write_gathered(observer: Any) -> None:
+    observer = _inner(observer)
     if isinstance(observer, GatheringFileLogObserver):
         observer.writeGathered()
         from twisted.internet import reactor
@@ -555,15 +563,15 @@ def test_twistd_on_goma_pts_reactor_gathers_its_lines(tmp_path: Path) -> None:
         made = text_log(options, reactor=reactor)
         assert made is not None and made.file is not None
         made.file.close()
-        assert isinstance(made.observer, GatheringFileLogObserver)
-        assert reactor.beforeWait == [made.observer.writeGathered]
+        assert isinstance(_inner(made.observer), GatheringFileLogObserver)
+        assert reactor.beforeWait == [_inner(made.observer).writeGathered]
     finally:
         reactor._poller.close()
     # Twisted's own reactor has no turn to gather a turn's lines in.
     made = text_log(options, reactor=object())
     assert made is not None and made.file is not None
     made.file.close()
-    assert not isinstance(made.observer, GatheringFileLogObserver)
+    assert not isinstance(_inner(made.observer), GatheringFileLogObserver)
 
 
 @pytest_twisted.ensureDeferred
@@ -795,13 +803,13 @@ def test_the_json_log_counts_what_it_cannot_write_and_says_so_in_json(
     monkeypatch.setenv(ENVIRONMENT, str(path))
     observer = json_observer()
     observer(line_event(1))
-    real = observer._out._file  # type: ignore[attr-defined]
+    real = _inner(observer)._out._file
     real.close()  # as a disk gone: every write fails (ValueError), none raises
     observer(line_event(2))
     observer(line_event(3))
-    observer._out.reopen()  # type: ignore[attr-defined]
+    _inner(observer)._out.reopen()
     observer(line_event(4))
-    observer._out._file.close()  # type: ignore[attr-defined]
+    _inner(observer)._out._file.close()
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
     assert [r.get("n") for r in records] == [1, None, 4]
     assert records[1]["lines"] == 2

@@ -6,15 +6,20 @@ Kubernetes ConfigMap's symlink swap; the same bytes ask for nothing.
 from __future__ import annotations
 
 import os
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet.task import Clock, deferLater
 
 from goma_twisted.watch import DEBOUNCE, ConfigWatcher
 
-from .support import until
+from .support import free_port, goma_pt_running, until, wait_for, write_config
 
 
 def test_a_burst_of_events_asks_for_one_reload_once_quiet(tmp_path: Path) -> None:
@@ -76,3 +81,61 @@ async def test_a_configmap_update_is_seen_through_its_symlinks(
         assert asked == [None]
     finally:
         watcher.stop()
+
+
+class _Tagging(socketserver.BaseRequestHandler):
+    """Echoes each read with the server's tag in front."""
+
+    def handle(self) -> None:
+        while data := self.request.recv(4096):
+            self.request.sendall(self.server.tag + data)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def tagged() -> Iterator[dict[bytes, int]]:
+    """Two TCP servers, A and B, on loopback ports: {tag: port}."""
+    servers = {}
+    for tag in (b"A:", b"B:"):
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", free_port()), _Tagging)
+        server.daemon_threads = True
+        server.tag = tag  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers[tag] = server
+    yield {tag: server.server_address[1] for tag, server in servers.items()}
+    for server in servers.values():
+        server.shutdown()
+        server.server_close()
+
+
+def _ask(skt: socket.socket, text: bytes) -> bytes:
+    skt.sendall(text)
+    return skt.recv(100)
+
+
+def test_twistd_watch_follows_an_edit_and_keeps_live_connections(
+    tmp_path: Path, tagged: dict[bytes, int]
+) -> None:
+    port = free_port()
+    config = tmp_path / "goma.yml"
+
+    def forwarding_to(tag: bytes) -> None:
+        target = f"127.0.0.1:{tagged[tag]}"
+        write_config(config, [{"protocol": "tcp", "port": port, "target": target}])
+
+    forwarding_to(b"A:")
+    log = tmp_path / "goma.log"
+    with goma_pt_running(config, log, "--watch"):
+        assert "Watching" in log.read_text()
+        live = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert _ask(live, b"one") == b"A:one"
+        forwarding_to(b"B:")
+        wait_for(lambda: "Reloaded" in log.read_text(), what="the reload")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as new:
+            assert _ask(new, b"two") == b"B:two"
+        assert _ask(live, b"three") == b"A:three"  # the live one keeps its target
+        config.write_text("gateway: {entryPoints: {passThrough: {forwards: [{port: 1}]}}}\n")
+        wait_for(lambda: "Reload rejected" in log.read_text(), what="the rejection")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as after:
+            assert _ask(after, b"four") == b"B:four"
+        live.close()
+    assert log.read_text().count("changed: reloading") == 2
