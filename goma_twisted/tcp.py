@@ -171,7 +171,8 @@ class Relay:
         connecting = self.connecting
         if isinstance(connecting, Deferred):
             connecting.cancel()
-        elif connecting is not None and getattr(connecting, "state", "") != "connected":
+        elif connecting is not None and getattr(connecting, "state", "connecting") == "connecting":
+            # A connector that already connected or failed has nothing to stop.
             connecting.stopConnecting()
 
     def targetConnected(self, target: RelaySide) -> None:
