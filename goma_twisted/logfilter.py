@@ -1,24 +1,30 @@
 """
-A bound on how often Twisted's listening ports may log.
+What goma-pt's log observers leave out of what Twisted's listening ports log.
 
 At the file descriptor limit, Twisted's accept loop logs a few lines for
 every connection it must drop, as fast as clients arrive. goma-pt's
 accelerated port pauses accepting instead; under the plain relay the loop
 is Twisted's own, so goma-pt's log observers pass its events through
 L{RateLimitedObserver}: the first of each interval, then one line saying
-how many were left out.
+how many were left out. It also drops the line each of goma-pt's ports logs
+as it starts (C{goma-pt starting on 8080}, after the listening service's
+L{LOG_PREFIX}), which goma-pt's own C{Forwarding ...} line says better.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from twisted.logger import ILogObserver, LogEvent, LogLevel
 from zope.interface import implementer
 
 # Twisted's TCP listening port logs under its class's name.
 LISTENING_PORTS = ("twisted.internet.tcp.Port",)
+# What goma-pt's factories name themselves to Twisted (their logPrefix).
+LOG_PREFIX = "goma-pt"
+_STARTING = LOG_PREFIX + " starting on "
 
 
 @implementer(ILogObserver)
@@ -49,6 +55,8 @@ class RateLimitedObserver:
     def __call__(self, event: LogEvent) -> None:
         namespace = event.get("log_namespace")
         if namespace not in self.namespaces:
+            if namespace == "log_legacy" and _starting(event):
+                return
             self.observer(event)
             return
         now = self.seconds()
@@ -72,3 +80,9 @@ class RateLimitedObserver:
                 }
             )
         self.observer(event)
+
+
+def _starting(event: LogEvent) -> bool:
+    """Whether a legacy event is one of goma-pt's ports saying it starts."""
+    message: tuple[Any, ...] = tuple(event.get("message") or ())
+    return len(message) == 1 and str(message[0]).startswith(_STARTING)

@@ -16,6 +16,7 @@ from . import policy
 from ._reactor import reactor_or_global
 from .config import Forward, format_address
 from .ending import CONNECT_FAILURES, SHUTDOWN, TCP_END_REASONS, tcp_log
+from .logfilter import LOG_PREFIX
 from .policy import Bounds, IPAddress, RefusalLog, ip_text, matches, parse_ip
 from .sockopts import SocketOption, relay_options
 from .stats import TCPStats
@@ -70,6 +71,9 @@ class TCPForwardFactory(Factory):
         self.keepalive = forward.keepalive
         # Both sockets' options, for transports made by hand (accel).
         self.socketOptions: list[SocketOption] = relay_options(self.keepalive)
+
+    def logPrefix(self) -> str:
+        return LOG_PREFIX
 
     def buildProtocol(self, addr: IAddress | None) -> RelaySide | None:
         """

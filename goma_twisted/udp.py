@@ -37,6 +37,7 @@ from .ending import (
     UNANSWERED,
 )
 from .ending import udp_log as log
+from .logfilter import LOG_PREFIX
 from .policy import Bounds, RefusalLog, parse_ip
 from .stats import UDPStats
 from .udp_readers import Readers
@@ -119,6 +120,9 @@ class UDPForward(DatagramProtocol):
         self.refusalLog = RefusalLog(log.warn, self.clock)
         self.evictionLog = RefusalLog(log.warn, self.clock, format=EVICTION_FORMAT)
         self._targetAddresses: dict[tuple[str, int], str] = {}
+
+    def logPrefix(self) -> str:
+        return LOG_PREFIX
 
     @property
     def sessions(self) -> dict[tuple[str, int], UDPSession]:

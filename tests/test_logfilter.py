@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel
 
-from goma_twisted.logfilter import LISTENING_PORTS, RateLimitedObserver
+from goma_twisted.logfilter import LISTENING_PORTS, LOG_PREFIX, RateLimitedObserver
 
 
 def _event(namespace: str = LISTENING_PORTS[0], text: str = "x") -> dict[str, Any]:
@@ -41,3 +41,17 @@ def test_other_namespaces_pass_untouched() -> None:
         observer(_event("goma_pt.tcp"))
         observer({"log_format": "no namespace"})
     assert len(seen) == 100
+
+
+def test_the_line_a_goma_pt_port_logs_as_it_starts_is_left_out() -> None:
+    clock = Clock()
+    seen: list[dict[str, Any]] = []
+    observer = RateLimitedObserver(seen.append, clock.seconds)
+    legacy = {"log_namespace": "log_legacy", "log_level": LogLevel.info}
+    observer(legacy | {"message": (f"{LOG_PREFIX} starting on 8080",)})
+    observer(legacy | {"message": ("Site starting on 9108",)})
+    observer(legacy | {"message": ("(TCP Port 8080 Closed)",)})
+    assert [event["message"] for event in seen] == [
+        ("Site starting on 9108",),
+        ("(TCP Port 8080 Closed)",),
+    ]
