@@ -1,6 +1,6 @@
 # goma-pt inside a Twisted application of your own, next to your services.
 # Run it with:
-#   twistd -ny etc/goma-pt.tac
+#   twistd -n --pidfile= -y etc/goma-pt.tac
 # The config is $GOMA_PT_CONFIG, or goma-pt.yaml beside this file.
 # Set $GOMA_PT_METRICS (e.g. tcp:9108:interface=127.0.0.1) to serve /metrics.
 # SIGHUP re-reads the config file, as for `twistd goma-pt` (without
