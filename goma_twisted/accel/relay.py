@@ -6,10 +6,11 @@ its clean ends done without Twisted's disconnect chain
 transports (L{goma_twisted.accel.transports}).
 
 Replaces: the transport's C{doRead}, C{dataReceived}, C{write} and the
-half-close and close paths of a relay between messages. Buys: CPU per new
-connection about 0.85x, per small request about 0.8x the plain relay's (see
-docs/benchmarks.md). A timeout or a stop hands a side back to the plain
-relay's way of closing (L{FastRelay.closeSide}).
+half-close and close paths of a relay between messages. Buys: less CPU per
+new connection and per small request than the plain relay; the measured
+ratios are in docs/benchmarks.md ("The plain relay's price"). A timeout or a
+stop hands a side back to the plain relay's way of closing
+(L{FastRelay.closeSide}).
 """
 
 from __future__ import annotations
