@@ -8,9 +8,9 @@ C{startReading} for an accepted client that must wait for its target
 anyway. L{Connecting} opens a non-blocking socket with the relay's options
 and connects in one call (over loopback it has usually finished at once);
 L{RelayConnection} is Twisted's L{tcp.Server}, built by hand, not reading
-until told. Buys: about a sixth of the instructions per new connection
-(callgrind, against Twisted's connectTCP and tcp.Server; see the commits
-that made them). Leans on the private names L{LEAN} checks once.
+until told. Buys: those system calls and Python calls on every new
+connection (the CPU per connection of both relays is in docs/benchmarks.md).
+Leans on the private names L{LEAN} checks once.
 """
 
 from __future__ import annotations
