@@ -69,6 +69,7 @@ class ConfigWatcher:
 
     def start(self) -> str:
         """Start watching; says how (C{inotify} or C{polling})."""
+        notifier = None
         try:
             from twisted.internet import inotify
 
@@ -76,6 +77,8 @@ class ConfigWatcher:
             notifier.startReading()
             notifier.watch(self.directory, callbacks=[self._event])
         except Exception as e:  # no inotify here, or no watches left
+            if notifier is not None:
+                notifier.loseConnection()
             log.info("Watching {path} by polling ({why})", path=self.path, why=str(e))
             self._poll = LoopingCall(self.check)
             self._poll.clock = self.clock

@@ -172,3 +172,23 @@ def test_a_configmap_swap_and_the_directory_itself_are_events(tmp_path: Path) ->
     watcher._event(None, FilePath(str(tmp_path)), 0)
     clock.advance(DEBOUNCE)
     assert asked == [None, None]
+
+
+def test_a_watch_that_cannot_be_set_leaves_no_inotify_open(
+    reactor: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twisted.internet import inotify
+
+    def no_watches_left(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(inotify.INotify, "watch", no_watches_left)
+    config = tmp_path / "goma.yml"
+    config.write_text("first")
+    readers = set(reactor.getReaders())
+    watcher = ConfigWatcher(str(config), lambda: None, reactor)
+    assert watcher.start() == "polling"
+    try:
+        assert set(reactor.getReaders()) == readers
+    finally:
+        watcher.stop()
