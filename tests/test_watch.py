@@ -126,7 +126,8 @@ def test_twistd_watch_follows_an_edit_and_keeps_live_connections(
     forwarding_to(b"A:")
     log = tmp_path / "goma.log"
     with goma_pt_running(config, log, "--watch"):
-        assert "Watching" in log.read_text()
+        # Logged just after "goma-pt ready", which is what goma_pt_running waits for.
+        wait_for(lambda: "Watching" in log.read_text(), what="the watch")
         live = socket.create_connection(("127.0.0.1", port), timeout=5)
         assert _ask(live, b"one") == b"A:one"
         forwarding_to(b"B:")
