@@ -326,6 +326,11 @@ class PassThroughService(MultiService):
         return await self._apply(config)
 
     async def _apply(self, config: GatewayConfig) -> bool:
+        if self.phase is Phase.STOPPING:
+            # A SIGHUP or a --watch change during the drain: nothing may
+            # listen again, and the listeners are stopped already.
+            log.warn("Reload not applied: goma-pt is stopping")
+            return False
         wanted = {
             listener_key: forward
             for forward in config.forwards

@@ -5,7 +5,11 @@ The file's directory is watched with inotify (L{twisted.internet.inotify}),
 not the file itself: editors replace a file by renaming a new one over it,
 and Kubernetes updates a mounted ConfigMap by swapping a symlink in that
 directory (C{..data}), neither of which an inotify watch on the old file
-sees. Any event there starts a short quiet period (the debounce); when it
+sees. An event there on the file's own name, on a name of Kubernetes'
+(C{..data} and the folders it points to, all beginning with C{..}), or on
+the directory itself starts a short quiet period (the debounce); events on
+other files (a log written next to the config) are ignored, or they would
+hold the reload back for as long as they go on. When the quiet period
 ends, the file is read, and only if its bytes changed is the reload asked
 for, through the same path as SIGHUP. Where inotify cannot be had, the file
 is polled instead.
@@ -57,20 +61,24 @@ class ConfigWatcher:
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.seen = fingerprint(path)
+        self.directory = FilePath(path).parent()
+        self.name = FilePath(path).basename()
         self._pending: IDelayedCall | None = None
         self._notifier: Any = None
         self._poll: LoopingCall | None = None
 
     def start(self) -> str:
         """Start watching; says how (C{inotify} or C{polling})."""
+        notifier = None
         try:
             from twisted.internet import inotify
 
             notifier = inotify.INotify(self.reactor)
             notifier.startReading()
-            directory = FilePath(self.path).parent()
-            notifier.watch(directory, callbacks=[self._event])
+            notifier.watch(self.directory, callbacks=[self._event])
         except Exception as e:  # no inotify here, or no watches left
+            if notifier is not None:
+                notifier.loseConnection()
             log.info("Watching {path} by polling ({why})", path=self.path, why=str(e))
             self._poll = LoopingCall(self.check)
             self._poll.clock = self.clock
@@ -90,8 +98,14 @@ class ConfigWatcher:
             self._poll.stop()
         self._poll = None
 
-    def _event(self, watch: Any, path: Any, mask: int) -> None:
-        self.poke()
+    def _event(self, watch: Any, path: FilePath[Any], mask: int) -> None:
+        path = path.asTextMode()  # inotify names the changed file in bytes
+        if path == self.directory or self.concerns(path.basename()):
+            self.poke()
+
+    def concerns(self, name: str) -> bool:
+        """Whether a change to C{name} in the directory may change the file."""
+        return name == self.name or name.startswith("..")
 
     def poke(self) -> None:
         """Something in the directory changed: check once it has been quiet."""

@@ -476,6 +476,34 @@ async def test_a_fault_inside_a_reload_is_a_rejected_reload(
     await service.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_reload_asked_for_while_stopping_changes_nothing(
+    reactor: Any, backends: list[int]
+) -> None:
+    # A SIGHUP (or a --watch change) during the drain after a SIGTERM: the
+    # service is going away, so nothing starts listening again.
+    a, b, _ = backends
+    clock = Clock()
+    p1, p2 = free_port(), free_port()
+    service = service_of(forward(target=("127.0.0.1", a), port=p1), clock=clock)
+    client = await connected(reactor, p1)
+    await exchange(reactor, client, b"1", b"A:1")
+    before = dict(service._listeners)
+    with captured_logs() as logs:
+        stopped: Deferred[Any] = service.stopService()
+        new = (forward(target=("127.0.0.1", a), port=p1),
+               forward(target=("127.0.0.1", b), port=p2))  # fmt: skip
+        applied = await service.apply(GatewayConfig("test", new))
+    assert applied is False
+    assert service._listeners == before
+    assert [e for e in logs.events if e["log_level"].name in ("error", "critical")] == []
+    assert any("stopping" in e["log_format"] for e in logs.events if "log_format" in e)
+    await deferLater(reactor, 0.05)
+    assert refused(p2)
+    clock.advance(10)
+    await stopped.addTimeout(5, reactor)
+
+
 # One reload at a time: a running goma-pt under bursts of SIGHUPs.
 
 

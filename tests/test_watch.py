@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet.task import Clock, deferLater
+from twisted.python.filepath import FilePath
 
 from goma_twisted.watch import DEBOUNCE, ConfigWatcher
 
@@ -125,7 +126,8 @@ def test_twistd_watch_follows_an_edit_and_keeps_live_connections(
     forwarding_to(b"A:")
     log = tmp_path / "goma.log"
     with goma_pt_running(config, log, "--watch"):
-        assert "Watching" in log.read_text()
+        # Logged just after "goma-pt ready", which is what goma_pt_running waits for.
+        wait_for(lambda: "Watching" in log.read_text(), what="the watch")
         live = socket.create_connection(("127.0.0.1", port), timeout=5)
         assert _ask(live, b"one") == b"A:one"
         forwarding_to(b"B:")
@@ -139,3 +141,55 @@ def test_twistd_watch_follows_an_edit_and_keeps_live_connections(
             assert _ask(after, b"four") == b"B:four"
         live.close()
     assert log.read_text().count("changed: reloading") == 2
+
+
+def test_other_files_in_the_directory_do_not_hold_back_the_reload(tmp_path: Path) -> None:
+    # A --logfile next to the config is written on every connection; its
+    # events must not keep postponing the reload of an edited config.
+    config = tmp_path / "goma.yml"
+    config.write_text("first")
+    clock = Clock()
+    asked: list[None] = []
+    watcher = ConfigWatcher(str(config), lambda: asked.append(None), None, clock)
+    config.write_text("second")
+    watcher._event(None, FilePath(str(config)), 0)
+    for _ in range(20):
+        clock.advance(DEBOUNCE / 5)
+        watcher._event(None, FilePath(bytes(tmp_path / "goma.log")), 0)
+    assert asked == [None]
+
+
+def test_a_configmap_swap_and_the_directory_itself_are_events(tmp_path: Path) -> None:
+    config = tmp_path / "goma.yml"
+    config.write_text("first")
+    clock = Clock()
+    asked: list[None] = []
+    watcher = ConfigWatcher(str(config), lambda: asked.append(None), None, clock)
+    config.write_text("second")
+    watcher._event(None, FilePath(str(tmp_path / "..data")), 0)
+    clock.advance(DEBOUNCE)
+    assert asked == [None]
+    config.write_text("third")
+    watcher._event(None, FilePath(str(tmp_path)), 0)
+    clock.advance(DEBOUNCE)
+    assert asked == [None, None]
+
+
+def test_a_watch_that_cannot_be_set_leaves_no_inotify_open(
+    reactor: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twisted.internet import inotify
+
+    def no_watches_left(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(inotify.INotify, "watch", no_watches_left)
+    config = tmp_path / "goma.yml"
+    config.write_text("first")
+    readers = set(reactor.getReaders())
+    watcher = ConfigWatcher(str(config), lambda: None, reactor)
+    assert watcher.start() == "polling"
+    try:
+        assert set(reactor.getReaders()) == readers
+    finally:
+        watcher.stop()
