@@ -771,15 +771,3 @@ def test_a_logfile_that_cannot_rotate_after_uid_says_so(tmp_path: Path, backend:
         f"user 65534 cannot write to {logs}" in text
     ), text
     assert not list(logs.glob("goma.log.*"))
-
-
-def test_the_wheel_holds_every_package_of_goma_twisted() -> None:
-    # A package left out of pyproject.toml's list is left out of `pip
-    # install .`: the accelerations once were, and the relay ran plain.
-    setuptools = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools]", 1)[1]
-    listed = set(re.findall(r'"([\w.]+)"', setuptools.split("]", 1)[0]))
-    found = {
-        ".".join(init.parent.relative_to(ROOT).parts)
-        for init in (ROOT / "goma_twisted").rglob("__init__.py")
-    }
-    assert found <= listed
