@@ -11,10 +11,12 @@ import socket
 from typing import Any, Union
 
 from prometheus_client import CollectorRegistry
-from twisted.application import internet
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import reuseport
 from ._reactor import reactor_or_global
@@ -44,15 +46,25 @@ whether it shares the port (C{reusePort}, which needs a new socket).
 """
 
 
-class _Listener:
-    """What goma-pt needs of a listening service besides starting it."""
+class _Listener(Service):
+    """
+    A forward's listening service for one protocol: it listens when started
+    (at the privileged start under twistd, so before C{--uid} drops
+    privileges), and stops listening when stopped. A port it cannot listen
+    on is a L{ListenError}.
+    """
 
     forward: Forward
     protocol: str
-    _port: Any
-
+    # The listening port while it listens.
+    port: Any = None
     # The socket systemd passed for this listener, if any (socket activation).
     passed: PassedSocket | None = None
+
+    def __init__(self, forward: Forward, reactor: Any = None, interface: str = "") -> None:
+        self.forward = forward
+        self.reactor = reactor
+        self.interface = interface
 
     @property
     def key(self) -> ListenKey:
@@ -61,93 +73,100 @@ class _Listener:
 
     def getHost(self) -> Any:
         """The address actually bound (port 0 becomes a real port)."""
-        return self._port.getHost()
+        return self.port.getHost()
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()  # type: ignore[misc]
-        except CannotListenError as e:
-            raise ListenError(_cannot_listen(self.forward, self.protocol, e)) from None
+        super().privilegedStartService()
+        self._listen()
 
     def startService(self) -> None:
+        super().startService()
+        if self.port is None:
+            self._listen()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        return succeed(None) if port is None else maybeDeferred(port.stopListening)
+
+    def _listen(self) -> None:
         try:
-            super().startService()  # type: ignore[misc]
+            self.port = self.listen(reactor_or_global(self.reactor))
         except CannotListenError as e:
             raise ListenError(_cannot_listen(self.forward, self.protocol, e)) from None
 
+    def listen(self, reactor: Any) -> Any:
+        """Start listening; the listening port."""
+        raise NotImplementedError
 
-class TCPForwardServer(_Listener, internet.TCPServer):
+
+class TCPForwardServer(_Listener):
     protocol = "tcp"
 
     def __init__(
-        self, forward: Forward, factory: TCPForwardFactory, relay: RelayChoice, **kwargs: Any
+        self,
+        forward: Forward,
+        factory: TCPForwardFactory,
+        relay: RelayChoice,
+        reactor: Any = None,
+        interface: str = "",
     ) -> None:
-        self.forward = forward
+        super().__init__(forward, reactor, interface)
         self.factory = factory
         self.relay = relay
-        backlog = forward.backlog or system_backlog()
-        super().__init__(forward.port, factory, backlog=backlog, **kwargs)
+        self.backlog = forward.backlog or system_backlog()
 
     def update(self, forward: Forward) -> None:
         """New settings for new connections; live ones keep theirs."""
         self.forward = forward
         self.factory.reconfigure(forward)
 
-    def _getPort(self) -> Any:
-        port, factory = self.args
-        reactor = reactor_or_global(self.reactor)
-        interface = self.kwargs.get("interface", "")
-        backlog = self.kwargs["backlog"]
+    def listen(self, reactor: Any) -> Any:
+        factory, relay = self.factory, self.relay
         if self.passed is not None:
             fd, family = self.passed.fd, self.passed.family
-            if self.relay.adopt is not None:
-                return self.relay.adopt(reactor, fd, family, factory)
+            if relay.adopt is not None:
+                return relay.adopt(reactor, fd, family, factory)
             return reactor.adoptStreamPort(fd, family, factory)
+        port, backlog, interface = self.forward.port, self.backlog, self.interface
         if self.forward.reuse_port:
-            adopt = self.relay.adopt
-            return reuseport.listen_tcp(reactor, port, factory, backlog, interface, adopt)
-        if self.relay.listen is not None:
-            return self.relay.listen(reactor, port, factory, backlog, interface)
-        return super()._getPort()
+            return reuseport.listen_tcp(reactor, port, factory, backlog, interface, relay.adopt)
+        if relay.listen is not None:
+            return relay.listen(reactor, port, factory, backlog, interface)
+        return reactor.listenTCP(port, factory, backlog, interface)
 
 
-class UDPForwardServer(_Listener, internet.UDPServer):
+class UDPForwardServer(_Listener):
     protocol = "udp"
 
-    def __init__(self, forward: Forward, relay: UDPForward, **kwargs: Any) -> None:
-        self.forward = forward
+    def __init__(
+        self, forward: Forward, relay: UDPForward, reactor: Any = None, interface: str = ""
+    ) -> None:
+        super().__init__(forward, reactor, interface)
         self.relay = relay
-        super().__init__(forward.port, relay, maxPacketSize=MAX_DATAGRAM, **kwargs)
 
     def update(self, forward: Forward) -> None:
         """New settings for new sessions; open ones keep their target."""
         self.forward = forward
         self.relay.reconfigure(forward)
 
-    def _getPort(self) -> Any:
-        port, relay = self.args
+    def listen(self, reactor: Any) -> Any:
         if self.passed is not None:
-            size = self.kwargs.get("maxPacketSize", MAX_DATAGRAM)
-            reactor = reactor_or_global(self.reactor)
-            return reactor.adoptDatagramPort(self.passed.fd, self.passed.family, relay, size)
-        if not self.forward.reuse_port:
-            return super()._getPort()
-        return reuseport.listen_udp(
-            reactor_or_global(self.reactor),
-            port,
-            relay,
-            self.kwargs.get("interface", ""),
-            self.kwargs.get("maxPacketSize", MAX_DATAGRAM),
-        )
+            fd, family = self.passed.fd, self.passed.family
+            return reactor.adoptDatagramPort(fd, family, self.relay, MAX_DATAGRAM)
+        port, interface = self.forward.port, self.interface
+        if self.forward.reuse_port:
+            return reuseport.listen_udp(reactor, port, self.relay, interface, MAX_DATAGRAM)
+        return reactor.listenUDP(port, self.relay, interface, MAX_DATAGRAM)
 
 
 Listener = Union[TCPForwardServer, UDPForwardServer]
 
 
-class MetricsServer(internet.StreamServerEndpointService):
+class MetricsServer(Service):
     """
-    Serves C{/metrics}, C{/healthz} and C{/readyz}; a port it cannot listen
-    on is a L{ListenError}.
+    Serves C{/metrics}, C{/healthz} and C{/readyz} on a server endpoint; a
+    port it cannot listen on is a L{ListenError}.
     """
 
     port: Any = None
@@ -159,24 +178,39 @@ class MetricsServer(internet.StreamServerEndpointService):
         reactor: Any,
         readiness: Readiness | None = None,
     ) -> None:
-        site = metrics_site(registry, readiness)
-        super().__init__(serverFromString(reactor, description), site)
+        self.endpoint = serverFromString(reactor, description)
+        self.site = metrics_site(registry, readiness)
         self.description = description
         self.setName("metrics")
 
     def privilegedStartService(self) -> None:
-        self._raiseSynchronously = True
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.port is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        # A TCP endpoint listens at once: its Deferred has fired either way.
+        outcome: list[Any] = []
         try:
-            super().privilegedStartService()
-            self._waitingForPort.addCallback(self._listening)  # type: ignore[union-attr]
-        except (CannotListenError, OverflowError) as e:
-            why = e.socketError if isinstance(e, CannotListenError) else e
+            self.endpoint.listen(self.site).addBoth(outcome.append)
+        except OverflowError as overflow:  # a port out of range
+            outcome.append(Failure(overflow))
+        [result] = outcome or [Failure(CannotListenError("", 0, "not listening yet"))]
+        if isinstance(result, Failure):
+            error = result.value
+            why = error.socketError if isinstance(error, CannotListenError) else error
             why = why.strerror if isinstance(why, OSError) and why.strerror else why
             raise ListenError(f"metrics {self.description}: {why}") from None
+        self.port = result
 
-    def _listening(self, port: Any) -> Any:
-        self.port = port
-        return port
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        return succeed(None) if port is None else maybeDeferred(port.stopListening)
 
     def getHost(self) -> Any:
         """The address actually bound (port 0 becomes a real port)."""

@@ -234,7 +234,7 @@ class PassThroughService(MultiService):
             tcp = [lst for lst in self.listeners if isinstance(lst, TCPForwardServer)]
             live = sum(len(lst.factory.relays) for lst in tcp)
             return False, f"draining, {live} connection{'' if live == 1 else 's'} open"
-        unbound = [where(lst) for lst in self.listeners if lst._port is None]
+        unbound = [where(lst) for lst in self.listeners if lst.port is None]
         if unbound:
             return False, "not listening: " + ", ".join(unbound)
         if self.phase is Phase.STARTING:
@@ -422,9 +422,9 @@ class PassThroughService(MultiService):
 
     def _unbind(self) -> None:
         for listener in self.listeners:
-            if getattr(listener, "_port", None) is not None:
-                listener._port.stopListening()
-                listener._port = None
+            if listener.port is not None:
+                listener.port.stopListening()
+                listener.port = None
 
 
 def _stop(listener: Listener) -> Deferred[Any]:

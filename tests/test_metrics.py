@@ -301,7 +301,7 @@ def test_metrics_port_in_use_is_a_listen_error_and_nothing_stays_bound() -> None
     assert str(caught.value) == (
         f"metrics tcp:{taken}:interface=127.0.0.1: Address already in use"
     )
-    assert all(listener._port is None for listener in service.listeners)
+    assert all(listener.port is None for listener in service.listeners)
 
 
 def test_without_metrics_there_is_no_server_but_a_registry() -> None:
