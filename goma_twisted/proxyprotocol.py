@@ -4,11 +4,10 @@ The PROXY protocol (HAProxy's, versions 1 and 2): bytes in, values out.
 L{encode} writes the header goma-pt sends a target at the start of a
 connection. L{HeaderReader} takes the header a trusted load balancer
 sends at the start of one, however the bytes are split across reads, and
-hands back the addresses and the client's bytes that followed it. Parsing
-itself is Twisted's (L{twisted.protocols.haproxy}); this module adds what
-a reader on a live socket needs: telling the versions apart from the first
-byte, bounding the buffer, and refusing whatever Twisted's parsers let
-through that is not an address (C{TCP4 999.1.1.1}, a port of 70000).
+hands back the addresses and the client's bytes that followed it: it tells
+the versions apart from the first byte, bounds the buffer, and refuses
+whatever is not an address (C{TCP4 999.1.1.1}, a port of 70000) or runs
+past the header's declared length.
 
 Specification: https://www.haproxy.org/download/3.0/doc/proxy-protocol.txt
 """
@@ -20,10 +19,6 @@ import re
 import struct
 
 from attrs import frozen
-from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
 
 from .policy import parse_ip
 
@@ -161,14 +156,11 @@ class HeaderReader:
         if end + 2 > V1_MAX or not _V1_LINE.fullmatch(line):
             raise ProxyHeaderError("malformed version 1 header")
         if line.startswith(b"PROXY UNKNOWN"):
-            # Twisted's parser wants a space after UNKNOWN; the
-            # specification's own example has none.
             return ProxiedAddresses(1, None, None), rest
-        try:
-            info = V1Parser.parse(line)
-        except (InvalidProxyHeader, ValueError) as e:
-            raise ProxyHeaderError("malformed version 1 header") from e
-        return _addresses(1, info.source, info.destination), rest
+        _, protocol, source, destination, sport, dport = line.decode("ascii").split(" ")
+        family = 4 if protocol == "TCP4" else 6
+        ends = (_end(source, sport, family), _end(destination, dport, family))
+        return ProxiedAddresses(1, *ends), rest
 
     def _v2(self, buffer: bytes) -> tuple[ProxiedAddresses, bytes] | None:
         if not buffer.startswith(V2_SIGNATURE[: len(buffer)]):
@@ -183,11 +175,7 @@ class HeaderReader:
         if len(buffer) < size:
             return None
         _check_tlvs(buffer[:size])
-        try:
-            info = V2Parser.parse(buffer[:size])
-        except (InvalidProxyHeader, ValueError, KeyError, struct.error) as e:
-            raise ProxyHeaderError("malformed version 2 header") from e
-        return _addresses(2, info.source, info.destination), buffer[size:]
+        return _v2_addresses(buffer[:size]), buffer[size:]
 
 
 def _check_tlvs(header: bytes) -> None:
@@ -214,18 +202,40 @@ def _check_tlvs(header: bytes) -> None:
             raise ProxyHeaderError("version 2 TLV runs past the header's declared length")
 
 
-def _addresses(version: int, source: object, destination: object) -> ProxiedAddresses:
-    """Checked addresses from Twisted's parse: IP and port, or none at all."""
-    ips = (IPv4Address, IPv6Address)
-    if not (isinstance(source, ips) and isinstance(destination, ips)):
-        return ProxiedAddresses(version, None, None)
-    ends = []
-    for end in (source, destination):
-        address = parse_ip(end.host)
-        family = 4 if isinstance(end, IPv4Address) else 6
-        if address is None or ipaddress.ip_address(end.host).version != family:
-            raise ProxyHeaderError(f"{end.host!r} is not an IPv{family} address")
-        if not 0 <= end.port <= 65535:
-            raise ProxyHeaderError(f"port {end.port} is not 0 to 65535")
-        ends.append((str(address), end.port))
-    return ProxiedAddresses(version, ends[0], ends[1])
+def _v2_addresses(header: bytes) -> ProxiedAddresses:
+    """The addresses of a whole version 2 header (its length checked)."""
+    command, family, transport = header[12] & 0x0F, header[13] >> 4, header[13] & 0x0F
+    if command not in (0x0, 0x1):
+        raise ProxyHeaderError(f"malformed version 2 header: command {command}")
+    if family > 3 or transport > 2:
+        raise ProxyHeaderError("malformed version 2 header: unknown address family or protocol")
+    if command == 0x0 or family in (0x0, 0x3):
+        # LOCAL (a health check), unspecified, or UNIX: no IP addresses.
+        return ProxiedAddresses(2, None, None)
+    size = 4 if family == 0x1 else 16
+    if len(header) < 16 + 2 * size + 4:
+        raise ProxyHeaderError("malformed version 2 header: too short for its addresses")
+    source = _unmapped(header[16 : 16 + size])
+    destination = _unmapped(header[16 + size : 16 + 2 * size])
+    sport, dport = struct.unpack_from("!HH", header, 16 + 2 * size)
+    return ProxiedAddresses(2, (source, sport), (destination, dport))
+
+
+def _unmapped(packed: bytes) -> str:
+    """An address as the relay names clients: an IPv4-mapped IPv6 one as IPv4."""
+    return str(parse_ip(str(ipaddress.ip_address(packed))))
+
+
+def _end(host: str, port: str, family: int) -> Endpoint:
+    """A version 1 header's address and port, checked: an IPv4 or IPv6 one as it says."""
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    address = parse_ip(host)
+    if literal is None or literal.version != family or address is None:
+        raise ProxyHeaderError(f"{host!r} is not an IPv{family} address")
+    number = int(port)
+    if number > 65535 or (len(port) > 1 and port.startswith("0")):
+        raise ProxyHeaderError(f"port {port} is not 0 to 65535")
+    return str(address), number
