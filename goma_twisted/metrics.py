@@ -303,15 +303,31 @@ def check_endpoint(description: str) -> None:
     @raise ValueError: with a sentence saying what is wrong.
     """
     try:
-        endpoint = serverFromString(None, description)
+        serverFromString(None, description)
     except (ValueError, TypeError, KeyError, IndexError, ImportError, OSError) as e:
         raise ValueError(
             f"{description!r} is not a server endpoint ({e}); e.g. tcp:9108:interface=127.0.0.1"
         ) from None
     # Twisted takes any integer as a TCP port and fails only when listening,
-    # after the forwards have started; its endpoints keep it in _port.
-    port = getattr(endpoint, "_port", None)
-    if type(port) is int and not 0 <= port <= 65535:
+    # after the forwards have started: the port is checked here.
+    port = _endpoint_port(description)
+    if port is not None and not 0 <= port <= 65535:
         raise ValueError(
             f"{description!r}: port {port} is not 0 to 65535; e.g. tcp:9108:interface=127.0.0.1"
         )
+
+
+def _endpoint_port(description: str) -> int | None:
+    """The port of a C{tcp:PORT} or C{tcp:port=PORT} endpoint string, if it names one."""
+    kind, _, rest = description.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    for index, token in enumerate(rest.split(":")):
+        name, equals, value = token.partition("=")
+        text = value if equals else name if index == 0 else ""
+        if (equals and name == "port") or (not equals and index == 0):
+            try:
+                return int(text)
+            except ValueError:
+                return None
+    return None
