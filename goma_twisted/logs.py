@@ -390,18 +390,22 @@ def json_observer() -> ILogObserver:
     except OSError as e:
         # twistd calls this before anything is logged: say it in a line.
         raise SystemExit(f"goma-pt: cannot open ${ENVIRONMENT} ({path}): {e.strerror}") from None
-    _reopen_on_sigusr1(out)
+    on_sigusr1(out.reopen)
     return RateLimitedObserver(SteadyFileLogObserver(cast(IO[Any], out), event_as_json_line))
 
 
-def _reopen_on_sigusr1(out: ReopeningFile) -> None:
-    # As twistd does for its own --logfile: only if nobody else handles it.
+def on_sigusr1(call: Callable[[], object]) -> None:
+    """
+    Have SIGUSR1 C{call} in the reactor thread (a log file's rotate or
+    reopen), as twistd does for its own --logfile: only if nobody else
+    handles the signal.
+    """
     if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
         return
 
-    def reopen(signum: int, frame: Any) -> None:
+    def handle(signum: int, frame: Any) -> None:
         from twisted.internet import reactor
 
-        reactor.callFromThread(out.reopen)  # type: ignore[attr-defined]
+        reactor.callFromThread(call)  # type: ignore[attr-defined]
 
-    signal.signal(signal.SIGUSR1, reopen)
+    signal.signal(signal.SIGUSR1, handle)

@@ -16,12 +16,11 @@ L{Relay} and L{RelaySide}; nothing here depends on it.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
-    IConnector,
     IDelayedCall,
     ISystemHandle,
 )
@@ -41,7 +40,9 @@ from .sockopts import apply_options, keepalive_timing, unread
 from .tcpheader import HeaderReading
 from .tcpside import CLOSE_GRACE, LINGER_QUIET, Flow, RelaySide, RelayState, TargetFactory
 
-Connecting = Union[IConnector, Deferred[Any], Any]
+# What a connect in progress is: Twisted's IConnector, HostnameEndpoint's
+# Deferred, or the accelerated relay's Connecting.
+Connecting = Any
 
 
 class Relay:

@@ -63,6 +63,8 @@ class TCPForwardFactory(Factory):
     def reconfigure(self, forward: Forward) -> None:
         """New settings for new connections (a reload); live ones keep theirs."""
         self.forward = forward
+        # The metrics' labels name the target as configured now.
+        self.stats.forward = forward
         self.policy = forward.policy
         self.bounds.per_ip = forward.max_connections_per_ip
         # The forward's name and target as the end event gives them.

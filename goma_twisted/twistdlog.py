@@ -17,7 +17,6 @@ full disk.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from collections.abc import Mapping
 from typing import IO, Any
@@ -28,7 +27,7 @@ from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 
 from .logfilter import RateLimitedObserver
-from .logs import GatheringFileLogObserver, SteadyFileLogObserver, classic_line
+from .logs import GatheringFileLogObserver, SteadyFileLogObserver, classic_line, on_sigusr1
 
 log = Logger(namespace="goma_pt")
 
@@ -110,7 +109,7 @@ def offer_text_log(
         return None
     application.setComponent(ILogObserver, made.observer)
     if made.file is not None:
-        rotate_on_sigusr1(made.file)
+        on_sigusr1(made.file.rotate)
     return made.file
 
 
@@ -124,19 +123,6 @@ def _observer(out: IO[Any], reactor: Any) -> ILogObserver:
     if isinstance(getattr(reactor, "beforeWait", None), list):
         return RateLimitedObserver(GatheringFileLogObserver(out, classic_line, reactor))
     return RateLimitedObserver(SteadyFileLogObserver(out, classic_line))
-
-
-def rotate_on_sigusr1(out: LogFile) -> None:
-    """As twistd does for its own C{--logfile}: only if nobody else handles SIGUSR1."""
-    if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
-        return
-
-    def rotate(signum: int, frame: Any) -> None:
-        from twisted.internet import reactor
-
-        reactor.callFromThread(out.rotate)  # type: ignore[attr-defined]
-
-    signal.signal(signal.SIGUSR1, rotate)
 
 
 def check_rotation(out: LogFile) -> None:

@@ -163,6 +163,8 @@ class UDPForward(DatagramProtocol):
         properties compute their value at every read).
         """
         self.config = config
+        # The metrics' labels name the target as configured now.
+        self.stats.forward = config
         self.policy = config.policy
         self.bounds.per_ip = config.max_sessions_per_ip
         # Whether a new client's address is checked: by an access policy,

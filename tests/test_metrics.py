@@ -636,3 +636,24 @@ async def test_a_site_without_readiness_serves_healthz_but_no_readyz(
     assert await request(b"HEAD", "/healthz") == (200, b"")
     code, _ = await request(b"GET", "/readyz")
     assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_that_changes_a_target_relabels_its_series() -> None:
+    port = free_port()
+    service = start_service(forward(("tcp", "udp"), target=("127.0.0.1", 9000), port=port))
+    try:
+        moved = forward(("tcp", "udp"), target=("127.0.0.1", 9010), port=port)
+        assert await service.apply(GatewayConfig("test", (moved,)))
+        for protocol in ("tcp", "udp"):
+            labels = {
+                "protocol": protocol,
+                "address": "127.0.0.1",
+                "port": str(port),
+                "target": "127.0.0.1:9010",
+            }
+            name = "goma_pt_bytes_total"
+            value = service.registry.get_sample_value(name, {**labels, "direction": "to_target"})
+            assert value == 0
+    finally:
+        await service.stopService()
