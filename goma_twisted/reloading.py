@@ -14,13 +14,17 @@ asked, so the state it sees is at least as new as the one it asked for
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 T = TypeVar("T")
+
+REJECTED = "Reload rejected; the running forwards stay as they were: {error}"
+log = Logger(namespace="goma_pt")
 
 Job = Callable[[], Deferred[T]]
 
@@ -78,3 +82,18 @@ class LatestWins(Generic[T]):
             self._start(job, waiting)
         else:
             self.state = State.IDLE
+
+
+def rejecting(coroutine: Coroutine[Any, Any, bool]) -> Deferred[bool]:
+    """
+    Run a reload; whatever it raises is a rejected reload (False), logged
+    with its traceback since it is a fault of goma-pt's, never an
+    unhandled error.
+    """
+
+    def rejected(failure: Failure) -> bool:
+        error = f"{type(failure.value).__name__}: {failure.value}"
+        log.failure(REJECTED, failure, LogLevel.error, error=error)
+        return False
+
+    return Deferred.fromCoroutine(coroutine).addErrback(rejected)

@@ -6,15 +6,14 @@ per forward and protocol, under one L{MultiService}.
 from __future__ import annotations
 
 import signal
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from enum import Enum
 from typing import Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
-from twisted.logger import Logger, LogLevel
-from twisted.python.failure import Failure
+from twisted.logger import Logger
 
 from ._reactor import reactor_or_global
 from .activation import Activation
@@ -36,7 +35,7 @@ from .listeners import (
 from .metrics import ForwardCollector
 from .policy import Budget
 from .relaychoice import RelayChoice, choose_relay
-from .reloading import LatestWins
+from .reloading import REJECTED, LatestWins, rejecting
 from .stats import TCPStats, UDPStats
 from .tcpfactory import TCPForwardFactory
 from .udp import UDPForward
@@ -48,8 +47,6 @@ __all__ = [
 ]  # fmt: skip
 
 log = Logger(namespace="goma_pt")
-
-REJECTED = "Reload rejected; the running forwards stay as they were: {error}"
 
 
 DEFAULT_DRAIN_TIMEOUT = 5.0
@@ -294,7 +291,7 @@ class PassThroughService(MultiService):
 
         @return: a Deferred that fires with True once applied, else False.
         """
-        return self._reloads.run(lambda: _rejecting(self._reload(path)))
+        return self._reloads.run(lambda: rejecting(self._reload(path)))
 
     def apply(self, config: GatewayConfig) -> Deferred[bool]:
         """
@@ -314,7 +311,7 @@ class PassThroughService(MultiService):
         @return: a Deferred that fires with True once applied, else False
             (the reason is logged as a rejected reload).
         """
-        return self._reloads.run(lambda: _rejecting(self._apply(config)))
+        return self._reloads.run(lambda: rejecting(self._apply(config)))
 
     async def _reload(self, path: str | None) -> bool:
         source = path or self.config.source
@@ -429,21 +426,6 @@ class PassThroughService(MultiService):
 
 def _stop(listener: Listener) -> Deferred[Any]:
     return maybeDeferred(listener.stopService)
-
-
-def _rejecting(coroutine: Coroutine[Any, Any, bool]) -> Deferred[bool]:
-    """
-    Run a reload; whatever it raises is a rejected reload (False), logged
-    with its traceback since it is a fault of goma-pt's, never an
-    unhandled error.
-    """
-
-    def rejected(failure: Failure) -> bool:
-        error = f"{type(failure.value).__name__}: {failure.value}"
-        log.failure(REJECTED, failure, LogLevel.error, error=error)
-        return False
-
-    return Deferred.fromCoroutine(coroutine).addErrback(rejected)
 
 
 def _passthrough(call: Any, argument: Any) -> Any:
