@@ -18,6 +18,7 @@ is polled instead.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -61,8 +62,11 @@ class ConfigWatcher:
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.seen = fingerprint(path)
-        self.directory = FilePath(path).parent()
-        self.name = FilePath(path).basename()
+        # The file's directory, and where a symlink to it leads (a file
+        # elsewhere is edited there).
+        given, real = FilePath(path), FilePath(os.path.realpath(path))
+        self.directories = {given.parent(), real.parent()}
+        self.names = {given.basename(), real.basename()}
         self._pending: IDelayedCall | None = None
         self._notifier: Any = None
         self._poll: LoopingCall | None = None
@@ -75,7 +79,8 @@ class ConfigWatcher:
 
             notifier = inotify.INotify(self.reactor)
             notifier.startReading()
-            notifier.watch(self.directory, callbacks=[self._event])
+            for directory in self.directories:
+                notifier.watch(directory, callbacks=[self._event])
         except Exception as e:  # no inotify here, or no watches left
             if notifier is not None:
                 notifier.loseConnection()
@@ -100,12 +105,12 @@ class ConfigWatcher:
 
     def _event(self, watch: Any, path: FilePath[Any], mask: int) -> None:
         path = path.asTextMode()  # inotify names the changed file in bytes
-        if path == self.directory or self.concerns(path.basename()):
+        if path in self.directories or self.concerns(path.basename()):
             self.poke()
 
     def concerns(self, name: str) -> bool:
         """Whether a change to C{name} in the directory may change the file."""
-        return name == self.name or name.startswith("..")
+        return name in self.names or name.startswith("..")
 
     def poke(self) -> None:
         """Something in the directory changed: check once it has been quiet."""

@@ -193,3 +193,26 @@ def test_a_watch_that_cannot_be_set_leaves_no_inotify_open(
         assert set(reactor.getReaders()) == readers
     finally:
         watcher.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_config_symlinked_from_elsewhere_is_watched_where_it_is(
+    reactor: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "etc").mkdir()
+    real = tmp_path / "real" / "goma.yml"
+    real.write_text("first")
+    os.symlink(real, tmp_path / "etc" / "goma.yml")
+    asked: list[None] = []
+    watcher = ConfigWatcher(
+        str(tmp_path / "etc" / "goma.yml"), lambda: asked.append(None), reactor
+    )
+    assert watcher.start() == "inotify"
+    try:
+        await deferLater(reactor, 0.05)
+        real.write_text("second")  # edited where it is, not through the link
+        await until(reactor, lambda: asked, 5)
+        assert asked == [None]
+    finally:
+        watcher.stop()
