@@ -207,8 +207,6 @@ class PassThroughService(MultiService):
             else:
                 where = f"{self.metrics.description}, path /metrics"
             log.info("Serving metrics at {where}", where=where)
-        self.phase = Phase.SERVING
-        log.info("goma-pt ready: {count} listeners", count=len(self._listeners))
         if self.reload_signal is not None:
             self._installReloadSignal(self.reload_signal)
         if self.watch and self._watcher is None:
@@ -216,6 +214,9 @@ class PassThroughService(MultiService):
             self._watcher = ConfigWatcher(self.config.source, self._changed, reactor)
             how = self._watcher.start()
             log.info("Watching {path} for changes ({how})", path=self.config.source, how=how)
+        # Last: what waits for this line finds every other one before it.
+        self.phase = Phase.SERVING
+        log.info("goma-pt ready: {count} listeners", count=len(self._listeners))
 
     def _changed(self) -> None:
         log.info("{path} changed: reloading", path=self.config.source)
