@@ -4,6 +4,11 @@ Each peer writes its own config into a private temp dir and listens on 127.0.0.1
 `direct` is no forwarder at all: clients talk to the backend (the upper limit).
 `goma-pt-pypy` is goma-pt's own twistd, config and code run by PyPy from the venv that
 bench/install.sh makes (`run.py --pypy` points at another).
+`goma-pt` runs the relay goma-pt picks by default (`--relay auto`: the accelerated one where
+it was tested), `goma-pt-plain` the same checkout with `--relay plain` (the relay on Twisted's
+public API only), and `goma-pt-old` another goma-pt tree (`run.py --old-tree DIR`, e.g. an
+older commit checked out apart): its code and its twistd plugin dropin come from that tree
+through PYTHONPATH, for a paired A/B of two versions in the same run.
 
 With `procs` > 1 (`run.py --procs N`) a peer that can use N cores is set up to: goma-pt as N
 twistd processes on one config with `reusePort: true`, nginx with N workers and `reuseport`,
@@ -26,10 +31,16 @@ NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 GOMA = "goma-pt"
 GOMA_ONE = "goma-pt-1p"  # one goma-pt process in a --procs N run: what the others add
 GOMA_PYPY = "goma-pt-pypy"  # goma-pt's twistd, same code and config, on PyPy
+GOMA_PLAIN = "goma-pt-plain"  # goma-pt with --relay plain
+GOMA_PYPY_PLAIN = "goma-pt-pypy-plain"  # the same on PyPy
+GOMA_OLD = "goma-pt-old"  # the goma-pt of another tree (run.py --old-tree)
 DIRECT = "direct"
 # The PyPy venv of bench/install.sh: goma-pt's runtime dependencies, not goma-pt itself
 # (the checkout's code comes from PYTHONPATH, as for goma-pt). `run.py --pypy` overrides it.
 PYPY_VENV = Path("/opt/goma-pt-pypy")
+# goma-pt's default relay mode comes from this variable when set: the benchmark clears it, so
+# that goma-pt is the default (auto) relay whatever the shell that runs the benchmark says.
+RELAY_ENVIRONMENT = "GOMA_PT_RELAY"
 
 
 def twistd(python: str) -> list[str]:
@@ -69,6 +80,9 @@ class Peer:
     idle_cap: int | None = None  # idle_mem: at most this many connections
     multi_note: str | None = None  # how it runs with procs > 1; None: it cannot (skipped)
     procs: int | None = None  # always this many processes, whatever the run's (a reference)
+    tree: Path | None = None  # a goma-pt: the tree its twistd runs (its PYTHONPATH)
+    default: bool = True  # in a run that names no peers (`--peers` can always name it)
+    unavailable: str | None = None  # why it cannot run whatever is installed (an option unset)
 
     def describe(self, procs: int = 1) -> str:
         """The note for a run with `procs` processes per forwarder."""
@@ -78,6 +92,8 @@ class Peer:
 
     def missing(self) -> str | None:
         """Why this peer cannot run here, or None if it can."""
+        if self.unavailable is not None:
+            return self.unavailable
         for need in self.requires:
             if "/" in need:
                 if not Path(need).exists():
@@ -104,6 +120,13 @@ class Running:
         return sum(procs.rss_kb(pid) for pid in self.pids())
 
 
+def goma_env(peer: Peer) -> dict[str, str] | None:
+    """The environment a goma-pt peer's twistd adds: its tree first on the path."""
+    if peer.tree is None:
+        return None
+    return {"PYTHONPATH": str(peer.tree), RELAY_ENVIRONMENT: ""}
+
+
 def goma_config(fwd: Forward) -> str:
     """goma-pt's YAML for `fwd`: Goma's defaults, plus `reusePort` when processes share it."""
     # One-reply UDP sessions: udpResponses, goma-pt's proxy_responses.
@@ -123,28 +146,61 @@ def _goma_argv(fwd: Forward, workdir: Path) -> list[str]:
     return [*TWISTD, "goma-pt", "--config", str(workdir / "goma-pt.yaml")]
 
 
+def _goma_plain_argv(fwd: Forward, workdir: Path) -> list[str]:
+    return [*_goma_argv(fwd, workdir), "--relay", "plain"]
+
+
+def goma_requires(tree: Path) -> tuple[str, ...]:
+    """What a goma-pt tree needs for `twistd goma-pt`: the plugin's module and its dropin."""
+    return (
+        str(tree / "goma_twisted" / "tap.py"),
+        str(tree / "twisted" / "plugins" / "goma_pt.py"),
+    )
+
+
 def pypy_python(venv: Path) -> Path:
     """The interpreter of a PyPy venv."""
     return venv / "bin" / "python"
 
 
-def _goma_pypy_argv(venv: Path) -> Callable[[Forward, Path], list[str]]:
+def _goma_pypy_argv(venv: Path, plain: bool = False) -> Callable[[Forward, Path], list[str]]:
     def argv(fwd: Forward, workdir: Path) -> list[str]:
         (workdir / "goma-pt.yaml").write_text(goma_config(fwd))
         config = str(workdir / "goma-pt.yaml")
-        return [*twistd(str(pypy_python(venv))), "goma-pt", "--config", config]
+        relay = ["--relay", "plain"] if plain else []
+        return [*twistd(str(pypy_python(venv))), "goma-pt", "--config", config, *relay]
 
     return argv
 
 
-def goma_pypy(venv: Path) -> Peer:
-    """goma-pt's twistd on the PyPy of `venv` (missing if that venv has no interpreter)."""
+def goma_pypy(venv: Path, plain: bool = False) -> Peer:
+    """goma-pt's twistd on the PyPy of `venv` (missing if that venv has no interpreter);
+    with `plain`, its --relay plain (not a default peer)."""
     return Peer(
-        GOMA_PYPY,
+        GOMA_PYPY_PLAIN if plain else GOMA_PYPY,
         BOTH,
-        _goma_pypy_argv(venv),
-        (str(REPO_ROOT / "goma_twisted" / "tap.py"), str(pypy_python(venv))),
-        f"this project on PyPy ({venv}), one twistd process",
+        _goma_pypy_argv(venv, plain),
+        (*goma_requires(REPO_ROOT), str(pypy_python(venv))),
+        f"this project on PyPy ({venv}), "
+        + ("--relay plain, " if plain else "")
+        + "one twistd process",
+        tree=REPO_ROOT,
+        default=not plain,
+    )
+
+
+def goma_old(tree: Path | None) -> Peer:
+    """goma-pt from another tree (`run.py --old-tree`): its own code and twistd plugin dropin
+    first on PYTHONPATH, its own default relay; unavailable without a tree."""
+    return Peer(
+        GOMA_OLD,
+        BOTH,
+        _goma_argv,
+        goma_requires(tree) if tree is not None else (),
+        f"goma-pt of the tree {tree}, its default relay, one twistd process",
+        tree=tree,
+        default=tree is not None,
+        unavailable=None if tree is not None else "no tree given (run.py --old-tree DIR)",
     )
 
 
@@ -235,20 +291,32 @@ PEERS: tuple[Peer, ...] = (
         GOMA,
         BOTH,
         _goma_argv,
-        (str(REPO_ROOT / "goma_twisted" / "tap.py"),),
+        goma_requires(REPO_ROOT),
         "this project, one twistd process",
         multi_note="this project, {n} twistd processes on one config, reusePort: true",
+        tree=REPO_ROOT,
     ),
     Peer(
         GOMA_ONE,
         BOTH,
         _goma_argv,
-        (str(REPO_ROOT / "goma_twisted" / "tap.py"),),
+        goma_requires(REPO_ROOT),
         "this project, one twistd process",
         multi_note="this project, one twistd process (the reference for goma-pt x{n})",
         procs=1,
+        tree=REPO_ROOT,
+    ),
+    Peer(
+        GOMA_PLAIN,
+        BOTH,
+        _goma_plain_argv,
+        goma_requires(REPO_ROOT),
+        "this project with --relay plain (Twisted's public API only), one twistd process",
+        tree=REPO_ROOT,
     ),
     goma_pypy(PYPY_VENV),
+    goma_pypy(PYPY_VENV, plain=True),
+    goma_old(None),
     Peer(
         "portforward",
         TCP,
@@ -305,15 +373,24 @@ PEERS: tuple[Peer, ...] = (
 MULTI_DEFAULT = (GOMA, GOMA_ONE, "haproxy", "nginx", DIRECT)
 
 
-def by_name(names: list[str] | None, procs: int = 1, pypy: Path | None = None) -> list[Peer]:
-    """The peers to run, goma-pt-pypy on the venv `pypy` (default PYPY_VENV)."""
+def by_name(
+    names: list[str] | None,
+    procs: int = 1,
+    pypy: Path | None = None,
+    old_tree: Path | None = None,
+) -> list[Peer]:
+    """The peers to run, goma-pt-pypy(-plain) on the venv `pypy` (default PYPY_VENV) and
+    goma-pt-old from `old_tree` (a default peer only when given)."""
     known = {p.name: p for p in PEERS}
     if pypy is not None:
         known[GOMA_PYPY] = goma_pypy(pypy)
+        known[GOMA_PYPY_PLAIN] = goma_pypy(pypy, plain=True)
+    if old_tree is not None:
+        known[GOMA_OLD] = goma_old(old_tree)
     if not names:
         if procs > 1:
             return [p for p in known.values() if p.name in MULTI_DEFAULT]
-        return [p for p in known.values() if p.procs is None]
+        return [p for p in known.values() if p.procs is None and p.default]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown peer(s): {', '.join(unknown)}; known: {', '.join(known)}")
@@ -327,8 +404,7 @@ def start_forwarder(peer: Peer, fwd: Forward, workdir: Path) -> Running:
     workdir.mkdir(parents=True, exist_ok=True)
     if peer.name == GOMA and fwd.procs > 1:
         return _start_gomas(peer, fwd, workdir)
-    env = {"PYTHONPATH": str(REPO_ROOT)} if peer.name.startswith(GOMA) else None
-    proc = procs.start(peer.name, peer.argv(fwd, workdir), workdir, env=env)
+    proc = procs.start(peer.name, peer.argv(fwd, workdir), workdir, env=goma_env(peer))
     try:
         # nginx with reuseport: one listening socket per worker
         sockets = fwd.procs if peer.name.startswith("nginx") else 1
@@ -343,7 +419,7 @@ def _start_gomas(peer: Peer, fwd: Forward, workdir: Path) -> Running:
     """`fwd.procs` twistd goma-pt processes on one config, each with its own /metrics port."""
     assert peer.argv is not None
     argv = peer.argv(fwd, workdir)
-    env = {"PYTHONPATH": str(REPO_ROOT)}
+    env = goma_env(peer)
     started: list[procs.Proc] = []
     ports: list[int] = []
     try:

@@ -89,11 +89,12 @@ def console(result: Result) -> str:
     """The per-workload table printed at the end of a run."""
     lines: list[str] = []
     pypy = pypy_ratios(result) if has_pypy(result) else None
+    w = max([13, *(len(peer) for peer in result["peers"])])
     for key, wl in result["workloads"].items():
         better = "higher" if wl["higher_is_better"] else "lower"
         lines.append(f"\n== {key}: {wl['title']} [{wl['unit']}, {better} is better]")
         unit = WORK_DONE[key][2] if key in WORK_DONE else ""
-        head = f"  {'peer':<13} {'median':>12} {'goma/peer':>10}"
+        head = f"  {'peer':<{w}} {'median':>12} {'goma/peer':>10}"
         head += f" {'pypy/peer':>10}" if pypy else ""
         lines.append(head + (f" {'cpu ' + unit:>13}" if unit else "") + "  rounds")
         for peer in result["peers"]:
@@ -102,9 +103,9 @@ def console(result: Result) -> str:
             rounds = ", ".join(_fmt(v) for v in result["samples"].get(key, {}).get(peer, []))
             why = _cell_status(result, key, peer)
             if med is None:
-                lines.append(f"  {peer:<13} {'-':>12} {'-':>10}  {why or ''}"[:160])
+                lines.append(f"  {peer:<{w}} {'-':>12} {'-':>10}  {why or ''}"[:160])
                 continue
-            line = f"  {peer:<13} {_fmt(med):>12} {_fmt(ratio) if ratio else '':>10}"
+            line = f"  {peer:<{w}} {_fmt(med):>12} {_fmt(ratio) if ratio else '':>10}"
             if pypy:
                 mine = pypy.get(key, {}).get(peer)
                 line += f" {_fmt(mine) if mine else '':>10}"

@@ -2,12 +2,14 @@
 
 One command, from the repository root:
 
-    python bench/run.py                 # full run: 3 rounds, about 20 minutes
+    python bench/run.py                 # full run: 3 rounds, about 22 minutes
     python bench/run.py --quick         # smoke run: 1 round, short workloads
     python bench/run.py --rounds 5 --peers goma-pt nginx haproxy --workloads bulk_up tcp_rr
     python bench/run.py --publish       # also refresh docs/bench/latest.* and docs/benchmarks.md
     python bench/run.py --procs 2       # 2 goma-pt processes (reusePort), nginx 2 workers,
                                         # HAProxy 2 threads; without the memory workloads
+    python bench/run.py --old-tree ../old --peers goma-pt goma-pt-old
+                                        # this goma-pt against another tree's, paired
 
 Each round runs every workload on every forwarder in turn (the peer order rotates per round),
 each forwarder freshly started with its own config in a temp dir on ports picked at run time.
@@ -95,6 +97,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "bench/install.sh); without it that peer is reported missing",
     )
     parser.add_argument(
+        "--old-tree",
+        type=Path,
+        metavar="DIR",
+        help=f"another goma-pt tree (e.g. an older commit checked out apart), run as the peer "
+        f"{peers_mod.GOMA_OLD} with its own code and twistd plugin on PYTHONPATH",
+    )
+    parser.add_argument(
         "--no-warmup",
         action="store_true",
         help="measure each forwarder straight after its start, without the unmeasured "
@@ -118,9 +127,10 @@ def _version(argv: list[str]) -> str:
     return match.group(0) if match else text.strip().splitlines()[-1][:60]
 
 
-def tree_commit() -> str:
-    """The commit of the tree under test (`+dirty` when it has uncommitted changes)."""
-    git = ["git", "-C", str(BENCH_DIR.parent)]
+def tree_commit(tree: Path = BENCH_DIR.parent) -> str:
+    """The commit of a goma-pt tree, by default the one under test (`+dirty` when it has
+    uncommitted changes)."""
+    git = ["git", "-C", str(tree)]
     try:
         head = (
             subprocess.run(
@@ -215,12 +225,31 @@ def run_cell(
                 measured.detail["warmup"] = warm
             if running.metrics_ports:
                 measured.detail["processes"] = peers_mod.scrape_split(running)
+            said = relay_said(running)
+            if said is not None:
+                measured.detail["relay"] = said
             return measured
         finally:
             peers_mod.stop_forwarder(running)
             profiles.stop(spies)
     finally:
         backend.stop()
+
+
+RELAY_LINE = re.compile(r"Relay: (.+)$", re.MULTILINE)
+
+
+def relay_said(running: peers_mod.Running) -> str | None:
+    """Which TCP relay a goma-pt says at start that it runs (`accelerated (Twisted 26.10)`,
+    `plain: asked for`), from its log; None for a forwarder or a goma-pt that says none."""
+    if running.proc is None or running.peer.tree is None:
+        return None
+    try:
+        text = running.proc.log.read_text(errors="replace")
+    except OSError:
+        return None
+    found = RELAY_LINE.search(text)
+    return found.group(1).strip() if found else None
 
 
 def warm_up(
@@ -298,6 +327,11 @@ def new_result(
         "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "rounds": rounds,
         "commit": tree_commit(),
+        **(
+            {"old_tree": {"path": str(args.old_tree), "commit": tree_commit(args.old_tree)}}
+            if args.old_tree is not None
+            else {}
+        ),
         "quick": args.quick,
         "profiled": args.profile is not None,
         "params": dataclasses.asdict(params),
@@ -369,7 +403,7 @@ def record(
         shown = f"ERROR {message[:120]}"
     result["samples"][wl.key].setdefault(peer.name, []).append(value)
     print(
-        f"[round {rnd + 1}/{result['rounds']}] {wl.key:<11} {peer.name:<12} {shown} "
+        f"[round {rnd + 1}/{result['rounds']}] {wl.key:<11} {peer.name:<18} {shown} "
         f"({time.monotonic() - began:.1f}s)",
         flush=True,
     )
@@ -437,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--procs must be at least 1")
     params = dataclasses.replace(params, clients=args.procs, warmup=not args.no_warmup)
     rounds = args.rounds or (1 if args.quick else 3)
-    peers = peers_mod.by_name(args.peers, args.procs, args.pypy)
+    if args.old_tree is not None:
+        args.old_tree = args.old_tree.resolve()
+    peers = peers_mod.by_name(args.peers, args.procs, args.pypy, args.old_tree)
     wls = wl_mod.by_key(args.workloads, args.procs)
     for peer in peers:
         if peer.missing():

@@ -15,6 +15,7 @@ import pytest
 from bench import peers, report, run, workloads
 from bench import procs as bench_procs
 from goma_twisted.config import parse_config
+from goma_twisted.tap import Options
 
 
 def test_goma_config_shares_the_port_only_with_several_processes() -> None:
@@ -248,3 +249,61 @@ def test_every_speed_workload_gets_a_warm_up_and_the_memory_ones_none() -> None:
     assert connect.ping_requests == p.warm_ping_requests and connect.bulk_seconds == 1
     off = dataclasses.replace(p, warmup=False)
     assert all(workloads.warmup_params(w, off) is None for w in workloads.WORKLOADS)
+
+
+def test_goma_pt_plain_is_goma_pt_with_relay_plain(tmp_path: Path) -> None:
+    (plain,) = peers.by_name([peers.GOMA_PLAIN])
+    (goma,) = peers.by_name([peers.GOMA])
+    fwd = peers.Forward("tcp", 5300, 5301)
+    assert plain.argv is not None and goma.argv is not None
+    argv = plain.argv(fwd, tmp_path)
+    assert argv == [*goma.argv(fwd, tmp_path), "--relay", "plain"]
+    assert plain.tree == goma.tree == peers.REPO_ROOT and plain.missing() is None
+    assert peers.goma_env(plain) == {"PYTHONPATH": str(peers.REPO_ROOT), "GOMA_PT_RELAY": ""}
+    assert peers.GOMA_PLAIN in [p.name for p in peers.by_name(None)]
+    # twistd's goma-pt accepts what follows the plugin's name
+    options = Options()
+    options.parseOptions(argv[argv.index(peers.GOMA) + 1 :])
+    assert options["relay"] == "plain"
+
+
+def test_goma_pt_pypy_plain_is_optional_and_asks_for_the_plain_relay(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (pypy_plain,) = peers.by_name([peers.GOMA_PYPY_PLAIN], pypy=venv)
+    assert pypy_plain.argv is not None
+    argv = pypy_plain.argv(peers.Forward("udp", 5300, 5301), tmp_path)
+    assert argv[0] == str(venv / "bin" / "python") and argv[-2:] == ["--relay", "plain"]
+    assert peers.GOMA_PYPY_PLAIN not in [p.name for p in peers.by_name(None)]
+
+
+def test_goma_pt_old_runs_the_tree_it_is_given(tmp_path: Path) -> None:
+    (none,) = peers.by_name([peers.GOMA_OLD])
+    assert none.missing() == "no tree given (run.py --old-tree DIR)"
+    assert peers.GOMA_OLD not in [p.name for p in peers.by_name(None)]
+    tree = tmp_path / "old"
+    (old,) = peers.by_name([peers.GOMA_OLD], old_tree=tree)
+    assert old.missing() == f"{tree}/goma_twisted/tap.py not found"
+    for part in ("goma_twisted/tap.py", "twisted/plugins/goma_pt.py"):
+        (tree / part).parent.mkdir(parents=True, exist_ok=True)
+        (tree / part).touch()
+    assert old.missing() is None
+    assert peers.goma_env(old) == {"PYTHONPATH": str(tree), "GOMA_PT_RELAY": ""}
+    assert old.argv is not None and peers.PEERS[0].argv is not None
+    fwd = peers.Forward("tcp", 5300, 5301)
+    assert old.argv(fwd, tmp_path) == peers.PEERS[0].argv(fwd, tmp_path)
+    assert peers.GOMA_OLD in [p.name for p in peers.by_name(None, old_tree=tree)]
+    assert run.parse_args(["--old-tree", str(tree)]).old_tree == tree
+
+
+def test_a_goma_pt_peer_says_which_relay_it_runs(tmp_path: Path) -> None:
+    (plain,) = peers.by_name([peers.GOMA_PLAIN])
+    fwd = peers.Forward("tcp", bench_procs.free_port(), bench_procs.free_port())
+    running = peers.start_forwarder(plain, fwd, tmp_path)
+    try:
+        # said in the same turn as the listen: allow for the log to be written
+        deadline = time.monotonic() + 5
+        while (said := run.relay_said(running)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        peers.stop_forwarder(running)
+    assert said is not None and said.startswith("plain")
